@@ -1,0 +1,22 @@
+# Two commands for a fresh machine: `make setup` then `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test lint bench
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# dall-e is the reference for the tokenizer test; its own requirements pull
+	# unneeded heavy extras, so it is installed without them.
+	$(BIN)/pip install --quiet --no-deps dall-e==0.1
+
+test:
+	$(BIN)/ruff check beit tests bench
+	$(BIN)/python -m pytest -n 2 -q tests
+
+bench:
+	$(BIN)/python bench/pretrain_step.py

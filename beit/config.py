@@ -1,0 +1,361 @@
+"""Typed configs: dataclasses, strict parsing, YAML in/out, dotted overrides.
+
+Every command builds its config once from (preset -> YAML file -> ``key=value`` overrides), validates it
+here and saves the resolved result next to every checkpoint. Unknown keys and ill-typed values raise
+:class:`ConfigError` naming the key, so a typo never silently falls back to a default.
+
+Configs shared by several commands live here (model, optimiser, training loop). A method's own knobs
+(masking, tokenizer objective, MAE decoder, ...) live in a dataclass next to the method and are plugged in
+through the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: unknown key, wrong type or invalid value. The message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- shared configs
+
+
+@dataclass
+class ModelConfig:
+    """One vision transformer, as in BEiT (arXiv 2106.08254, Sec. 2.2 and Appendix)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # q and v biases; k bias is always zero (official BEiT / HF / timm)
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1  # stochastic depth at the last block, rising linearly from 0
+    layer_scale_init: float = 0.1  # LayerScale gamma init; 0 disables LayerScale
+    layer_norm_eps: float = 1e-6
+    use_abs_pos_emb: bool = False
+    use_sincos_pos_emb: bool = False  # fixed 2D sin-cos absolute embedding (MAE)
+    use_shared_rel_pos_bias: bool = True  # one table for all layers (pretraining)
+    use_rel_pos_bias: bool = False  # one table per layer (fine-tuning)
+    use_mean_pooling: bool = True  # classification: mean of patch tokens -> LayerNorm -> Linear
+    use_fc_norm: bool | None = None  # LayerNorm after pooling, none per token; None: with mean pooling + classes
+    num_classes: int = 0  # >0 adds a classification head
+    vocab_size: int = 0  # >0 adds a masked-image-modeling head (and the [MASK] embedding)
+    use_mask_token: bool = False  # [MASK] embedding without an MIM head (iBOT student)
+    init_std: float = 0.02
+    head_init_scale: float = 0.001  # classification head weights scaled at init (BEiT fine-tuning)
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}"
+            )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, per step (BEiT Appendix B/C)."""
+
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = -1  # -1: derive from warmup_fraction
+    warmup_fraction: float = 0.0125  # 10 of 800 epochs
+    clip_grad: float = 3.0  # 0 disables clipping
+    layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning: 0.65 base, 0.75 large); 1 = off
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop: length, batch, precision, checkpoints, logging."""
+
+    steps: int = 0  # total optimizer steps; 0: derive from epochs
+    epochs: float = 0.0
+    batch_size: int = 64  # global batch per optimizer step (split over processes and accumulation)
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 200  # steps; the last step always saves
+    eval_every: int = 0  # steps; 0: once per epoch for tasks that evaluate
+    compile: bool = False  # torch.compile, falling back to eager on failure
+    tensorboard: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.accum_steps < 1:
+            raise ConfigError("train.accum_steps must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------- machinery
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    f = None
+                if f is not None and f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}" + _suggest(unknown[0], names)
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature problems are programming errors
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _suggest(name: str, names: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-Python (YAML/JSON-safe) form of a dataclass config; tuples become lists."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return conv(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the value side of ``key=value`` with YAML rules (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
+    """Return a copy of ``cfg`` with dotted ``key=value`` overrides applied and re-validated.
+
+    >>> apply_overrides(cfg, ["optim.lr=1e-3", "model.drop_path_rate=0.2"])
+    """
+    data = to_dict(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])}" + (
+                    _suggest(p, set(node)) if isinstance(node, dict) else ""))
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key}" + _suggest(parts[-1], set(node)))
+        node[parts[-1]] = _parse_scalar(value) if isinstance(value, str) else value
+    return from_dict(type(cfg), data)
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return from_dict(cls, data)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that re-runs validation."""
+    return from_dict(type(cfg), {**to_dict(cfg), **changes})
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dump_yaml",
+    "field",
+    "flatten",
+    "from_dict",
+    "load_yaml",
+    "replace",
+    "resolve",
+    "save_yaml",
+    "to_dict",
+]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (used to apply a nested preset as overrides)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resolve(
+    cls: type[T],
+    presets: dict[str, dict[str, Any]] | None = None,
+    preset: str | None = None,
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> T:
+    """The one way a command builds its config: defaults <- preset <- YAML file <- overrides."""
+    cfg = cls()
+    if preset:
+        if not presets or preset not in presets:
+            known = sorted(presets or {})
+            raise ConfigError(f"unknown preset {preset!r}" + _suggest(preset, set(known)))
+        cfg = apply_overrides(cfg, flatten(presets[preset]))
+    if yaml_path:
+        try:
+            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {yaml_path}: {e}") from None
+        cfg = apply_overrides(cfg, flatten(data))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

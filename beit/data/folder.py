@@ -1,0 +1,194 @@
+"""Image discovery and robust loading.
+
+- :func:`list_images` finds images in any folder tree, sorted, so every run sees the same order.
+- :func:`load_image` turns whatever an image file holds into an 8-bit RGB ``PIL.Image``: grayscale,
+  palette, CMYK and 16-bit files are converted, transparent images are composited **on white** (a
+  transparent logo or cut-out looks like it does in a browser, and black halos do not become features), and
+  the EXIF orientation is applied. A file that cannot be decoded (truncated, empty, not an image) gives
+  ``None`` and one warning naming the file, never an exception.
+- :class:`ImageFolder` is a ``torch.utils.data.Dataset`` over a folder tree, with optional ImageNet-style
+  labels (``root/<class>/**/image``). A bad file met at load time is replaced by the next readable image
+  (deterministically: index ``i`` -> ``i+1`` -> ...) and warned about once per process.
+
+Hidden files and folders (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.ipynb_checkpoints``) are
+ignored: they are never images a user meant to train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A user mistake about data (missing folder, no images, unreadable dataset); one-line message."""
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image_name(name: str) -> bool:
+    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _check_dir(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder (expected a folder of images)")
+    return root
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """All image files under ``root`` (recursive, extensions case-insensitive), sorted by relative path.
+
+    Sorting is on the path components, so ``a/x.png`` comes before ``a-b/x.png`` on every platform and file
+    system. Symlinked files are followed; symlinked folders are not (no cycles).
+    """
+    root = _check_dir(root)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (transparency composited on white, 16/32-bit scaled to 8 bits)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG opens as I;16 or I): scale 0..65535 -> 0..255, rounding, not truncating
+        # (PIL's own convert("L") clips at 255, turning most 16-bit images white). A 32-bit "I" image whose
+        # values all fit in 8 bits was made from an 8-bit one and is kept as is.
+        a = np.asarray(img, dtype=np.float64)
+        if mode != "I" or a.max(initial=0) > 255:
+            a = a / 257.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0  # float images are either in [0, 1] or in [0, 255]
+        a = np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | Path) -> Image.Image | None:
+    """Read one image as 8-bit RGB with its EXIF orientation applied, or ``None`` (one warning) if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: truncated files fail here, not later in a worker
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img).copy()
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        logger.warning("skipping unreadable image %s: %s", path, reason)
+        return None
+
+
+class ImageFolder(Dataset):
+    """Images from any folder tree, optionally labelled by their top-level sub-folder (ImageNet layout).
+
+    ``dataset[i]`` is ``transform(image)`` (a PIL RGB image without a transform), or ``(that, label)`` with
+    ``with_labels=True``. ``classes`` are the sorted sub-folder names (empty ones included, so indices stay
+    stable between a train and a val split); ``class_to_idx`` maps them to labels.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any] | None = None,
+        with_labels: bool = False,
+    ) -> None:
+        self.root = _check_dir(root)
+        self.transform = transform
+        self.with_labels = with_labels
+        paths = list_images(self.root)
+        if with_labels:
+            self.classes = sorted(
+                e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name)
+            )
+            if not self.classes:
+                raise DataError(
+                    f"{self.root} has no class sub-folders: labels need the layout root/<class>/<image>"
+                )
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            loose = [p for p in paths if len(p.relative_to(self.root).parts) == 1]
+            if loose:
+                logger.warning(
+                    "ignoring %d image(s) directly in %s (not in a class folder), e.g. %s",
+                    len(loose), self.root, loose[0].name,
+                )
+            self.samples = [
+                (p, self.class_to_idx[p.relative_to(self.root).parts[0]])
+                for p in paths
+                if len(p.relative_to(self.root).parts) > 1
+            ]
+        else:
+            self.classes = []
+            self.class_to_idx = {}
+            self.samples = [(p, -1) for p in paths]
+        if not self.samples:
+            raise DataError(
+                f"no images found under {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self._bad: set[int] = set()  # per process: DataLoader workers each keep their own
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """The image at ``index`` or, if unreadable, the next readable one (wrapping around), with its label."""
+        n = len(self.samples)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            path, target = self.samples[i]
+            img = load_image(path)  # warns once: the index is remembered as bad below
+            if img is not None:
+                return img, target
+            self._bad.add(i)
+        raise DataError(f"none of the {n} image files under {self.root} could be read")
+
+    def __getitem__(self, index: int) -> Any:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        img, target = self.load(index % len(self))
+        x = self.transform(img) if self.transform is not None else img
+        return (x, target) if self.with_labels else x
+
+    def __repr__(self) -> str:
+        labels = f", {len(self.classes)} classes" if self.with_labels else ""
+        return f"ImageFolder({str(self.root)!r}, {len(self)} images{labels})"
+
+
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageFolder", "list_images", "load_image"]

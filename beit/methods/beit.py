@@ -1,0 +1,227 @@
+"""BEiT masked image modeling: a batch of (patch view, tokenizer view, mask) -> loss and metrics.
+
+BEiT (arXiv 2106.08254, Sec. 2.3, Eq. 1): a frozen tokenizer turns the tokenizer view into visual tokens
+``z``; the backbone sees the patch view with the blockwise-masked patches replaced by [MASK] and predicts
+``z`` at the masked positions, ``loss = CE(logits[mask], z[mask])``. The MIM head runs on masked positions
+only (HF ``BeitForMaskedImageModeling`` runs it on every patch, then drops most of the logits).
+
+Ablations of Table 4 in the paper: ``target=pixels`` regresses the masked patches' pixels instead of
+visual tokens (linear head ``D -> p*p*3``, MSE), ``predict=all`` takes the loss over every position, and
+``masking=random`` replaces blockwise masking with uniform masking.
+
+The tokenizer is frozen and is not part of this module's parameters or state dict: it is held as a plain
+attribute, not a registered submodule. That keeps it out of ``parameters()`` (optimizer, DDP, gradient
+clipping), ``state_dict()`` (run checkpoints hold only what is trained; the tokenizer has its own file)
+and ``train()`` (it stays in eval mode). The price is that ``.to(device)`` does not move it, so
+``forward`` moves it to the batch's device on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, replace
+from ..data.views import BeitPretrainTransform, TwoViewTransform
+from ..masking import MaskGenerator, MaskingConfig
+
+__all__ = ["BEiTConfig", "BEiTMethod", "Tokenizer", "build_pretrain_transform", "patchify"]
+
+
+class Tokenizer(Protocol):
+    """What the method needs of a visual tokenizer (e.g. ``beit.models.dvae``)."""
+
+    def encode(self, images01: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, h*r, w*r)`` images in ``[0, 1]`` -> ``(B, h, w)`` int64 token ids."""
+        ...
+
+
+@dataclass
+class BEiTConfig:
+    """BEiT pretraining knobs (paper Sec. 2.5, Appendix B, Table 4 ablations)."""
+
+    masking: str = "block"  # block | random
+    mask_ratio: float = 0.4  # masked fraction of the patches: round(ratio * N)
+    num_masked: int | None = None  # overrides mask_ratio when set (official 224px: 75 of 196)
+    min_block: int = 16  # smallest block, in patches
+    max_block: int | None = None  # largest block; None: the remaining budget (official)
+    min_aspect: float = 0.3
+    target: str = "tokens"  # tokens (visual tokens, CE) | pixels (raw patch pixels, MSE)
+    predict: str = "masked"  # masked: loss on masked positions only | all: every position
+    norm_pix: bool = False  # target=pixels: normalise each target patch by its own mean/std
+    # the shared crop of both views
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    patch_interp: str = "bicubic"
+    tokenizer_interp: str = "lanczos"
+
+    def __post_init__(self) -> None:
+        if self.target not in ("tokens", "pixels"):
+            raise ConfigError(f"target must be 'tokens' or 'pixels', got {self.target!r}")
+        if self.predict not in ("masked", "all"):
+            raise ConfigError(f"predict must be 'masked' or 'all', got {self.predict!r}")
+        self.masking_config()  # validates the masking fields
+
+    def masking_config(self) -> MaskingConfig:
+        return MaskingConfig(
+            kind=self.masking, ratio=self.mask_ratio, num_masked=self.num_masked, min_block=self.min_block,
+            max_block=self.max_block, min_aspect=self.min_aspect,
+        )
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, N, p*p*C)``, patches in row-major order, pixels ordered (row, col, channel)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def build_pretrain_transform(
+    cfg: BEiTConfig, model_cfg: ModelConfig, tokenizer_img_size: int | None
+) -> BeitPretrainTransform:
+    """Per-sample transform for this method: image -> ``{"images", "tok_images", "mask"}``.
+
+    ``tokenizer_img_size`` is the tokenizer's input resolution (112 for DALL-E at 224 / 16); ``None``
+    (or ``target=pixels``) leaves ``tok_images`` out.
+    """
+    tok_size = None if cfg.target == "pixels" else tokenizer_img_size
+    if cfg.target == "tokens" and tok_size is None:
+        raise ConfigError("target=tokens needs the tokenizer's input size (tokenizer_img_size)")
+    views = TwoViewTransform(
+        model_cfg.img_size, tok_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter, patch_interp=cfg.patch_interp, tokenizer_interp=cfg.tokenizer_interp,
+    )
+    return BeitPretrainTransform(views, MaskGenerator(model_cfg.grid_size, cfg.masking_config()))
+
+
+class BEiTMethod(nn.Module):
+    """``forward(batch) -> (loss, {"loss", "mlm_acc"})`` for the engine.
+
+    ``batch``: ``images`` (B, 3, H, W) normalised patch view; ``mask`` (B, h, w) or (B, N) bool,
+    True = masked; ``tok_images`` (B, 3, h', w') in ``[0, 1]`` (``target=tokens`` only).
+    ``model``: a :class:`beit.models.vit.VisionTransformer` with ``vocab_size`` = the tokenizer's vocabulary
+    (``target=tokens``) or with a [MASK] embedding (``target=pixels``).
+    """
+
+    state_prefix = "model."  # the backbone's weights in this module's state dict
+    frozen_prefixes = ("tokenizer.",)
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, cfg: BEiTConfig | None = None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else BEiTConfig()
+        self.model = model
+        mcfg = getattr(model, "cfg", None)
+        self.patch_size = int(getattr(mcfg, "patch_size", 0) or model.patch_embed.proj.kernel_size[0])
+        if self.cfg.target == "tokens":
+            if tokenizer is None:
+                raise ConfigError("BEiT with target=tokens needs a tokenizer")
+            vocab = getattr(tokenizer, "vocab_size", None)
+            model_vocab = getattr(mcfg, "vocab_size", None)
+            if vocab is not None and model_vocab is not None and int(vocab) != int(model_vocab):
+                raise ConfigError(f"model.vocab_size={model_vocab} differs from the tokenizer's vocabulary {vocab}")
+            self.pixel_head = None
+        else:
+            embed_dim = int(getattr(mcfg, "embed_dim", 0) or model.cls_token.shape[-1])
+            self.pixel_head = nn.Linear(embed_dim, self.patch_size**2 * 3)
+            nn.init.trunc_normal_(self.pixel_head.weight, std=0.02)
+            nn.init.zeros_(self.pixel_head.bias)
+        if tokenizer is not None and isinstance(tokenizer, nn.Module):
+            tokenizer.eval()
+            tokenizer.requires_grad_(False)
+        # not registered: see the module docstring
+        self.__dict__["tokenizer"] = tokenizer
+
+    @classmethod
+    def build(
+        cls, model_cfg: ModelConfig, tokenizer: Tokenizer | None = None, cfg: BEiTConfig | None = None
+    ) -> BEiTMethod:
+        """Backbone from ``model_cfg`` with the head this method needs (vocab from the tokenizer)."""
+        from ..models.vit import VisionTransformer
+
+        cfg = cfg if cfg is not None else BEiTConfig()
+        if cfg.target == "tokens":
+            vocab = getattr(tokenizer, "vocab_size", None) or model_cfg.vocab_size
+            if not vocab:
+                raise ConfigError("target=tokens needs model.vocab_size or a tokenizer with vocab_size")
+            model_cfg = replace(model_cfg, vocab_size=int(vocab), num_classes=0)
+        else:
+            model_cfg = replace(model_cfg, vocab_size=0, use_mask_token=True, num_classes=0)
+        return cls(VisionTransformer(model_cfg), tokenizer, cfg)
+
+    # ------------------------------------------------------------------------------------------ targets
+
+    @torch.no_grad()
+    def visual_tokens(self, tok_images: torch.Tensor) -> torch.Tensor:
+        """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids (runs under the caller's
+        autocast, like the backbone)."""
+        tok = self.tokenizer
+        if isinstance(tok, nn.Module):
+            p = next(tok.parameters(), None)
+            if p is not None and p.device != tok_images.device:
+                tok.to(tok_images.device)
+            if tok.training:
+                tok.eval()
+        ids = tok.encode(tok_images)  # (B, h, w)
+        return ids.flatten(1).long()  # (B, N)
+
+    def _pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
+        target = patchify(images.float(), self.patch_size)  # (B, N, p*p*3)
+        if self.cfg.norm_pix:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return target
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["images"]  # (B, 3, H, W)
+        mask = batch["mask"].flatten(1).bool()  # (B, N), True = masked
+        cfg = self.cfg
+
+        if cfg.target == "tokens":
+            ids = self.visual_tokens(batch["tok_images"])  # (B, N)
+            if cfg.predict == "masked":
+                logits = self.model.forward_mim(images, mask)  # (M, V), row-major order of the mask
+                target = ids[mask]  # (M,)
+                loss = _mean_or_zero(F.cross_entropy(logits.float(), target, reduction="sum"), logits, len(target))
+                masked_logits = logits
+            else:
+                tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
+                logits = self.model.lm_head(tokens[:, 1:])  # (B, N, V)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+                masked_logits, target = logits[mask], ids[mask]  # (M, V), (M,)
+            with torch.no_grad():
+                if len(target):
+                    acc = (masked_logits.argmax(-1) == target).float().mean()
+                else:
+                    acc = torch.zeros((), device=images.device)
+            return loss, {"loss": loss.detach(), "mlm_acc": acc}
+
+        # target == "pixels"
+        target_pix = self._pixel_targets(images)  # (B, N, p*p*3)
+        tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
+        patches = tokens[:, 1:]  # (B, N, D)
+        if cfg.predict == "masked":
+            pred = self.pixel_head(patches[mask])  # (M, p*p*3)
+            sq = (pred.float() - target_pix[mask]).pow(2).mean(-1)  # (M,)
+            loss = _mean_or_zero(sq.sum(), pred, sq.numel())
+        else:
+            pred = self.pixel_head(patches)  # (B, N, p*p*3)
+            loss = (pred.float() - target_pix).pow(2).mean()
+        return loss, {"loss": loss.detach()}
+
+
+def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
+    """``total / n``; a batch without a masked patch gives 0 (with a graph) instead of NaN."""
+    if n == 0:
+        return out.sum() * 0.0
+    return total / n

@@ -1,0 +1,54 @@
+"""Registry of named architectures, ``arch_size_patchP_res`` as in timm (``beit_base_patch16_224``).
+
+A preset fixes the architecture only; methods and tasks add ``vocab_size`` / ``num_classes`` and
+regularisation through overrides. Sizes follow BEiT Table 1 / Appendix (base, large) and DeiT (tiny, small).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from beit.config import ConfigError, ModelConfig, from_dict, to_dict
+from beit.models.vit import VisionTransformer
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "beit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "beit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "beit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    # BEiT-large: LayerScale starts at 1e-5 (Appendix B), as in the official and timm configs.
+    "beit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16, layer_scale_init=1e-5),
+    # CPU-sized: 32px images in 4px patches give an 8x8 grid (64 tokens), the token count of a 128px
+    # image in 16px patches. ViT-Tiny width and the full 12 layers are kept so that layer-wise lr decay and
+    # depth-dependent init behave as at full scale; pass depth=... to make it cheaper still.
+    "beit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
+    "beit_small_patch8_64": dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a named preset; an unknown name raises ConfigError listing the names."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown model preset {name!r}{hint}; known: {', '.join(PRESETS)}")
+    return from_dict(ModelConfig, dict(PRESETS[name]))
+
+
+def create_model(name_or_cfg: str | ModelConfig, **overrides: Any) -> VisionTransformer:
+    """Build a :class:`VisionTransformer` from a preset name or a config, with validated overrides.
+
+    >>> create_model("beit_tiny_patch4_32", vocab_size=8192, depth=4)
+    """
+    cfg = get_preset(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    if overrides:
+        unknown = sorted(set(overrides) - set(to_dict(cfg)))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(to_dict(cfg)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown model option {unknown[0]!r}{hint}")
+        cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides}, prefix="model.")
+    return VisionTransformer(cfg)
+
+
+__all__ = ["PRESETS", "create_model", "get_preset"]

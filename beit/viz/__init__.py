@@ -1,0 +1,1 @@
+"""Pictures: training curves, masks, reconstructions, attention maps, and the HTML report."""

@@ -1,0 +1,140 @@
+"""Two views from one crop: same content, same flip and jitter, own sizes; the per-sample pretraining dict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from beit.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BeitPretrainTransform,
+    TwoViewTransform,
+    random_resized_crop_params,
+)
+from beit.masking import MaskGenerator, MaskingConfig
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def _quadrants(size: int = 96) -> Image.Image:
+    """Four distinct colours, one per quadrant, and a diagonal gradient so every crop looks different."""
+    a = np.zeros((size, size, 3), dtype=np.uint8)
+    h = size // 2
+    a[:h, :h] = (230, 30, 30)
+    a[:h, h:] = (30, 230, 30)
+    a[h:, :h] = (30, 30, 230)
+    a[h:, h:] = (230, 230, 30)
+    ramp = (np.add.outer(np.arange(size), np.arange(size)) * 40 // (2 * size)).astype(np.uint8)
+    a = a - np.minimum(a, ramp[..., None])
+    return Image.fromarray(a)
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unnorm(x: torch.Tensor) -> torch.Tensor:
+    return x * STD + MEAN
+
+
+def test_shapes_dtypes_ranges():
+    t = TwoViewTransform(32, 16)
+    patch, tok = t(_quadrants(), _g(0))
+    assert patch.shape == (3, 32, 32) and patch.dtype == torch.float32
+    assert tok.shape == (3, 16, 16) and tok.dtype == torch.float32
+    assert float(tok.min()) >= 0.0 and float(tok.max()) <= 1.0  # tokenizer view: [0, 1], no map_pixels here
+    pix = _unnorm(patch)
+    assert float(pix.min()) > -1e-4 and float(pix.max()) < 1 + 1e-4  # patch view: mean/std normalised
+    assert float(patch.min()) < -0.5  # ... and really normalised, not in [0, 1]
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_both_views_show_the_same_crop(jitter):
+    t = TwoViewTransform(64, 32, color_jitter=jitter)
+    img = _quadrants()
+    diffs, cross = [], []
+    prev = None
+    for s in range(20):
+        patch, tok = t(img, _g(s))
+        down = F.interpolate(_unnorm(patch)[None], size=(32, 32), mode="bilinear", antialias=True)[0]
+        diffs.append(float((down - tok).abs().mean()))
+        if prev is not None:
+            cross.append(float((tok - prev).abs().mean()))
+        prev = tok
+    # same crop/flip/jitter: only resampling differences (edges between quadrants) remain
+    assert max(diffs) < 0.015, diffs
+    # while different samples really are different crops
+    assert sum(cross) / len(cross) > 5 * max(diffs)
+
+
+def test_flip_applies_to_both_views():
+    a = np.zeros((40, 40, 3), dtype=np.uint8)
+    a[:, :20] = (255, 0, 0)  # red left, blue right
+    a[:, 20:] = (0, 0, 255)
+    img = Image.fromarray(a)
+    kw = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0)
+    for p, left_is_blue in ((1.0, True), (0.0, False)):
+        patch, tok = TwoViewTransform(32, 16, hflip=p, **kw)(img, _g(0))
+        for v in (_unnorm(patch), tok):
+            w = v.shape[-1]
+            left, right = v[:, :, : w // 4].mean((1, 2)), v[:, :, -w // 4:].mean((1, 2))
+            assert (left[2] > left[0]) == left_is_blue
+            assert (right[2] > right[0]) != left_is_blue
+
+
+def test_same_jitter_on_both_views():
+    t = TwoViewTransform(32, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=(0.8, 0.8, 0.8, 0.1))
+    img = _quadrants(64)
+    means = []
+    for s in range(6):
+        patch, tok = t(img, _g(s))
+        pm, tm = _unnorm(patch).mean((1, 2)), tok.mean((1, 2))
+        assert torch.allclose(pm, tm, atol=0.02), (pm, tm)
+        means.append(tm)
+    assert max(float((m - means[0]).abs().max()) for m in means[1:]) > 0.05  # the jitter does vary
+
+
+def test_deterministic_under_generator_and_tensor_input():
+    t = TwoViewTransform(32, 16)
+    img = _quadrants()
+    a, b = t(img, _g(5)), t(img, _g(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    as_tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    c = t(as_tensor, _g(5))
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    gray = t(img.convert("L"), _g(5))
+    assert gray[0].shape == (3, 32, 32)
+    with pytest.raises(TypeError):
+        t(np.asarray(img), _g(0))
+
+
+def test_crop_params_in_bounds():
+    for s in range(200):
+        top, left, h, w = random_resized_crop_params(50, 80, generator=_g(s))
+        assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 80 and h > 0 and w > 0
+    # an impossible aspect range falls back to the centred crop
+    assert random_resized_crop_params(10, 100, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=_g(0)) == (0, 45, 10, 10)
+
+
+def test_pretrain_transform_seeded_by_global_rng():
+    views = TwoViewTransform(32, 16)
+    tf = BeitPretrainTransform(views, MaskGenerator((8, 8), MaskingConfig(min_block=4)))
+    img = _quadrants()
+    torch.manual_seed(11)
+    a = tf(img)
+    torch.manual_seed(11)
+    b = tf(img)
+    assert set(a) == {"images", "tok_images", "mask"}
+    assert a["images"].shape == (3, 32, 32) and a["tok_images"].shape == (3, 16, 16)
+    assert a["mask"].shape == (8, 8) and a["mask"].dtype == torch.bool and 0 < int(a["mask"].sum()) <= 26
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    c = tf(img)  # the global RNG moved on: another sample
+    assert not torch.equal(a["images"], c["images"])
+    no_tok = BeitPretrainTransform(TwoViewTransform(32, None), MaskGenerator((8, 8)))(img)
+    assert set(no_tok) == {"images", "mask"}
