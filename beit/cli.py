@@ -93,9 +93,10 @@ def _print_result(res) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizers import train_tokenizer
 
-    ov = _overrides(args)
-    res = train_tokenizer(args.data, args.out, preset=args.preset or "dvae_32", config=args.config, overrides=ov,
-                          resume=args.resume, max_minutes=args.max_minutes, limit=args.limit)
+    ov = _overrides(args, {"limit": "data.limit", "val_data": "data.val_path"})
+    preset = args.preset or (None if args.config else "dvae_32")
+    res = train_tokenizer(args.data, args.out, preset=preset, config=args.config, overrides=ov,
+                          resume=args.resume, max_minutes=args.max_minutes)
     print(json.dumps(res if isinstance(res, dict) else {"run": str(res)}))
     return 0
 
@@ -103,7 +104,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_tokenizer_eval(args: argparse.Namespace) -> int:
     from .tokenizers import evaluate_cmd
 
-    res = evaluate_cmd(args.tokenizer, args.data, limit=args.limit, grid=args.grid, batch_size=args.batch_size)
+    res = evaluate_cmd(args.tokenizer, args.data, limit=args.limit or 0, grid=args.grid, batch_size=args.batch_size)
     print(json.dumps(res))
     return 0
 
@@ -146,8 +147,8 @@ COMMAND_PRESETS: dict[str, Callable[[], list[str]]] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.dvae import TOKENIZER_PRESETS
     from .tasks.pretrain import PRESETS as PRETRAIN
+    from .tokenizers.dvae_train import RUN_PRESETS as TOKENIZER_PRESETS
 
     parser = argparse.ArgumentParser(
         prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a discrete VAE on a folder of images")
     t.add_argument("--data", required=True, help="folder of images")
     t.add_argument("--out", required=True, help="run directory: tokenizer.safetensors, metrics, reconstructions.png")
-    t.add_argument("--limit", type=int, help="use only the first N images")
+    t.add_argument("--limit", type=int, help="use only the first N images (data.limit)")
+    t.add_argument("--val-data", help="held-out folder evaluated each epoch and at the end (data.val_path)")
     _add_train_flags(t, sorted(TOKENIZER_PRESETS))
     t.set_defaults(func=cmd_tokenizer_train)
     t = tsub.add_parser("eval", help="PSNR and codebook usage on a held-out folder (JSON)")

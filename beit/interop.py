@@ -492,7 +492,7 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
 
 
 def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict: bool = True) -> VisionTransformer:
-    """``VisionTransformer(cfg)`` with ``state_dict`` loaded after :func:`adapt_state_dict`.
+    """``VisionTransformer(cfg)`` with ``state_dict`` loaded after :func:`adapt_state_dict`, in eval mode.
 
     ``strict``: every weight must be used and every parameter provided; otherwise mismatches are logged."""
     model = VisionTransformer(cfg)
@@ -506,7 +506,7 @@ def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict
         if strict:
             raise CheckpointError("weights do not match the model: " + msg)
         log.warning("loaded with mismatches (kept the model's init for missing ones) - %s", msg)
-    return model
+    return model.eval()
 
 
 def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer]:

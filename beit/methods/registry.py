@@ -53,3 +53,6 @@ def _build_beit(cfg):
     cfg = dataclasses.replace(cfg, model=method.model.cfg)
     transform = build_pretrain_transform(cfg.beit, cfg.model, tok_size)
     return method, transform, cfg
+
+
+from . import ibot, mae  # noqa: E402,F401  (their builders register "ibot" and "mae")

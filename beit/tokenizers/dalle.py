@@ -72,8 +72,9 @@ def _safe_load_module_record(path: str | Path) -> _Stub:
         raise ConversionError(
             f"{path}: refused to unpickle (only DALL-E dVAE modules are allowed; nothing was executed): {first}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable torch file ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler raises KeyError etc. on malformed data
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"{path}: not a readable torch file ({msg})") from None
     if not isinstance(obj, _Stub):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a pickled dall_e Encoder/Decoder")
     return obj

@@ -1,0 +1,481 @@
+"""Semantic segmentation with a BEiT backbone and an UperNet (or SETR-PUP) head (arXiv 2106.08254, Sec. 3.2).
+
+``beit segment --data DIR --init CKPT --out RUN``: ``DIR/images/{train,val}/`` hold the images and
+``DIR/masks/{train,val}/`` single-channel PNG label maps of the same name (stem) and size; a label is a
+class index, 255 = ignore. The one engine trains :class:`SegmentationTask` and evaluates it each epoch:
+
+- the backbone's blocks ``out_indices`` (depth 12: 3, 5, 7, 11, as the official config) feed the
+  multi-scale adapter of :mod:`.heads` (4x, 2x, 1x, 0.5x) and UperNet (PPM + FPN + fuse), or SETR-PUP on
+  the last of them (``head.kind=pup``); logits are upsampled (bilinear) to the input size;
+- loss: cross-entropy with ``ignore_index=255``, plus 0.4 x an auxiliary FCN head on the third level
+  (official config); AdamW with layer-wise lr decay (0.65), warmup then cosine (the official code decays
+  polynomially; the engine's one schedule is cosine);
+- metrics (``val_*`` in ``metrics.jsonl``): mIoU over the classes present (in the ground truth or the
+  prediction, i.e. union > 0, as mmseg's nan-mean), mean class accuracy, pixel accuracy, per-class IoU
+  ``iou_<c>``; ``predictions.png`` shows images | ground truth | prediction for a few validation images.
+
+Joint transforms: training takes one random resized crop + horizontal flip of image and mask (bicubic for
+the image, nearest for the mask); evaluation resizes both to the model's input size and scores there (the
+official protocol slides a window over the full-resolution image instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import InterpolationMode
+
+from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, dump_yaml, from_dict, resolve, to_dict
+from ..data.folder import DataError, list_images, load_image
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
+from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..models.presets import PRESETS as MODEL_PRESETS
+from ..models.vit import VisionTransformer
+from ..optim import param_groups
+from .finetune import adopt_architecture, build_backbone
+from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
+
+log = logging.getLogger("beit")
+
+IGNORE_INDEX = 255
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PRESETS",
+    "SegmentConfig",
+    "SegmentationFolder",
+    "SegmentationTask",
+    "build_config",
+    "confusion_matrix",
+    "load_segmenter",
+    "palette",
+    "run",
+    "save_predictions",
+    "segmentation_metrics",
+]
+
+
+@dataclass
+class SegDataConfig:
+    path: str = ""  # DIR with images/{train,val}/ and masks/{train,val}/
+    num_classes: int = 0  # 0: 1 + the largest label in the training masks (255 = ignore)
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # random resized crop (area fraction of the image)
+    hflip: float = 0.5
+
+
+@dataclass
+class SegHeadConfig:
+    kind: str = "upernet"  # upernet | pup (SETR progressive upsampling)
+    channels: int = 768  # width of the head (official BEiT-base UperNet: 768)
+    out_indices: list[int] = field(default_factory=list)  # blocks feeding the head; []: 3,5,7,11 for depth 12
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    dropout: float = 0.1
+    aux_weight: float = 0.4  # auxiliary FCN head on the third level; 0 disables
+    aux_channels: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("upernet", "pup"):
+            raise ConfigError(f"head.kind must be upernet or pup, got {self.kind!r}")
+        if self.out_indices and len(self.out_indices) != 4:
+            raise ConfigError(f"head.out_indices needs 4 block indices, got {self.out_indices}")
+
+
+@dataclass
+class SegmentConfig:
+    init: str = ""  # backbone checkpoint (anything beit.load reads); "" or "none": from scratch
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        img_size=512, use_shared_rel_pos_bias=False, use_rel_pos_bias=True))
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    head: SegHeadConfig = field(default_factory=SegHeadConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=7e-4, min_lr=0.0, weight_decay=0.05, warmup_steps=1500, clip_grad=0.0, layer_decay=0.65))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _model(name: str, **changes) -> dict:
+    return {**MODEL_PRESETS[name], "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, **changes}
+
+
+# ``beit_base_patch16_512``: the paper's ADE20K setting (Appendix D; official UperNet config for a
+# self-supervised BEiT-base: 512 px crops, batch 16, 160k steps, lr 7e-4, layer decay 0.65, 1500 warmup
+# steps, weight decay 0.05, drop path 0.1, head width 768). The CPU presets shrink the head and the run.
+PRESETS: dict[str, dict] = {
+    "beit_base_patch16_512": {
+        "model": _model("beit_base_patch16_224", img_size=512, drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.65, "warmup_steps": 1500, "weight_decay": 0.05},
+        "train": {"steps": 160000, "batch_size": 16, "precision": "bf16", "num_workers": 8, "eval_every": 16000},
+        "head": {"channels": 768, "aux_channels": 256},
+    },
+    "beit_small_patch8_64": {
+        "model": _model("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
+        "train": {"steps": 4000, "batch_size": 16, "precision": "fp32"},
+        "head": {"channels": 128, "aux_channels": 64},
+    },
+    "beit_tiny_patch4_32": {
+        "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
+        "train": {"steps": 2000, "batch_size": 16, "precision": "fp32"},
+        "head": {"channels": 64, "aux_channels": 32},
+    },
+}
+
+
+def build_config(preset: str | None = None, config: str | None = None,
+                 overrides: list[str] | dict | None = None) -> SegmentConfig:
+    return resolve(SegmentConfig, PRESETS, preset, config, overrides)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A PNG label map as ``(H, W)`` uint8 class indices (mode L or P; P gives the palette indices)."""
+    try:
+        with Image.open(path) as m:
+            m.load()
+            if m.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{path}: a mask must be a single-channel label map (mode L or P), got mode {m.mode}")
+            a = np.asarray(m)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: unreadable mask ({e})") from None
+    if a.max(initial=0) > 255:
+        raise DataError(f"{path}: labels above 255")
+    return a.astype(np.uint8)
+
+
+class SegTransform:
+    """``(PIL image, (H, W) uint8 mask) -> {"images": (3, S, S) normalised, "masks": (S, S) int64}``.
+
+    ``train=True``: one random resized crop and flip for both (bicubic image, nearest mask); else a plain
+    resize to ``S x S``. Draws from torch's global RNG (seeded per sample by the engine).
+    """
+
+    def __init__(self, size: int, train: bool, scale: Sequence[float] = (0.25, 1.0), hflip: float = 0.5,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.size, self.train = size, train
+        self.scale, self.hflip = (float(scale[0]), float(scale[1])), hflip
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img: Image.Image, mask: np.ndarray) -> dict[str, torch.Tensor]:
+        m = torch.from_numpy(np.ascontiguousarray(mask))[None]  # (1, H, W) uint8
+        x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+        S = [self.size, self.size]
+        if self.train:
+            top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale)
+            x = TF.resized_crop(x, top, left, h, w, S, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            m = TF.resized_crop(m, top, left, h, w, S, interpolation=InterpolationMode.NEAREST)
+            if float(torch.rand(())) < self.hflip:
+                x, m = x.flip(-1), m.flip(-1)
+        else:
+            x = TF.resize(x, S, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            m = TF.resize(m, S, interpolation=InterpolationMode.NEAREST)
+        x = TF.normalize(x.float() / 255.0, self.mean, self.std)
+        return {"images": x, "masks": m[0].long()}
+
+
+class SegmentationFolder(Dataset):
+    """``root/images/<split>/**/name.ext`` with ``root/masks/<split>/**/name.png`` -> transformed dicts.
+
+    An unreadable image is replaced by the next readable one (warned once, deterministic)."""
+
+    def __init__(self, root: str | Path, split: str, transform: SegTransform | None = None) -> None:
+        root = Path(root)
+        img_dir, mask_dir = root / "images" / split, root / "masks" / split
+        for d in (img_dir, mask_dir):
+            if not d.is_dir():
+                raise DataError(f"{d} does not exist: segmentation data needs {root}/images/{{train,val}}/ "
+                                f"and {root}/masks/{{train,val}}/")
+        self.samples: list[tuple[Path, Path]] = []
+        for p in list_images(img_dir):
+            m = (mask_dir / p.relative_to(img_dir)).with_suffix(".png")
+            if not m.is_file():
+                raise DataError(f"no mask for {p} (expected {m})")
+            self.samples.append((p, m))
+        if not self.samples:
+            raise DataError(f"no images under {img_dir}")
+        self.transform = transform
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        n = len(self.samples)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            ip, mp = self.samples[i]
+            img = load_image(ip)
+            if img is None:
+                self._bad.add(i)
+                continue
+            mask = load_mask(mp)
+            if mask.shape != (img.height, img.width):
+                raise DataError(f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]}, image {ip} is {img.width}x{img.height}")
+            return img, mask
+        raise DataError("none of the segmentation images could be read")
+
+    def __getitem__(self, index: int):
+        img, mask = self.load(index)
+        if self.transform is None:
+            return img, mask
+        return self.transform(img, mask)
+
+    def max_label(self) -> int:
+        """Largest label (ignoring 255) over all masks."""
+        top = -1
+        for _, mp in self.samples:
+            u = np.unique(load_mask(mp))
+            u = u[u != IGNORE_INDEX]
+            if len(u):
+                top = max(top, int(u.max()))
+        return top
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(C, C)`` int64 counts, rows = ground truth, columns = prediction; ignored pixels left out."""
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+    """mIoU (mean over classes with union > 0), mAcc (over classes in the ground truth), pixel accuracy
+    (all in %) and ``iou_<c>`` for every class with union > 0."""
+    conf = conf.double()
+    tp = conf.diag()
+    gt = conf.sum(1)
+    pr = conf.sum(0)
+    union = gt + pr - tp
+    present = union > 0
+    iou = tp / union.clamp(min=1)
+    out = {
+        "mIoU": 100.0 * float(iou[present].mean()) if present.any() else 0.0,
+        "mAcc": 100.0 * float((tp / gt.clamp(min=1))[gt > 0].mean()) if (gt > 0).any() else 0.0,
+        "pixel_acc": 100.0 * float(tp.sum() / conf.sum().clamp(min=1)),
+    }
+    for c in torch.nonzero(present).flatten().tolist():
+        out[f"iou_{c}"] = 100.0 * float(iou[c])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the task
+
+
+def default_out_indices(depth: int) -> list[int]:
+    """Blocks feeding the head: the official 3, 5, 7, 11 (depth 12) / 7, 11, 15, 23 (24), else evenly spread."""
+    known = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
+    return known.get(depth, [max(0, round(depth * (k + 1) / 4) - 1) for k in range(4)])
+
+
+class SegmentationTask(nn.Module):
+    """``batch = {"images" (B, 3, H, W), "masks" (B, H, W) int64, 255 = ignore}`` -> ``(CE, {"pixel_acc"})``."""
+
+    best_metric = "mIoU"
+    state_prefix = "model."
+    find_unused_parameters = True  # the backbone's final norm is not used by the heads
+
+    def __init__(self, model: VisionTransformer, num_classes: int, head: SegHeadConfig | None = None) -> None:
+        super().__init__()
+        head = head if head is not None else SegHeadConfig()
+        if num_classes < 1:
+            raise ConfigError("segmentation needs num_classes >= 1")
+        self.model = model
+        self.num_classes = num_classes
+        self.kind = head.kind
+        depth = model.num_layers
+        idx = list(head.out_indices) or default_out_indices(depth)
+        if any(not -depth <= i < depth for i in idx):
+            raise ConfigError(f"head.out_indices {idx} out of range for depth {depth}")
+        self.out_indices = [i % depth for i in idx]
+        D = model.embed_dim
+        if head.kind == "upernet":
+            self.neck = FeaturePyramid(D)
+            self.decode = UperNetHead(D, num_classes, head.channels, head.pool_scales, head.dropout)
+        else:
+            self.neck = None
+            self.decode = PUPHead(D, num_classes, head.channels, dropout=head.dropout)
+        self.aux_weight = head.aux_weight
+        self.aux = FCNHead(D, num_classes, head.aux_channels, head.dropout) if head.aux_weight > 0 else None
+
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-pixel logits ``(B, C, H, W)`` at the input size, and the auxiliary head's (training only)."""
+        H, W = images.shape[-2:]
+        uniq = sorted(set(self.out_indices))
+        by = dict(zip(uniq, self.model.get_intermediate_layers(images, uniq)))  # each (B, 1+N, D)
+        tokens = [by[i] for i in self.out_indices]
+        grid = self.model.grid_size
+        if self.neck is not None:
+            out = self.decode(self.neck([tokens_to_map(t, grid) for t in tokens]))  # (B, C, 4h, 4w)
+        else:
+            out = self.decode(tokens[-1], grid)  # (B, C, 16h, 16w)
+        out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        aux = None
+        if self.aux is not None and self.training:
+            aux = F.interpolate(self.aux(tokens_to_map(tokens[2], grid)), size=(H, W), mode="bilinear",
+                                align_corners=False)
+        return out, aux
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, H, W)`` class ids."""
+        return self.logits(images)[0].argmax(1)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, masks = batch["images"], batch["masks"]  # (B, 3, H, W), (B, H, W)
+        out, aux = self.logits(images)
+        loss = F.cross_entropy(out.float(), masks, ignore_index=IGNORE_INDEX)
+        if aux is not None:
+            loss = loss + self.aux_weight * F.cross_entropy(aux.float(), masks, ignore_index=IGNORE_INDEX)
+        with torch.no_grad():
+            valid = masks != IGNORE_INDEX
+            acc = 100.0 * ((out.argmax(1) == masks) & valid).sum() / valid.sum().clamp(min=1)  # %, as val_pixel_acc
+        if not torch.isfinite(loss) and not valid.any():  # a crop with only ignored pixels
+            loss = out.sum() * 0.0
+        return loss, {"pixel_acc": acc.float()}
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        device = next(self.parameters()).device
+        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        loss_sum, n = 0.0, 0
+        for batch in loader:
+            images, masks = batch["images"].to(device), batch["masks"].to(device)
+            out, _ = self.logits(images)
+            valid = int((masks != IGNORE_INDEX).sum())
+            if valid:
+                loss_sum += float(F.cross_entropy(out.float(), masks, ignore_index=IGNORE_INDEX)) * valid
+                n += valid
+            conf += confusion_matrix(out.argmax(1), masks, self.num_classes)
+        return {**segmentation_metrics(conf), "loss": loss_sum / max(n, 1)}
+
+    def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
+        """Layer-wise lr decay over the backbone; neck and heads at the full rate."""
+        return param_groups(self, optim_cfg.weight_decay, optim_cfg.layer_decay, num_layers=self.model.num_layers)
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """``(256, 3)`` uint8 colours: the PASCAL VOC bit-interleaved palette; 255 (ignore) is white."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for c in range(256):
+        r = g = b = 0
+        lab = c
+        for j in range(8):
+            r |= ((lab >> 0) & 1) << (7 - j)
+            g |= ((lab >> 1) & 1) << (7 - j)
+            b |= ((lab >> 2) & 1) << (7 - j)
+            lab >>= 3
+        pal[c] = (r, g, b)
+    pal[IGNORE_INDEX] = 255  # ignore: white (class 0 is black)
+    return pal
+
+
+def _denorm(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return ((x.cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+@torch.no_grad()
+def save_predictions(task: SegmentationTask, dataset: Dataset, out: str | Path, n: int = 4,
+                     scale: int = 0) -> Path:
+    """PNG with one row per image: image | ground truth | prediction (palette colours, ignore = white)."""
+    was_training = task.training
+    task.eval()
+    device = next(task.parameters()).device
+    pal = palette(task.num_classes)
+    rows = []
+    for i in range(min(n, len(dataset))):  # type: ignore[arg-type]
+        item = dataset[i]
+        pred = task.predict(item["images"][None].to(device))[0].cpu().numpy()
+        gt = item["masks"].numpy()
+        rows.append(np.concatenate([_denorm(item["images"]), pal[gt.clip(0, 255)], pal[pred]], axis=1))
+    task.train(was_training)
+    grid = np.concatenate(rows, axis=0)
+    img = Image.fromarray(grid)
+    if not scale:
+        scale = max(1, math.ceil(256 / grid.shape[0]))  # tiny images: enlarge so the picture is readable
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    out = Path(out)
+    img.save(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def build_task(cfg: SegmentConfig, num_classes: int, init: bool = True) -> tuple[SegmentationTask, SegmentConfig]:
+    mcfg = adopt_architecture(cfg.model, cfg.init) if init else cfg.model
+    mcfg = from_dict(ModelConfig, {**to_dict(mcfg), "num_classes": 0, "vocab_size": 0, "use_mask_token": False},
+                     prefix="model.")
+    backbone = build_backbone(cfg.init if init else "", mcfg)
+    cfg = dataclasses.replace(cfg, model=backbone.cfg, data=dataclasses.replace(cfg.data, num_classes=num_classes))
+    return SegmentationTask(backbone, num_classes, cfg.head), cfg
+
+
+def load_segmenter(path: str | Path) -> SegmentationTask:
+    """The whole segmenter (backbone + heads) of a ``beit segment`` run or one of its checkpoint folders."""
+    from safetensors.torch import load_file
+
+    from .. import api
+
+    cfg = from_dict(SegmentConfig, api.run_config(path))
+    task, _ = build_task(cfg, cfg.data.num_classes, init=False)
+    p = Path(path)
+    ck = api._checkpoint_dir(p)
+    task.load_state_dict(load_file(ck / "model.safetensors"), strict=True)
+    return task.eval()
+
+
+def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
+    """Train a segmenter as ``cfg`` says into run directory ``out``."""
+    env = setup_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    if not cfg.data.path:
+        raise ConfigError("give the dataset: --data DIR (with images/{train,val}/ and masks/{train,val}/)")
+    size = cfg.model.img_size
+    tr = SegmentationFolder(cfg.data.path, "train", SegTransform(size, True, cfg.data.crop_scale, cfg.data.hflip))
+    va = SegmentationFolder(cfg.data.path, "val", SegTransform(size, False))
+    num_classes = cfg.data.num_classes or tr.max_label() + 1
+    if num_classes < 1:
+        raise DataError(f"{cfg.data.path}: the training masks hold no label other than {IGNORE_INDEX} (ignore)")
+    task, cfg = build_task(cfg, num_classes)
+    if env.is_main:
+        log.info("segmentation (%s head) on %d images, %d classes (val: %d), blocks %s; init: %s", cfg.head.kind,
+                 len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")
+    res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
+                resume=resume, val_dataset=va, desc="segment", max_minutes=max_minutes, env=env)
+    if env.is_main:
+        from ..viz.curves import plot_metrics
+
+        try:
+            save_predictions(task, va, Path(out) / "predictions.png")
+            plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "curves.png",
+                         keys=("loss", "pixel_acc", "val_mIoU", "val_pixel_acc", "lr"), title="segmentation")
+        except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
+            log.warning("could not draw the segmentation pictures: %s", e)
+    return res

@@ -1,0 +1,95 @@
+"""``beit show mae``: what an MAE run reconstructs from a quarter of an image.
+
+One PNG, four panels: original | masked (removed patches grey) | reconstruction | reconstruction with the
+visible patches pasted back (the MAE paper's Figure 2 layout). With ``norm_pix_loss`` the decoder predicts
+per-patch normalised pixels; each patch is mapped back with the true patch's mean and std, as the official
+visualisation does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, latest_checkpoint
+from ..config import ConfigError, from_dict
+
+__all__ = ["load_mae_method", "mae_panels", "show_mae"]
+
+
+def load_mae_method(run: str | Path):
+    """The full MAE method (encoder + decoder) of a run or checkpoint directory, in eval mode."""
+    from safetensors.torch import load_file
+
+    from ..api import run_config
+    from ..methods.mae import MAEMethod
+    from ..tasks.pretrain import PretrainConfig
+
+    run = Path(run)
+    cfg = from_dict(PretrainConfig, run_config(run))
+    if cfg.method != "mae":
+        raise ConfigError(f"{run} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
+                          "(its decoder draws the reconstruction)")
+    ck = run if (run / "model.safetensors").is_file() else latest_checkpoint(run)
+    if ck is None:
+        raise CheckpointError(f"{run}: the run has no complete checkpoint yet")
+    method = MAEMethod.build(cfg.model, cfg.mae)
+    method.load_state_dict(load_file(ck / "model.safetensors"))
+    return method.eval()
+
+
+def _load_view(image: str | Path, size: int) -> torch.Tensor:
+    """``(1, 3, size, size)`` in [0, 1]: shorter side resized to ``size`` (bicubic), centre crop."""
+    import torchvision.transforms.v2.functional as F
+
+    from ..data.folder import DataError, load_image
+
+    img = load_image(image)
+    if img is None:
+        raise DataError(f"cannot read image {image}")
+    img = F.center_crop(F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True), [size, size])
+    return F.pil_to_tensor(img).float().div(255.0).unsqueeze(0)
+
+
+@torch.no_grad()
+def mae_panels(method, images01: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """``images01 (1, 3, H, W)`` in [0, 1] -> [original, masked, reconstruction, pasted], each (3, H, W)."""
+    from ..data.views import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (images01 - mean) / std
+    n = method.encoder.patch_embed.num_patches
+    noise = torch.rand(1, n, generator=torch.Generator().manual_seed(seed))
+    recon, mask = method.reconstruct(x, noise)  # (1, 3, H, W) normalised, (1, N) True = removed
+    recon01 = (recon * std + mean).clamp(0, 1)
+    p = method.patch_size
+    h, w = method.encoder.grid_size
+    pix_mask = mask.view(1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (1, 1, H, W)
+    masked = torch.where(pix_mask, torch.full_like(images01, 0.5), images01)
+    pasted = torch.where(pix_mask, recon01, images01)
+    return [t[0] for t in (images01, masked, recon01, pasted)]
+
+
+def show_mae(run: str | Path, image: str | Path, out: str | Path, seed: int = 0, size: int = 192) -> Path:
+    """Draw the four panels for ``image`` with the MAE run ``run`` into ``out`` (PNG); ``seed`` picks the mask.
+    Panels are scaled up to ``size`` pixels (nearest neighbour, so patches stay visible)."""
+    from PIL import Image, ImageDraw
+
+    method = load_mae_method(run)
+    panels = mae_panels(method, _load_view(image, method.encoder.cfg.img_size), seed)
+    titles = ["original", f"masked {method.cfg.mask_ratio:.0%}", "reconstruction", "+ visible"]
+    pad, top = 6, 18
+    sheet = Image.new("RGB", (4 * size + 5 * pad, size + top + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (panel, title) in enumerate(zip(panels, titles)):
+        arr = (panel.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
+        tile = Image.fromarray(arr).resize((size, size), Image.NEAREST)
+        x0 = pad + k * (size + pad)
+        sheet.paste(tile, (x0, top))
+        draw.text((x0, 3), title, fill="black")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
