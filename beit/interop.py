@@ -139,7 +139,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
         num_heads=heads,
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D if depth else 4.0,
         qkv_bias="blocks.0.attn.q_bias" in sd,
-        layer_scale_init=float(sd["blocks.0.gamma_1"].abs().mean()) if "blocks.0.gamma_1" in sd else 0.0,
+        layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else 0.0,  # the value is in the weights
         use_abs_pos_emb="pos_embed" in sd,
         use_shared_rel_pos_bias=f"rel_pos_bias.{_REL}" in sd,
         use_rel_pos_bias=f"blocks.0.attn.{_REL}" in sd,
@@ -150,8 +150,6 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
         use_mask_token="mask_token" in sd,
         layer_norm_eps=1e-6,
     )
-    if kw["layer_scale_init"] == 0.0 and "blocks.0.gamma_1" in sd:
-        kw["layer_scale_init"] = 0.1
     kw.update(overrides)
     return from_dict(ModelConfig, kw, prefix="model.")
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=0)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     method = "mae" if a.preset.startswith("mae") else "ibot"
     ov = [*TINY[method], f"train.steps={a.steps}", "train.batch_size=4", "train.num_workers=0", "train.log_every=1",
           "train.ckpt_every=3", "train.precision=fp32", "train.device=cpu", *a.overrides]

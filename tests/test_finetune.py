@@ -116,11 +116,12 @@ def test_layer_decay_gives_each_parameter_its_lr():
     names = {n for n, _ in task.named_parameters()}
     assert set(lr_of) == names
     expected = {
-        "model.cls_token": base * decay ** 3,
+        # embeddings: decay^(L+1); block i: decay^(L-i); head and fc_norm: the base rate (BEiT Appendix C)
+        "model.cls_token": base * decay ** (L + 1),
         "model.patch_embed.proj.weight": base * decay ** 3,
-        "model.blocks.0.attn.qkv.weight": base * decay ** 2,
+        "model.blocks.0.attn.qkv.weight": base * decay ** L,
         "model.blocks.0.attn.relative_position_bias_table": base * decay ** 2,
-        "model.blocks.1.mlp.fc1.weight": base * decay ** 1,
+        "model.blocks.1.mlp.fc1.weight": base * decay ** (L - 1),
         "model.blocks.1.norm2.weight": base * decay ** 1,
         "model.fc_norm.weight": base,
         "model.head.weight": base,
@@ -211,3 +212,10 @@ def test_finetune_cli_end_to_end(tmp_path, capsys):
     torch.testing.assert_close(model.head.weight, saved["model.head.weight"])
     best = beit.load(run / "checkpoints" / "best")
     assert best(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+    # resuming takes the weights from the run: the --init checkpoint is not read again
+    rc = main(["-q", "finetune", "--data", str(data), "--init", str(tmp_path / "gone"), "--out", str(run),
+               "--labels-per-class", "4", "--steps", "6", "--batch-size", "6", "--workers", "0",
+               "--device", "cpu", "model.img_size=16", "--resume"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6

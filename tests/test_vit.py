@@ -212,3 +212,17 @@ def test_mask_without_mask_token_is_an_error():
         m.forward_features(torch.randn(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="32"):
         m.forward_features(torch.randn(1, 3, 64, 64))
+
+
+def test_bf16_autocast_trains():
+    m = tiny(vocab_size=16, use_rel_pos_bias=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16) < 0.5
+    mask[:, 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(x, mask)
+    logits.float().logsumexp(-1).mean().backward()
+    assert m.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+    assert m.mask_token.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="out of range"):
+        m.get_intermediate_layers(x, 5)

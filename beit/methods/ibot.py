@@ -218,7 +218,8 @@ def ibot_loss(
     - ``teacher_cls`` ``(G, B, K)`` and ``teacher_patch`` ``(G, B, N, K)``: raw teacher outputs;
     - centers ``(1, K)`` and ``(1, 1, K)``.
 
-    Returns ``{"loss", "cls", "patch"}``.
+    Returns ``{"loss", "cls", "patch", "kl", "teacher_entropy"}`` (the last two without gradients;
+    ``loss = kl + teacher_entropy``).
     """
     G, B, N = masks.shape
     t_cls = F.softmax((teacher_cls.float() - center_cls) / teacher_temp, dim=-1)  # (G, B, K)
@@ -240,15 +241,26 @@ def ibot_loss(
     per_image = per_image / counts.clamp(min=1).to(ce.dtype)
     loss_patch = per_image.view(G, B).mean(1).mean(0)  # images, then crops
 
+    # teacher entropies, averaged exactly as the cross-entropies above: loss - entropy = KL(P_t || P_s) >= 0,
+    # the part the student can reduce (the entropy itself rises as centering and the temperature warm-up
+    # flatten the teacher, so the raw loss of a short run need not fall)
+    with torch.no_grad():
+        ent_cls = -(t_cls * t_cls.clamp_min(1e-30).log()).sum(-1).mean()  # each teacher view in G+L-1 pairs
+        ent = -(t_patch[masks] * t_patch[masks].clamp_min(1e-30).log()).sum(-1)  # (M,)
+        ent_img = torch.zeros(G * B, device=ent.device, dtype=ent.dtype).index_add(0, image, ent)
+        ent_patch = (ent_img / counts.clamp(min=1).to(ent.dtype)).view(G, B).mean(1).mean(0)
+        kl = (loss_cls - ent_cls) * lambda1 + (loss_patch - ent_patch) * lambda2
+
     loss_cls, loss_patch = loss_cls * lambda1, loss_patch * lambda2
-    return {"loss": loss_cls + loss_patch, "cls": loss_cls, "patch": loss_patch}
+    return {"loss": loss_cls + loss_patch, "cls": loss_cls, "patch": loss_patch, "kl": kl,
+            "teacher_entropy": ent_cls * lambda1 + ent_patch * lambda2}
 
 
 # --------------------------------------------------------------------------------------------- method
 
 
 class IBOTMethod(nn.Module):
-    """``forward(batch) -> (loss, {"loss", "cls", "patch", "teacher_temp"})`` for the engine.
+    """``forward(batch) -> (loss, {"loss", "cls", "patch", "kl", "teacher_entropy", "teacher_temp"})``.
 
     ``batch``: ``global_crops`` (B, G, 3, H, W) normalised; ``masks`` (B, G, h, w) bool (True = masked);
     optional ``local_crops`` (B, L, 3, h', w').

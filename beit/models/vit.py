@@ -297,7 +297,8 @@ class VisionTransformer(nn.Module):
         else:
             self.rel_pos_index = None
 
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]  # linear in depth
+        last = max(cfg.depth - 1, 1)
+        dpr = [cfg.drop_path_rate * i / last for i in range(cfg.depth)]  # linear in depth, 0 at block 0
         per_layer = nrd if cfg.use_rel_pos_bias else 0
         self.blocks = nn.ModuleList(Block(cfg, dpr[i], per_layer) for i in range(cfg.depth))
 
@@ -424,10 +425,10 @@ class VisionTransformer(nn.Module):
     ) -> list[torch.Tensor]:
         """Outputs ``(B, 1+N, D)`` of the blocks named by ``indices`` (an int n: the last n), no final norm."""
         L = len(self.blocks)
-        wanted = range(L - indices, L) if isinstance(indices, int) else [i % L for i in indices]
-        wanted = sorted(set(wanted))
-        if any(i < 0 or i >= L for i in wanted):
-            raise ValueError(f"block indices {list(indices)} out of range for depth {L}")  # type: ignore[arg-type]
+        wanted_in = list(range(L - indices, L)) if isinstance(indices, int) else list(indices)
+        if not wanted_in or any(i < -L or i >= L for i in wanted_in):
+            raise ValueError(f"block indices {indices!r} out of range for depth {L}")
+        wanted = sorted({i % L for i in wanted_in})
         x, shared, index = self._embed(x, bool_masked_pos, None)
         outs = []
         for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):

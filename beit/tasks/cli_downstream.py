@@ -47,7 +47,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     flags = {"layers": "layers", "pool": "pool", "labels_per_class": "data.labels_per_class",
              "label_fraction": "data.label_fraction", "k": "k", "steps": "steps", "seed": "seed",
-             "device": "device", "batch_size": "batch_size", "img_size": "img_size"}
+             "device": "device", "batch_size": "batch_size", "img_size": "img_size", "workers": "num_workers"}
     ov = [f"protocol={args.protocol}"]
     ov += [f"{key}={getattr(args, f)}" for f, key in flags.items() if getattr(args, f, None) is not None]
     for item in args.overrides or []:
@@ -128,6 +128,7 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, help="linear: optimiser steps (default 500)")
     p.add_argument("--batch-size", type=int, help="feature extraction batch (default 128)")
     p.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's)")
+    p.add_argument("--workers", type=int, help="data loading processes (default 2)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--config", metavar="YAML", help="probe config file")

@@ -26,13 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, dump_yaml, from_dict, resolve, to_dict
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    dump_yaml,
+    from_dict,
+    resolve,
+    to_dict,
+)
 from ..data.folder import DataError, ImageFolder
 from ..engine import TrainResult, seed_everything, setup_distributed, train
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from .augment import AugConfig, Mixup, build_eval_transform, build_train_transform, one_hot_smooth, soft_cross_entropy
+from .augment import (
+    AugConfig,
+    Mixup,
+    build_eval_transform,
+    build_train_transform,
+    one_hot_smooth,
+    soft_cross_entropy,
+)
 
 log = logging.getLogger("beit")
 
@@ -265,12 +281,29 @@ class ClassificationTask(nn.Module):
         return param_groups(self, optim_cfg.weight_decay, optim_cfg.layer_decay, num_layers=self.model.num_layers)
 
 
-def build_task(cfg: FinetuneConfig, num_classes: int) -> tuple[ClassificationTask, FinetuneConfig]:
-    """The classifier for ``cfg`` with ``num_classes`` outputs, and the config that rebuilds it exactly."""
-    mcfg = adopt_architecture(cfg.model, cfg.init)
+def resumed_model_config(out: str | Path, resume: bool) -> ModelConfig | None:
+    """The model config saved in run ``out`` when it is being resumed from a checkpoint: the weights then
+    come from the checkpoint, so ``--init`` is neither read again nor needed any more."""
+    from ..checkpoint import latest_checkpoint
+
+    path = Path(out) / "config.yaml"
+    if not (resume and latest_checkpoint(out) is not None and path.is_file()):
+        return None
+    import yaml
+
+    saved = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(saved.get("model"), dict):
+        return None
+    return from_dict(ModelConfig, saved["model"], prefix="model.")
+
+
+def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tuple[ClassificationTask, FinetuneConfig]:
+    """The classifier for ``cfg`` with ``num_classes`` outputs, and the config that rebuilds it exactly.
+    ``init=False``: ``cfg.model`` as it is, randomly initialised (resuming: the checkpoint has the weights)."""
+    mcfg = adopt_architecture(cfg.model, cfg.init) if init else cfg.model
     mcfg = from_dict(ModelConfig, {**to_dict(mcfg), "num_classes": num_classes, "vocab_size": 0,
                                    "use_mask_token": False}, prefix="model.")
-    model = build_backbone(cfg.init, mcfg)
+    model = build_backbone(cfg.init if init else "", mcfg)
     cfg = dataclasses.replace(cfg, model=model.cfg)
     return ClassificationTask(model, cfg.aug), cfg
 
@@ -283,7 +316,10 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
     tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size), build_eval_transform(cfg.aug, size),
                              labels_per_class=cfg.data.labels_per_class, label_fraction=cfg.data.label_fraction,
                              seed=cfg.train.seed)
-    task, cfg = build_task(cfg, len(tr.classes))
+    saved = resumed_model_config(out, resume)
+    if saved is not None:
+        cfg = dataclasses.replace(cfg, model=saved)
+    task, cfg = build_task(cfg, len(tr.classes), init=saved is None)
     if env.is_main:
         log.info("fine-tuning on %d images, %d classes (val: %d) from %s; init: %s", len(tr), len(tr.classes),
                  len(va), cfg.data.path, cfg.init or "none")

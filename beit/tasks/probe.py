@@ -5,9 +5,8 @@ the features of each block are, without training the backbone:
 
 - features are extracted **once**, without gradients, in batches, for every requested block and pooling
   (``mean`` of the patch tokens, or the ``cls`` token) on ``DIR/train`` and ``DIR/val``;
-- ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (BEiT,
-  arXiv 2106.08254, Sec. 3.3 / Appendix: linear probing with average-pooled intermediate features and a
-  BatchNorm, as in MAE's ``main_linprobe.py``), trained with AdamW and a cosine schedule; every
+- ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (as MAE's
+  ``main_linprobe.py``), trained with AdamW and a cosine schedule; every
   (layer, pooling) pair gets its own head, all trained in one loop since they are independent;
 - ``knn``: cosine similarity on L2-normalised features, the ``k`` = 20 nearest training samples vote with
   weights ``exp(sim / T)``, ``T`` = 0.07 (DINO, arXiv 2104.14294, ``eval_knn.py``).
@@ -50,6 +49,7 @@ class ProbeConfig:
     img_size: int = 0  # 0: the checkpoint's resolution
     crop_pct: float = 1.0  # resize to img_size / crop_pct, then center crop
     batch_size: int = 128  # feature extraction
+    num_workers: int = 2  # data loading processes for feature extraction
     # linear
     steps: int = 500
     lr: float = 1e-3
@@ -199,8 +199,10 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     device = _device(cfg.device)
     log.info("probe %s: %d train / %d val images, %d classes, blocks %s, pooling %s", cfg.protocol, len(tr),
              len(va), len(tr.classes), layers, "/".join(pools))
-    ftr, ytr = extract_features(model, tr, layers, pools, batch_size=cfg.batch_size, device=device)
-    fva, yva = extract_features(model, va, layers, pools, batch_size=cfg.batch_size, device=device)
+    ftr, ytr = extract_features(model, tr, layers, pools, batch_size=cfg.batch_size, device=device,
+                                num_workers=cfg.num_workers)
+    fva, yva = extract_features(model, va, layers, pools, batch_size=cfg.batch_size, device=device,
+                                num_workers=cfg.num_workers)
     C = len(tr.classes)
     if cfg.protocol == "linear":
         res = linear_probe(ftr, ytr, fva, yva, C, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,

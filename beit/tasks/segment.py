@@ -37,14 +37,23 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 
-from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, dump_yaml, from_dict, resolve, to_dict
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    dump_yaml,
+    from_dict,
+    resolve,
+    to_dict,
+)
 from ..data.folder import DataError, list_images, load_image
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
 from ..engine import TrainResult, seed_everything, setup_distributed, train
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from .finetune import adopt_architecture, build_backbone
+from .finetune import adopt_architecture, build_backbone, resumed_model_config
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
 
 log = logging.getLogger("beit")
@@ -463,7 +472,10 @@ def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minute
     num_classes = cfg.data.num_classes or tr.max_label() + 1
     if num_classes < 1:
         raise DataError(f"{cfg.data.path}: the training masks hold no label other than {IGNORE_INDEX} (ignore)")
-    task, cfg = build_task(cfg, num_classes)
+    saved = resumed_model_config(out, resume)
+    if saved is not None:
+        cfg = dataclasses.replace(cfg, model=saved)
+    task, cfg = build_task(cfg, num_classes, init=saved is None)
     if env.is_main:
         log.info("segmentation (%s head) on %d images, %d classes (val: %d), blocks %s; init: %s", cfg.head.kind,
                  len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")

@@ -1,0 +1,113 @@
+"""The embedded Fashion-MNIST folders and ``beit demo`` end to end (smoke budget: tiny subsets, 2 steps a stage)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beit.data import embedded
+from beit.data.folder import DataError, ImageFolder, list_images
+
+
+def test_embedded_arrays_and_split():
+    images, labels = embedded.load_arrays()
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    split = embedded.split_indices(labels)
+    assert {k: len(v) for k, v in split.items()} == {"unlabelled": 7000, "train": 2000, "val": 1000}
+    allidx = np.concatenate(list(split.values()))
+    assert len(np.unique(allidx)) == 10000  # disjoint and complete
+    for part, n in embedded.PER_CLASS.items():
+        assert np.bincount(labels[split[part]]).tolist() == [n] * 10  # stratified
+    assert (embedded.split_indices(labels)["val"] == split["val"]).all()  # deterministic
+
+
+def test_materialize_layout(tmp_path):
+    d = embedded.materialize(tmp_path / "fm", unlabelled_per_class=3, labels_per_class=2, val_per_class=1,
+                             seg_train=5, seg_val=2)
+    assert d.counts() == {"unlabelled": 30, "train": 20, "val": 10, "seg_train": 5, "seg_val": 2}
+    tr = ImageFolder(d.train, with_labels=True)
+    assert tr.classes == list(embedded.CLASSES) and len(tr) == 20
+    img, label = tr[0]
+    assert img.mode == "RGB" and img.size == (32, 32)
+    a = np.asarray(img)
+    assert (a[:2] == 0).all() and (a[..., 0] == a[..., 2]).all()  # black padding, gray stored as RGB
+    val_ids = {p.stem for p in list_images(d.val)}
+    assert not val_ids & {p.stem for p in list_images(d.train)}
+    assert not val_ids & {p.stem for p in list_images(d.unlabelled)}
+    masks = list_images(d.seg / "masks" / "train")
+    assert len(masks) == 5 and len(list_images(d.seg / "images" / "val")) == 2
+    m = np.asarray(Image.open(masks[0]))
+    assert m.shape == (64, 64) and set(np.unique(m)) <= set(range(11)) | {255}
+    assert len(set(np.unique(m)) - {0, 255}) >= 1
+    assert (tmp_path / "fm" / "COPYRIGHT-fashion-mnist").read_text().startswith("Format:")
+    # same arguments: reused; other arguments: rewritten; a folder we did not write: refused
+    before = masks[0].stat().st_mtime_ns
+    embedded.materialize(tmp_path / "fm", unlabelled_per_class=3, labels_per_class=2, val_per_class=1,
+                         seg_train=5, seg_val=2)
+    assert masks[0].stat().st_mtime_ns == before
+    d2 = embedded.materialize(tmp_path / "fm", unlabelled_per_class=1, labels_per_class=1, val_per_class=1,
+                              seg_train=0, seg_val=0)
+    assert d2.counts()["unlabelled"] == 10 and not (tmp_path / "fm" / "seg").exists()
+    (tmp_path / "mine" / "unlabelled").mkdir(parents=True)
+    with pytest.raises(DataError, match="not written by"):
+        embedded.materialize(tmp_path / "mine")
+
+
+def test_compose_canvas_masks_follow_pixels():
+    images, labels = embedded.load_arrays()
+    rng = np.random.default_rng(0)
+    img, mask = embedded.compose_canvas(images[:3], labels[:3], 64, rng)
+    assert ((mask == 0) == (img == 0)).mean() > 0.97  # background is where the canvas is black
+    assert (img[(mask > 0) & (mask < 255)] > 16).all()  # labelled pixels are solid garment pixels
+
+
+def test_demo_smoke_end_to_end(tmp_path, capsys):
+    from beit import cli, demo
+
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--out", str(out), "--minutes", "0.3"])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["error"] for s in summary["stages"]] == [""] * len(summary["stages"]), summary["stages"]
+    assert rc == 0
+    assert "fine-tune from BEiT" in printed and "report:" in printed
+    for key in ("psnr", "codebook_usage"):
+        assert isinstance(summary["tokenizer"][key], float)
+    for w in ("beit", "scratch"):
+        assert 0 <= summary["finetune"][w]["top1"] <= 100
+    assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
+
+    report = (out / "report.html").read_text(encoding="utf-8")
+    from beit.viz.report import external_references
+
+    assert external_references(report) == []
+    assert report.count("<img") >= 10 and "picture not available" not in report
+
+    # every reproduce command parses with the real parser
+    import html
+    import re
+
+    parser = demo._parser()
+    blocks = re.findall(r"<pre><code>(.*?)</code></pre>", report, re.S)
+    commands = [c for b in blocks for c in html.unescape(b).replace("\\\n", " ").splitlines()
+                if c.startswith("beit ")]
+    assert len(commands) >= 9
+    for c in commands:
+        parser.parse_args(shlex.split(c)[1:])
+    assert any("--init none" in c for c in commands)
+
+    # and the page renders with every picture in a real browser, if there is one
+    try:
+        from test_report_browser import browser_check, find_chromium
+    except ImportError:  # pragma: no cover - run from another root
+        return
+    binary = find_chromium()
+    if binary is not None:
+        found = browser_check(binary, out / "report.html", tmp_path)
+        assert found["images"] and all(im["w"] > 0 for im in found["images"]), found["images"]
+        assert all(t["numbers"] > 0 for t in found["tables"]), found["tables"]

@@ -1,0 +1,154 @@
+"""Segmentation: mIoU against a hand computation, heads and pyramid shapes, joint transforms, and
+``beit segment`` end to end on coloured shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from beit.config import ModelConfig
+from beit.models.vit import VisionTransformer
+from beit.tasks.heads import FeaturePyramid, PUPHead, UperNetHead
+from beit.tasks.segment import (
+    SegHeadConfig,
+    SegmentationTask,
+    SegTransform,
+    confusion_matrix,
+    default_out_indices,
+    segmentation_metrics,
+)
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, use_shared_rel_pos_bias=False,
+            use_rel_pos_bias=True)
+RED, BLUE, GREY = (220, 30, 30), (30, 30, 220), (128, 128, 128)
+
+
+def make_shapes_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 16) -> Path:
+    """images/{split}/i.png: a red rectangle (class 1) and a blue disk (class 2) on grey (class 0); the
+    top row of every mask is 255 (ignore)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = GREY
+            mask = np.zeros((size, size), np.uint8)
+            y, x = rng.integers(0, size // 2, 2)
+            h, w = rng.integers(size // 4, size // 2, 2)
+            img[y:y + h, x:x + w], mask[y:y + h, x:x + w] = RED, 1
+            yy, xx = np.mgrid[:size, :size]
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2
+            img[disk], mask[disk] = BLUE, 2
+            mask[0] = 255
+            Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(mask, mode="L").save(root / "masks" / split / f"{i}.png")
+    return root
+
+
+def test_miou_matches_a_hand_computation():
+    target = torch.tensor([0, 0, 1, 1, 2, 255])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2])
+    conf = confusion_matrix(pred, target, num_classes=4)  # class 3: absent from both, not averaged
+    assert conf.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    m = segmentation_metrics(conf)
+    # IoU_0 = 1 / (2 + 2 - 1), IoU_1 = 2 / (2 + 3 - 2), IoU_2 = 0 / (1 + 0 - 0)
+    assert m["iou_0"] == pytest.approx(100 / 3)
+    assert m["iou_1"] == pytest.approx(200 / 3)
+    assert m["iou_2"] == 0.0
+    assert "iou_3" not in m
+    assert m["mIoU"] == pytest.approx(100 / 3)
+    assert m["pixel_acc"] == pytest.approx(60.0)  # 3 of the 5 labelled pixels
+    assert m["mAcc"] == pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)
+
+
+def test_pyramid_and_heads_shapes():
+    maps = [torch.randn(2, 32, 4, 4) for _ in range(4)]
+    pyr = FeaturePyramid(32)(maps)
+    assert [tuple(p.shape[-2:]) for p in pyr] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert UperNetHead(32, 5, channels=16)(pyr).shape == (2, 5, 16, 16)
+    assert PUPHead(32, 5, channels=16)(torch.randn(2, 17, 32), (4, 4)).shape == (2, 5, 64, 64)
+    assert default_out_indices(12) == [3, 5, 7, 11]
+    assert default_out_indices(24) == [7, 11, 15, 23]
+    assert default_out_indices(4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["upernet", "pup"])
+def test_task_trains_one_step(kind):
+    torch.manual_seed(0)
+    task = SegmentationTask(VisionTransformer(ModelConfig(**TINY)), 3,
+                            SegHeadConfig(kind=kind, channels=16, aux_channels=8))
+    batch = {"images": torch.randn(2, 3, 16, 16), "masks": torch.randint(0, 3, (2, 16, 16))}
+    batch["masks"][:, 0] = 255
+    loss, metrics = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= float(metrics["pixel_acc"]) <= 100
+    assert task.model.blocks[0].attn.qkv.weight.grad is not None
+    task.eval()
+    assert task.predict(batch["images"]).shape == (2, 16, 16)
+
+
+def test_joint_transform_keeps_image_and_mask_aligned():
+    size = 32
+    img = np.empty((40, 48, 3), np.uint8)
+    img[:] = GREY
+    mask = np.zeros((40, 48), np.uint8)
+    img[:, 24:], mask[:, 24:] = RED, 1
+    img[30:], mask[30:] = BLUE, 2
+    mask[:2] = 255
+    tf = SegTransform(size, train=True, scale=(0.3, 1.0))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = tf(Image.fromarray(img), mask)
+        x, m = out["images"], out["masks"]
+        assert x.shape == (3, size, size) and m.shape == (size, size) and m.dtype == torch.int64
+        assert set(m.unique().tolist()) <= {0, 1, 2, 255}  # nearest: no new labels
+        red = x[0] > x[2] + 1.0  # normalised red channel well above blue: the red region
+        agree = (red == (m == 1))[m != 255].float().mean()
+        assert agree > 0.9
+
+
+def test_segment_cli_end_to_end(tmp_path, capsys):
+    import beit
+    from beit.cli import main
+    from beit.tasks.segment import load_segmenter
+
+    data = make_shapes_dataset(tmp_path / "data")
+    run = tmp_path / "seg"
+    rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(run), "--steps", "4",
+               "--batch-size", "3", "--workers", "0", "--device", "cpu", "model.img_size=16",
+               "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+               "head.channels=16", "head.aux_channels=8"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "mIoU" in summary["best"]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_mIoU" in r]
+    assert len(evals) == 2 and {"val_pixel_acc", "val_mAcc", "val_iou_0", "val_loss"} <= set(evals[-1])
+    assert (run / "predictions.png").is_file()
+    w, h = Image.open(run / "predictions.png").size
+    assert 2 * w == 3 * h  # two validation images: rows of three 16 px panels (image | truth | prediction)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["num_classes"] == 3 and cfg["model"]["use_rel_pos_bias"]
+
+    backbone = beit.load(run)  # the backbone alone
+    assert backbone.cfg.num_classes == 0 and backbone.num_layers == 2
+    seg = load_segmenter(run)
+    torch.testing.assert_close(seg.model.blocks[1].mlp.fc1.weight, backbone.blocks[1].mlp.fc1.weight)
+    assert seg.predict(torch.randn(1, 3, 16, 16)).shape == (1, 16, 16)
+
+
+def test_segment_data_errors(tmp_path):
+    from beit.cli import main
+
+    data = make_shapes_dataset(tmp_path / "data", n_train=2, n_val=1)
+    (data / "masks" / "val" / "0.png").unlink()
+    rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert rc == 2
