@@ -77,7 +77,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _default_preset(args: argparse.Namespace) -> str | None:
-    return None if args.config else "beit_tiny_patch4_32"
+    """Without --preset or --config: the CPU-sized recipe of the chosen method."""
+    if args.config:
+        return None
+    return {"mae": "mae_tiny_patch4_32", "ibot": "ibot_tiny_patch4_32"}.get(args.method or "beit", "beit_tiny_patch4_32")
 
 
 def _print_result(res) -> None:

@@ -87,6 +87,14 @@ def cmd_show_mim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_mae(args: argparse.Namespace) -> int:
+    from ..viz.mae import show_mae
+
+    out = show_mae(args.init, args.image, args.out, seed=args.seed)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parsers
 
 
@@ -164,3 +172,9 @@ def add_commands(sub) -> None:
     s.add_argument("--out", required=True, help="PNG to write")
     s.add_argument("--seed", type=int, default=0, help="seed of the mask")
     s.set_defaults(func=cmd_show_mim)
+    s = ssub.add_parser("mae", help="MAE: original, masked, reconstruction, reconstruction + visible patches")
+    s.add_argument("--init", required=True, help="MAE pretraining run")
+    s.add_argument("--image", required=True)
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    s.set_defaults(func=cmd_show_mae)
