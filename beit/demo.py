@@ -179,6 +179,7 @@ class Demo:
         self.arch = [] if full_model else list(DEMO_ARCH)
         self.tok_arch = [] if full_model else list(DEMO_TOKENIZER)
         self.common = ["--workers", "0", "--seed", str(seed)]
+        self._limit_s = 0.0
 
     # ---- budget
 
@@ -190,23 +191,41 @@ class Demo:
         return left * SHARES[stage] / sum(SHARES[n] for n in rest)
 
     def steps_for(self, stage: StageResult, budget: float, calib_argv_fn, batch: int,
-                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5) -> int:
-        """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``)."""
+                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5,
+                  known: tuple[float, float] | None = None) -> int:
+        """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``),
+        or from ``known`` = (seconds per step, start-up seconds) measured on an earlier run."""
+        self._limit_s = budget
         if self.plan.smoke:
             return 2
-        run_dir = self.p.calib / stage.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t = time.perf_counter()
-        run_command(calib_argv_fn(run_dir))
-        wall = time.perf_counter() - t
-        step_s = _step_seconds(run_dir, batch, wall)
-        fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
+        wall = 0.0
+        if known is not None:
+            step_s, fixed = known
+            how = "from the pretraining run"
+        else:
+            run_dir = self.p.calib / stage.name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t = time.perf_counter()
+            run_command(calib_argv_fn(run_dir))
+            wall = time.perf_counter() - t
+            step_s = _step_seconds(run_dir, batch, wall)
+            fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
+            shutil.rmtree(run_dir, ignore_errors=True)
+            how = "timing run"
         eval_s = n_evals * eval_images * step_s / batch / 3  # a forward pass is about a third of a step
         steps = int((budget - wall - fixed - eval_s) / step_s)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        stage.notes.append(f"timing run: {step_s:.2f} s per step of {batch} images, {fixed:.0f} s start-up; "
+        self._limit_s = max(budget - wall, 0.0)
+        stage.notes.append(f"{how}: {step_s:.2f} s per step of {batch} images, {fixed:.0f} s start-up; "
                            f"budget {budget:.0f} s")
         return max(min_steps, steps)
+
+    def hidden(self, steps: int) -> list[str]:
+        """Flags the demo adds to a training command and does not show: a log row every ~1/25 of the run
+        (curves), and a wall-clock stop at 1.5x the stage's budget in case the machine slows down mid-run."""
+        h = [f"train.log_every={max(1, steps // 25)}"]
+        if not self.plan.smoke:
+            h = ["--max-minutes", f"{max(1.5 * self._limit_s / 60, 0.2):.2f}", *h]
+        return h
 
     def _stage(self, name: str, title: str) -> StageResult:
         st = StageResult(name, title)
@@ -214,9 +233,10 @@ class Demo:
         log.info("[demo %.0fs] %s", time.perf_counter() - self.t0, title)
         return st
 
-    def _run(self, st: StageResult, argv: list[str], mapping: dict[str, str]) -> Any:
+    def _run(self, st: StageResult, argv: list[str], mapping: dict[str, str], hidden: list[str] = ()) -> Any:
+        """Run ``beit ARGV HIDDEN``; the report shows ``beit ARGV`` (``hidden``: the demo's own safety limits)."""
         st.commands.append(self.p.display(argv, mapping))
-        out = run_command(argv)
+        out = run_command([*argv, *hidden])
         st.outputs.append(out)
         return out
 
@@ -280,7 +300,7 @@ class Demo:
         shutil.rmtree(run, ignore_errors=True)
         mapping = {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(e.val): PLACEHOLDERS["val_images"],
                    str(self.p.runs): "runs"}
-        self._run(st, argv(run, e.unlabelled, steps, e.val), mapping)
+        self._run(st, argv(run, e.unlabelled, steps, e.val), mapping, self.hidden(steps))
         self.tok_eval = self._run(st, ["tokenizer", "eval", "--tokenizer", str(run), "--data", str(e.val),
                                        "--grid", str(run / "eval_grid.png")], mapping)
         st.steps, st.seconds = steps, time.perf_counter() - t
@@ -299,9 +319,14 @@ class Demo:
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,
                                               ["train.log_every=1"]), self.plan.batch)
         shutil.rmtree(run, ignore_errors=True)
+        t_run = time.perf_counter()
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
-                                 {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"})
+                                 {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
+                                 self.hidden(steps))
         st.steps, st.seconds = steps, time.perf_counter() - t
+        # fine-tuning runs the same backbone on the same batch size: its steps cost about as much
+        step_s = _step_seconds(run, self.plan.batch, time.perf_counter() - t_run)
+        self.pre_timing = (step_s, 5.0)
 
     def _finetune_argv(self, out: Path, data: Path, init: str, steps: int, lpc: int, extra=()) -> list[str]:
         arch = self.arch if init == "none" else []  # a checkpoint brings its own architecture
@@ -325,11 +350,13 @@ class Demo:
             steps = self.steps_for(st, self.budget(name),
                                    lambda d: self._finetune_argv(d, self.p.calib / "data" / "labelled", init,
                                                                  CALIBRATION_STEPS, lpc, ["train.log_every=1"]),
-                                   self.plan.batch, eval_images=n_val, n_evals=2)
+                                   self.plan.batch, eval_images=n_val, n_evals=2,
+                                   known=getattr(self, "pre_timing", None))
             self._ft_steps = steps
         shutil.rmtree(run, ignore_errors=True)
         self._run(st, self._finetune_argv(run, e.root / "labelled", init, steps, lpc),
-                  {str(e.root / "labelled"): PLACEHOLDERS["labelled"], str(self.p.runs): "runs"})
+                  {str(e.root / "labelled"): PLACEHOLDERS["labelled"], str(self.p.runs): "runs"},
+                  self.hidden(steps))
         st.steps, st.seconds = steps, time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class ({10 * lpc} in all); validation: {n_val} images")
 
@@ -369,14 +396,15 @@ class Demo:
         def argv(out: Path, data: Path, steps: int, extra=()) -> list[str]:
             return ["segment", "--data", str(data), "--init", init, "--out", str(out), "--preset", PRESET,
                     "--num-classes", "11", "--steps", str(steps), "--batch-size", str(self.plan.seg_batch),
-                    *self.common, f"train.eval_every={steps}", *extra]
+                    *self.common, f"train.eval_every={max(1, math.ceil(steps / 2))}", *extra]
 
         steps = self.steps_for(st, self.budget("segment"),
                                lambda d: argv(d, self.p.calib / "data" / "seg", CALIBRATION_STEPS,
                                               ["train.log_every=1"]),
                                self.plan.seg_batch, eval_images=self.counts.get("seg_val", 0), n_evals=1)
         shutil.rmtree(run, ignore_errors=True)
-        self._run(st, argv(run, e.seg, steps), {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"})
+        self._run(st, argv(run, e.seg, steps), {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"},
+                  self.hidden(steps))
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def pictures(self) -> None:
@@ -597,6 +625,10 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
 
     def notes(s: StageResult) -> list[str]:
         n = list(s.notes)
+        for o in s.outputs:
+            if isinstance(o, dict) and o.get("status") == "time_limit":
+                n.append(f"stopped by the demo's time limit at step {o.get('step')} of {s.steps} "
+                         "(the machine ran slower than in the timing run)")
         if s.error:
             n.insert(0, f"this step failed: {s.error}")
         if s.steps:

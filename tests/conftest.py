@@ -9,7 +9,8 @@ learn: colour gradients plus a filled rectangle):
   to a fresh folder under ``tmp_path``.
 - ``image_folder -> Path``: a ready labelled folder (2 classes x 4 PNG images, 32x32).
 
-Tests run on CPU with few threads: the machines are shared and tiny models do not gain from more.
+Tests run on CPU with one intra-op thread: ``pytest -n 2`` already uses both cores, tiny models do not gain
+from more, and oversubscribed OpenMP threads on a shared machine slow small ops down tenfold (measured).
 """
 
 from __future__ import annotations

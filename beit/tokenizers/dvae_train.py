@@ -61,6 +61,10 @@ class ObjectiveConfig:
     kl_weight: float = 1.0  # beta at the end of its ramp; nats/sub-pixel scale (see the module docstring)
     kl_warmup_fraction: float = 0.1  # beta ramps linearly 0 -> kl_weight over this share of the run
     logscale_min: float = -7.0  # floor on the logit-Laplace log-scale: keeps exp(-log b) finite
+    # decoder reads the hard one-hot sample, gradients through the soft one (taming-transformers'
+    # GumbelQuantize); false = DALL-E's soft relaxation, which on short runs lets information flow through
+    # the soft weights while the argmax code collapses (measured on CIFAR-10: perplexity 1 after 80 steps)
+    straight_through: bool = True
     # vq (VQ-VAE with EMA codebook, arXiv 1711.00937 Sec. 3.2 / Appendix A.1)
     commitment: float = 0.25
     ema_decay: float = 0.99
@@ -246,7 +250,7 @@ class DVAEObjective(_TokenizerMethod):
         logits = tok.encode_logits(x)  # (B, K, h', w')
         k = logits.shape[1]
         tau = self.tau
-        z = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)  # (B, K, h', w'), soft one-hot
+        z = F.gumbel_softmax(logits.float(), tau=tau, hard=self.cfg.straight_through, dim=1)  # (B, K, h', w')
         stats = tok.decoder(z.to(logits.dtype))  # (B, 2C, H, W)
         recon = recon_loss(stats, x, self.cfg)
         log_q = F.log_softmax(logits.float(), dim=1)

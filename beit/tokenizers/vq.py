@@ -58,9 +58,12 @@ class VQObjective(_TokenizerMethod):
         embed = self.tokenizer.codebook.embed  # type: ignore[union-attr]
         k = embed.shape[0]
         if not bool(self.initialized):
+            # codes start at data points with no EMA mass: after the first update every code that did not
+            # win a fair share of the batch is restarted at once, instead of idling until its initial count
+            # decays (~230 steps at decay 0.99), which is most of a short CPU run
             embed.copy_(self._sample(flat, k))
-            self.embed_sum.copy_(embed)
-            self.cluster_size.fill_(1.0)
+            self.embed_sum.zero_()
+            self.cluster_size.zero_()
             self.initialized.fill_(True)
             return
         counts = torch.bincount(ids, minlength=k).float()  # (K,)
