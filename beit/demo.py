@@ -103,7 +103,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(argv: list[str]) -> Any:
     """Parse ``beit ARGV`` with the real parser and run it in this process; returns what it printed (JSON)."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed why; a demo stage fails, the demo goes on
+        raise RuntimeError(f"`beit {shlex.join(argv)}` is not a valid command line") from e
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = args.func(args)
@@ -116,6 +119,15 @@ def run_command(argv: list[str]) -> Any:
         except ValueError:
             continue
     return None
+
+
+def with_hidden(argv: list[str], hidden: list[str]) -> list[str]:
+    """``argv`` plus ``hidden``: its ``--flags`` go before the command's first flag (argparse takes trailing
+    ``key=value`` overrides only after the last flag), its ``key=value`` overrides at the end."""
+    flags = [h for h in hidden if "=" not in h or h.startswith("--")]
+    overrides = [h for h in hidden if h not in flags]
+    i = next((k for k, a in enumerate(argv) if a.startswith("--")), len(argv))
+    return [*argv[:i], *flags, *argv[i:], *overrides]
 
 
 class Paths:
@@ -236,7 +248,7 @@ class Demo:
     def _run(self, st: StageResult, argv: list[str], mapping: dict[str, str], hidden: list[str] = ()) -> Any:
         """Run ``beit ARGV HIDDEN``; the report shows ``beit ARGV`` (``hidden``: the demo's own safety limits)."""
         st.commands.append(self.p.display(argv, mapping))
-        out = run_command([*argv, *hidden])
+        out = run_command(with_hidden(argv, hidden))
         st.outputs.append(out)
         return out
 
@@ -710,7 +722,8 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
                        ["random (scratch)", LABELS_PER_CLASS if not demo.plan.smoke else 4, f["scratch"]["top1"],
                         f["scratch"]["top5"]]], caption="best validation accuracy of each run")],
         figures=[Figure(cmp_png, "both runs")] if cmp_png else [],
-        commands=fb.commands + fs.commands, notes=notes(fb) + notes(fs)))
+        commands=fb.commands + fs.commands,
+        notes=[f"from BEiT: {n}" for n in notes(fb)] + [f"from scratch: {n}" for n in notes(fs)]))
 
     pr = st("probe")
     ps = summary["probe"]

@@ -342,7 +342,7 @@ def train(
     if resume and existing is not None:
         model_state, state, tensors = ckpt.load_checkpoint(existing)
         missing, unexpected = unwrap(method).load_state_dict(model_state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith(getattr(method, "frozen_prefixes", ("tokenizer.",)))]:
+        if unexpected or [k for k in missing if not k.startswith(tuple(getattr(method, "frozen_prefixes", ())))]:
             raise TrainingError(f"checkpoint {existing} does not fit this method: missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}")
         ckpt.restore_training_state(state, tensors, optimizer, scaler)

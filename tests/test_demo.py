@@ -111,3 +111,14 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         found = browser_check(binary, out / "report.html", tmp_path)
         assert found["images"] and all(im["w"] > 0 for im in found["images"]), found["images"]
         assert all(t["numbers"] > 0 for t in found["tables"]), found["tables"]
+
+
+def test_hidden_flags_keep_the_command_parsable():
+    from beit import demo
+
+    argv = ["tokenizer", "train", "--data", "d", "--out", "o", "--steps", "5", "model.n_hid=32"]
+    full = demo.with_hidden(argv, ["--max-minutes", "2.50", "train.log_every=1"])
+    args = demo._parser().parse_args(full)
+    assert args.max_minutes == 2.5 and args.overrides == ["model.n_hid=32", "train.log_every=1"]
+    with pytest.raises(RuntimeError, match="not a valid command line"):
+        demo.run_command(["tokenizer", "train", "--no-such-flag"])

@@ -31,7 +31,7 @@ def test_preset_shapes(name):
         "beit_small_patch16_224": (224, 16, 384, 12, 6),
         "beit_base_patch16_224": (224, 16, 768, 12, 12),
         "beit_large_patch16_224": (224, 16, 1024, 24, 16),
-        "beit_tiny_patch4_32": (32, 4, 192, 12, 3),
+        "beit_tiny_patch4_32": (32, 4, 192, 6, 3),
         "beit_small_patch8_64": (64, 8, 384, 12, 6),
     }[name]
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == expected
