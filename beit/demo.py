@@ -203,27 +203,21 @@ class Demo:
         return left * SHARES[stage] / sum(SHARES[n] for n in rest)
 
     def steps_for(self, stage: StageResult, budget: float, calib_argv_fn, batch: int,
-                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5,
-                  known: tuple[float, float] | None = None) -> int:
-        """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``),
-        or from ``known`` = (seconds per step, start-up seconds) measured on an earlier run."""
+                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5) -> int:
+        """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``)
+        on the few images of the calibration folders."""
         self._limit_s = budget
         if self.plan.smoke:
             return 2
-        wall = 0.0
-        if known is not None:
-            step_s, fixed = known
-            how = "from the pretraining run"
-        else:
-            run_dir = self.p.calib / stage.name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            t = time.perf_counter()
-            run_command(calib_argv_fn(run_dir))
-            wall = time.perf_counter() - t
-            step_s = _step_seconds(run_dir, batch, wall)
-            fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
-            shutil.rmtree(run_dir, ignore_errors=True)
-            how = "timing run"
+        run_dir = self.p.calib / stage.name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t = time.perf_counter()
+        run_command(calib_argv_fn(run_dir))
+        wall = time.perf_counter() - t
+        step_s = _step_seconds(run_dir, batch, wall)
+        fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
+        shutil.rmtree(run_dir, ignore_errors=True)
+        how = "timing run"
         eval_s = n_evals * eval_images * step_s / batch / 3  # a forward pass is about a third of a step
         steps = int((budget - wall - fixed - eval_s) / step_s)
         self._limit_s = max(budget - wall, 0.0)
@@ -231,11 +225,13 @@ class Demo:
                            f"budget {budget:.0f} s")
         return max(min_steps, steps)
 
-    def hidden(self, steps: int) -> list[str]:
+    def hidden(self, steps: int, time_limit: bool = True) -> list[str]:
         """Flags the demo adds to a training command and does not show: a log row every ~1/25 of the run
-        (curves), and a wall-clock stop at 1.5x the stage's budget in case the machine slows down mid-run."""
+        (curves), and a wall-clock stop at 1.5x the stage's budget in case the machine slows down mid-run.
+        Tasks get no stop: a task stopped before its evaluation would have no number to report (and
+        fine-tuning augments on the CPU, so its timing run is what sizes it)."""
         h = [f"train.log_every={max(1, steps // 25)}"]
-        if not self.plan.smoke:
+        if time_limit and not self.plan.smoke:
             h = ["--max-minutes", f"{max(1.5 * self._limit_s / 60, 0.2):.2f}", *h]
         return h
 
@@ -331,14 +327,10 @@ class Demo:
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,
                                               ["train.log_every=1"]), self.plan.batch)
         shutil.rmtree(run, ignore_errors=True)
-        t_run = time.perf_counter()
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
                                  {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
                                  self.hidden(steps))
         st.steps, st.seconds = steps, time.perf_counter() - t
-        # fine-tuning runs the same backbone on the same batch size: its steps cost about as much
-        step_s = _step_seconds(run, self.plan.batch, time.perf_counter() - t_run)
-        self.pre_timing = (step_s, 5.0)
 
     def _finetune_argv(self, out: Path, data: Path, init: str, steps: int, lpc: int, extra=()) -> list[str]:
         arch = self.arch if init == "none" else []  # a checkpoint brings its own architecture
@@ -362,13 +354,12 @@ class Demo:
             steps = self.steps_for(st, self.budget(name),
                                    lambda d: self._finetune_argv(d, self.p.calib / "data" / "labelled", init,
                                                                  CALIBRATION_STEPS, lpc, ["train.log_every=1"]),
-                                   self.plan.batch, eval_images=n_val, n_evals=2,
-                                   known=getattr(self, "pre_timing", None))
+                                   self.plan.batch, eval_images=n_val, n_evals=2)
             self._ft_steps = steps
         shutil.rmtree(run, ignore_errors=True)
         self._run(st, self._finetune_argv(run, e.root / "labelled", init, steps, lpc),
                   {str(e.root / "labelled"): PLACEHOLDERS["labelled"], str(self.p.runs): "runs"},
-                  self.hidden(steps))
+                  self.hidden(steps, time_limit=False))
         st.steps, st.seconds = steps, time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class ({10 * lpc} in all); validation: {n_val} images")
 
@@ -416,7 +407,7 @@ class Demo:
                                self.plan.seg_batch, eval_images=self.counts.get("seg_val", 0), n_evals=1)
         shutil.rmtree(run, ignore_errors=True)
         self._run(st, argv(run, e.seg, steps), {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"},
-                  self.hidden(steps))
+                  self.hidden(steps, time_limit=False))
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def pictures(self) -> None:
