@@ -97,7 +97,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizers import train_tokenizer
 
     ov = _overrides(args, {"limit": "data.limit", "val_data": "data.val_path"})
-    preset = args.preset or (None if args.config else "dvae_32")
+    preset = args.preset or (None if args.config else "vq_32")
     res = train_tokenizer(args.data, args.out, preset=preset, config=args.config, overrides=ov,
                           resume=args.resume, max_minutes=args.max_minutes)
     print(json.dumps(res if isinstance(res, dict) else {"run": str(res)}))

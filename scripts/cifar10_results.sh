@@ -14,11 +14,11 @@ step() {
   case "$1" in
   tokenizer)   # issue 3: 32 px tokenizer, 8x8 ids, at most 20 minutes
     $BEIT tokenizer train --data "$CIFAR/train" --val-data "$CIFAR/test" --out "$RUNS/tok32_vq" --preset vq_32 \
-      --steps 1500 --max-minutes 20 --lr 2e-3 objective.recon=mse train.log_every=25 train.ckpt_every=250 \
+      --steps 1500 --max-minutes 20 train.log_every=25 train.ckpt_every=250 \
       train.eval_every=750 ;;
   beit)        # issue 4: BEiT pretraining of beit_tiny_patch4_32, about 30 minutes
     $BEIT pretrain --data "$CIFAR/train" --tokenizer "$RUNS/tok32_vq" --out "$RUNS/beit" --preset beit_tiny_patch4_32 \
-      --steps "${BEIT_STEPS:-900}" --max-minutes 32 train.log_every=10 train.ckpt_every=100 ;;
+      --steps "${BEIT_STEPS:-2700}" --max-minutes 32 train.log_every=10 train.ckpt_every=100 ;;
   compare)     # issue 7: same short budget for the three methods
     for m in beit mae ibot; do
       extra=(); [ "$m" = beit ] && extra=(--tokenizer "$RUNS/tok32_vq")

@@ -15,20 +15,25 @@ import sys
 import beit.engine as engine
 
 
+def kill_after(method, kill_at: int) -> None:
+    """Wrap ``method.after_step`` so the process SIGKILLs itself right after optimiser step ``kill_at``."""
+    inner = getattr(method, "after_step", None)
+
+    def after_step(step: int, total: int) -> None:
+        if inner is not None:
+            inner(step, total)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    method.after_step = after_step
+
+
 def main() -> int:
     kill_at = int(sys.argv[1])
     real_train = engine.train
 
     def train(method, *args, **kwargs):
-        inner = getattr(method, "after_step", None)
-
-        def after_step(step: int, total: int) -> None:
-            if inner is not None:
-                inner(step, total)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        method.after_step = after_step
+        kill_after(method, kill_at)
         return real_train(method, *args, **kwargs)
 
     engine.train = train  # before beit.tasks.* import it

@@ -11,9 +11,9 @@ pictures; the kill lives here, in a wrapper around the method's ``after_step``, 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
+
+from kill_driver import kill_after
 
 from beit.config import dump_yaml
 from beit.engine import seed_everything, setup_distributed, train
@@ -35,15 +35,7 @@ def pretrain(run: str, data: str, preset: str, overrides: list[str], resume: boo
     seed_everything(cfg.train.seed)
     method, transform, cfg = build_method(cfg)
     if kill_at:
-        inner = getattr(method, "after_step", None)
-
-        def after_step(step: int, total: int) -> None:
-            if inner is not None:
-                inner(step, total)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        method.after_step = after_step
+        kill_after(method, kill_at)
     dataset = build_dataset(cfg.data, transform)
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=run, config_yaml=dump_yaml(cfg),
                 resume=resume, env=env)

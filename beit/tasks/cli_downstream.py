@@ -48,12 +48,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     flags = {"layers": "layers", "pool": "pool", "labels_per_class": "data.labels_per_class",
              "label_fraction": "data.label_fraction", "k": "k", "steps": "steps", "seed": "seed",
              "device": "device", "batch_size": "batch_size", "img_size": "img_size", "workers": "num_workers"}
-    ov = [f"protocol={args.protocol}"]
-    ov += [f"{key}={getattr(args, f)}" for f, key in flags.items() if getattr(args, f, None) is not None]
-    for item in args.overrides or []:
-        if "=" not in item:
-            raise SystemExit(f"beit: error: unexpected argument {item!r} (overrides are key=value)")
-        ov.append(item)
+    # the probe's own keys replace the training shorthands of the same flags
+    ov = [f"protocol={args.protocol}", *cli._overrides(args, flags)]
     cfg = _with_paths(probe.build_config(args.config, ov), args.init, args.data)
     result = probe.run(cfg, args.out)
     result.pop("config", None)

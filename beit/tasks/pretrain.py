@@ -74,7 +74,7 @@ PRESETS: dict[str, dict] = {
         "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
         "train": {"batch_size": 64, "precision": "bf16"},
-        "tokenizer_preset": "dvae_32",
+        "tokenizer_preset": "vq_32",
     },
     # MAE (arXiv 2111.06377, Appendix A.1; official main_pretrain.py): encoder with fixed sin-cos positions,
     # no relative bias, no LayerScale, no drop path; AdamW betas (0.9, 0.95), blr 1.5e-4 x 4096/256 = 2.4e-3,

@@ -113,7 +113,9 @@ def _run_preset(name: str, **extra: Any) -> dict:
 # A run preset = the tokenizer architecture of the same name + training defaults sized for it.
 RUN_PRESETS: dict[str, dict] = {
     "dvae_32": _run_preset("dvae_32"),
-    "vq_32": _run_preset("vq_32"),
+    # measured on CIFAR-10 (docs/results.md): 23.3 dB test PSNR, 99.6% of the codes in use after 20 minutes
+    # on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there fastest
+    "vq_32": _run_preset("vq_32", objective={"recon": "mse"}, optim={"lr": 2e-3}),
     "dvae_64": _run_preset("dvae_64"),
     "dalle_112": _run_preset(
         "dalle_112",
