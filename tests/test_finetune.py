@@ -219,3 +219,26 @@ def test_finetune_cli_end_to_end(tmp_path, capsys):
                "--device", "cpu", "model.img_size=16", "--resume"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+
+
+@pytest.mark.parametrize("method", ["mae", "ibot"])
+def test_finetune_from_runs_without_relative_bias(tmp_path, method):
+    """MAE/iBOT backbones have absolute positions only: fine-tuning keeps them (no empty relative tables)."""
+    import beit
+    from beit.cli import main
+
+    data = make_colour_dataset(tmp_path / "data")
+    pre = tmp_path / method
+    small = {"mae": ["mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"],
+             "ibot": ["ibot.out_dim=32", "ibot.hidden_dim=32", "ibot.bottleneck_dim=16"]}
+    assert main(["-q", "pretrain", "--method", method, "--data", str(data / "train"), "--out", str(pre),
+                 "--steps", "2", "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+                 "model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                 *small[method]]) == 0
+    run = tmp_path / "ft"
+    assert main(["-q", "finetune", "--data", str(data), "--init", str(pre), "--out", str(run),
+                 "--steps", "2", "--batch-size", "6", "--workers", "0", "model.img_size=16"]) == 0
+    model = beit.load(run)
+    assert not model.cfg.use_rel_pos_bias and not model.cfg.use_shared_rel_pos_bias
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, beit.load(pre).blocks[0].attn.qkv.weight,
+                               rtol=0.1, atol=0.05)  # two fine-tuning steps move it only a little

@@ -201,6 +201,10 @@ def adopt_architecture(cfg: ModelConfig, init: str) -> ModelConfig:
         return cfg
     ck = checkpoint_model_config(init)
     changed = {k: getattr(ck, k) for k in _ARCH_FIELDS if getattr(ck, k) != getattr(cfg, k)}
+    if not (ck.use_rel_pos_bias or ck.use_shared_rel_pos_bias) and (cfg.use_rel_pos_bias or cfg.use_shared_rel_pos_bias):
+        # a backbone pretrained without relative position bias (MAE, iBOT) keeps its absolute positions:
+        # the recipe's per-layer tables would start at zero and have nothing to copy from
+        changed.update(use_rel_pos_bias=False, use_shared_rel_pos_bias=False)
     if changed:
         log.info("architecture from %s: %s", init, ", ".join(f"{k}={v}" for k, v in changed.items()))
     if ck.img_size != cfg.img_size:
