@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from synthetic import COLOURS, make_colour_dataset
 
 from beit.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from beit.optim import build_optimizer, set_lr
@@ -20,20 +21,6 @@ from beit.tasks.finetune import ClassificationTask, balanced_subset, topk_correc
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 TINY_OV = [f"model.{k}={v}" for k, v in TINY.items()]
-COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
-
-
-def make_colour_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: int = 16) -> Path:
-    """root/{train,val}/<colour>/i.png: noisy solid colours, trivially separable."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for name, rgb in COLOURS.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                a = np.asarray(rgb, dtype=np.float64)[None, None] + rng.normal(0, 15, (size, size, 3))
-                Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def make_pretraining_run(run: Path, data: Path) -> Path:

@@ -28,15 +28,6 @@ import pretrain_driver  # noqa: E402
 from pretrain_driver import TINY, pretrain  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_ibot(**changes) -> IBOTMethod:
     torch.manual_seed(0)
     mcfg = ModelConfig(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, use_abs_pos_emb=True,

@@ -27,15 +27,6 @@ import pretrain_driver  # noqa: E402
 from pretrain_driver import TINY, pretrain  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_mae(norm_pix: bool = True, img: int = 8, patch: int = 4, ratio: float = 0.75) -> MAEMethod:
     torch.manual_seed(0)
     mcfg = ModelConfig(img_size=img, patch_size=patch, embed_dim=16, depth=1, num_heads=2, use_sincos_pos_emb=True,

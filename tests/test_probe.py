@@ -7,11 +7,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from synthetic import make_colour_dataset
 
 from beit.config import ConfigError, ModelConfig, to_dict
 from beit.models.vit import VisionTransformer
@@ -27,19 +26,6 @@ def save_backbone_dir(model: VisionTransformer, path: Path) -> Path:
     save_weights_dir(path, {f"model.{k}": v for k, v in model.state_dict().items()}, {"state_prefix": "model."},
                      yaml.safe_dump({"model": to_dict(model.cfg)}))
     return path
-
-
-def make_colour_dataset(root: Path, n_train: int = 5, n_val: int = 3, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    colours = {"a": (220, 30, 30), "b": (30, 200, 30), "c": (30, 30, 220)}
-    for split, n in (("train", n_train), ("val", n_val)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                a = np.asarray(rgb, dtype=np.float64)[None, None] + rng.normal(0, 15, (size, size, 3))
-                Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def separable(n_per_class: int, num_classes: int = 4, dim: int = 16, seed: int = 0):
