@@ -22,7 +22,7 @@ import yaml
 
 from . import interop
 from .checkpoint import CKPT_DIR, CheckpointError, latest_checkpoint
-from .config import ModelConfig, from_dict
+from .config import ModelConfig, from_dict, to_dict
 from .models.vit import VisionTransformer
 
 log = logging.getLogger("beit")
@@ -94,14 +94,8 @@ def run_backbone_state(path: str | Path, which: str | None = None) -> tuple[Mode
 def load_run(path: str | Path, which: str | None = None, **overrides: Any) -> VisionTransformer:
     cfg, sd = run_backbone_state(path, which)
     if overrides:
-        cfg = from_dict(ModelConfig, {**_asdict(cfg), **overrides}, prefix="model.")
+        cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides}, prefix="model.")
     return interop.build_and_load(cfg, sd, strict=not overrides)
-
-
-def _asdict(cfg: ModelConfig) -> dict:
-    from .config import to_dict
-
-    return to_dict(cfg)
 
 
 def backbone_state(path: str | Path, which: str | None = None) -> dict[str, torch.Tensor]:

@@ -31,15 +31,20 @@ def _default_preset(args: argparse.Namespace) -> str | None:
 # --------------------------------------------------------------------------------------------- commands
 
 
+def _train_task(task, args: argparse.Namespace, flags: dict[str, str]) -> int:
+    """finetune / segment: config from preset + flags, paths from --init/--data, then the task's run."""
+    cfg = task.build_config(_default_preset(args), args.config, cli._overrides(args, flags))
+    cfg = _with_paths(cfg, args.init, args.data)
+    res = task.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes)
+    cli._print_result(res)
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import finetune
 
-    ov = cli._overrides(args, {"labels_per_class": "data.labels_per_class", "label_fraction": "data.label_fraction"})
-    cfg = finetune.build_config(_default_preset(args), args.config, ov)
-    cfg = _with_paths(cfg, args.init, args.data)
-    res = finetune.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes)
-    cli._print_result(res)
-    return 0
+    return _train_task(finetune, args, {"labels_per_class": "data.labels_per_class",
+                                        "label_fraction": "data.label_fraction"})
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -60,12 +65,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from . import segment
 
-    ov = cli._overrides(args, {"head": "head.kind", "num_classes": "data.num_classes"})
-    cfg = segment.build_config(_default_preset(args), args.config, ov)
-    cfg = _with_paths(cfg, args.init, args.data)
-    res = segment.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes)
-    cli._print_result(res)
-    return 0
+    return _train_task(segment, args, {"head": "head.kind", "num_classes": "data.num_classes"})
 
 
 def cmd_show_attention(args: argparse.Namespace) -> int:
