@@ -95,10 +95,9 @@ def make_plan(minutes: float, full_model: bool = False) -> Plan:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import cli
+    from .cli import build_parser
 
-    cli._load_extra_commands()
-    return cli.build_parser()
+    return build_parser()
 
 
 def run_command(argv: list[str]) -> Any:
@@ -524,7 +523,7 @@ class Demo:
 # --------------------------------------------------------------------------------------------- report
 
 
-def _summary_text(rows: list[list], total: float) -> str:
+def summary_text(rows: list[list], total: float) -> str:
     from .viz.report import format_cell
 
     head = ["step", "metric", "value", "steps", "seconds"]
@@ -782,7 +781,7 @@ def _safe(fn, *args, **kwargs):
         return None
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------- entry point
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, *, full_model: bool = False, seed: int = 0
@@ -797,32 +796,4 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, *, full_model
     return report, json.loads((demo.p.out / "summary.json").read_text())
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed)
-    demo_rows = Demo.summary_rows(summary)
-    print(_summary_text(demo_rows, summary["total_seconds"]))
-    print(f"report: {report}")
-    failed = [s["name"] for s in summary["stages"] if s["error"]]
-    if failed:
-        print(f"failed steps: {', '.join(failed)} (see the report)")
-        return 1
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="the whole pipeline on the shipped Fashion-MNIST images, with an HTML report",
-        description="Tokenizer -> BEiT pretraining -> fine-tuning (pretrained vs scratch) -> probes -> "
-                    "segmentation -> attention and masked-prediction pictures, on images shipped with beit, "
-                    "within a time budget. Writes OUT/report.html with every number, picture and the "
-                    "commands to run each step on your own images. Example: beit demo --out runs/demo --minutes 10")
-    p.add_argument("--out", default="runs/demo", help="output folder (data, runs, report.html; default runs/demo)")
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="time budget on this machine (default 10); below 1: a smoke test with tiny subsets")
-    p.add_argument("--full-model", action="store_true",
-                   help="train the preset's full ViT (192 x 6) instead of the demo's 96 x 4")
-    p.add_argument("--seed", type=int, default=0, help="seed of every step")
-    p.set_defaults(func=cmd_demo)
-
-
-__all__ = ["Demo", "Plan", "add_commands", "make_plan", "run_command", "run_demo"]
+__all__ = ["Demo", "Plan", "make_plan", "run_command", "run_demo", "summary_text"]

@@ -133,10 +133,9 @@ def _command(prog: str, summary: str, parser: argparse.ArgumentParser, level: in
 def generate(parser: argparse.ArgumentParser | None = None) -> str:
     """The Markdown reference for ``parser`` (default: the ``beit`` parser with every command loaded)."""
     if parser is None:
-        from . import cli
+        from .cli import build_parser
 
-        cli._load_extra_commands()
-        parser = cli.build_parser()
+        parser = build_parser()
     lines = [HEADER, "## Commands", ""]
     subs = _subparsers(parser)
     for name, helptext, _ in subs:

@@ -6,9 +6,7 @@ have seen), optimiser steps with warmup-cosine lr and layer-wise scales, gradien
 clipping, bf16/fp16 autocast, checkpoints (atomic, safetensors), exact resume, SIGTERM/Ctrl-C, a NaN guard,
 DDP under ``torchrun``, a progress bar and ``metrics.jsonl``. It never knows which method it trains.
 
-Optional hooks on the method: ``after_step(step, total_steps)`` (EMA teachers, temperature schedules),
-``param_groups(optim_cfg)``, ``evaluate(loader) -> dict`` with ``best_metric`` (tasks), ``state_prefix``
-(which part of the state dict is the backbone for ``beit.load``), ``find_unused_parameters`` (DDP).
+The hooks it calls on the method, with their defaults, are the contract :class:`beit.methods.base.Method`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig
-from .optim import build_optimizer, lr_at, param_groups, set_lr
+from .methods.base import hooks as method_hooks
+from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("beit")
 
@@ -332,9 +331,8 @@ def train(
         )
 
     method.to(env.device)
-    groups = method.param_groups(optim_cfg) if hasattr(method, "param_groups") else param_groups(
-        method, optim_cfg.weight_decay)
-    optimizer = build_optimizer(groups, optim_cfg)
+    hooks = method_hooks(method)
+    optimizer = build_optimizer(hooks.param_groups(optim_cfg), optim_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
 
     start_step = 0
@@ -342,7 +340,7 @@ def train(
     if resume and existing is not None:
         model_state, state, tensors = ckpt.load_checkpoint(existing)
         missing, unexpected = unwrap(method).load_state_dict(model_state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith(tuple(getattr(method, "frozen_prefixes", ())))]:
+        if unexpected or missing:
             raise TrainingError(f"checkpoint {existing} does not fit this method: missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}")
         ckpt.restore_training_state(state, tensors, optimizer, scaler)
@@ -368,7 +366,7 @@ def train(
     if env.enabled:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            find_unused_parameters=getattr(method, "find_unused_parameters", False))
+            find_unused_parameters=hooks.find_unused_parameters)
     compiled_fallback = model
     if train_cfg.compile:
         try:
@@ -404,34 +402,34 @@ def train(
         if env.is_main:
             ckpt.save_checkpoint(run_dir, step_, method_state(method), optimizer=optimizer, scaler=scaler,
                                  state={"best_value": best_value, "total_steps": total_steps,
-                                        "state_prefix": getattr(method, "state_prefix", "model.")},
+                                        **hooks.saved_state()},
                                  config_yaml=config_yaml)
         if env.enabled:
             dist.barrier()
 
     def run_eval(step_: int) -> None:
         nonlocal best_value, last_eval, best_eval
-        if val_dataset is None or not hasattr(method, "evaluate"):
+        if val_dataset is None:
             return
         if env.is_main:
             vl = DataLoader(val_dataset, batch_size=max(1, micro_total // train_cfg.accum_steps) * 2,
                             shuffle=False, num_workers=train_cfg.num_workers, collate_fn=collate_fn)
             method.eval()
             with torch.no_grad(), autocast_context(env.device, train_cfg.precision):
-                res = unwrap(method).evaluate(vl)
+                res = hooks.evaluate(vl)
             method.train()
-            last_eval = {k: float(v) for k, v in res.items()}
-            metrics_out.write({"step": step_, "epoch": step_ / steps_per_epoch,
-                               **{f"val_{k}": v for k, v in last_eval.items()}})
-            key = getattr(method, "best_metric", None)
-            if key and key in last_eval and (best_value is None or last_eval[key] > best_value):
-                best_value = last_eval[key]
-                best_eval = dict(last_eval, step=step_)
-                ckpt.save_weights_dir(run_dir / ckpt.CKPT_DIR / "best", method_state(method),
-                                      {"step": step_, **last_eval,
-                                       "state_prefix": getattr(method, "state_prefix", "model.")},
-                                      config_yaml)
-            bar.write(f"step {step_}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            if res:  # a method without validation metrics returns none
+                last_eval = {k: float(v) for k, v in res.items()}
+                metrics_out.write({"step": step_, "epoch": step_ / steps_per_epoch,
+                                   **{f"val_{k}": v for k, v in last_eval.items()}})
+                key = hooks.best_metric
+                if key and key in last_eval and (best_value is None or last_eval[key] > best_value):
+                    best_value = last_eval[key]
+                    best_eval = dict(last_eval, step=step_)
+                    ckpt.save_weights_dir(run_dir / ckpt.CKPT_DIR / "best", method_state(method),
+                                          {"step": step_, **last_eval, **hooks.saved_state()},
+                                          config_yaml)
+                bar.write(f"step {step_}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
         if env.enabled:
             dist.barrier()
 
@@ -476,9 +474,7 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                hook = getattr(unwrap(method), "after_step", None)
-                if hook is not None:
-                    hook(step, total_steps)
+                hooks.after_step(step, total_steps)
 
                 step_metrics["loss"] = loss_val
                 for k, v in step_metrics.items():

@@ -28,6 +28,9 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
+from ..models.presets import preset_dict
+from .base import Method
+from .registry import register
 
 __all__ = ["BEiTConfig", "BEiTMethod", "Tokenizer", "build_pretrain_transform", "patchify"]
 
@@ -102,7 +105,7 @@ def build_pretrain_transform(
     return BeitPretrainTransform(views, MaskGenerator(model_cfg.grid_size, cfg.masking_config()))
 
 
-class BEiTMethod(nn.Module):
+class BEiTMethod(Method):
     """``forward(batch) -> (loss, {"loss", "mlm_acc"})`` for the engine.
 
     ``batch``: ``images`` (B, 3, H, W) normalised patch view; ``mask`` (B, h, w) or (B, N) bool,
@@ -112,7 +115,6 @@ class BEiTMethod(nn.Module):
     """
 
     state_prefix = "model."  # the backbone's weights in this module's state dict
-    frozen_prefixes = ("tokenizer.",)
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, cfg: BEiTConfig | None = None):
         super().__init__()
@@ -225,3 +227,59 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
     if n == 0:
         return out.sum() * 0.0
     return total / n
+
+
+def build(cfg):
+    """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
+    import dataclasses
+
+    from ..models.dvae import load_tokenizer
+
+    tok, tok_size = None, None
+    if cfg.beit.target == "tokens":
+        if not cfg.tokenizer:
+            raise ConfigError(
+                "BEiT predicts visual tokens: pass --tokenizer TOK (train one with `beit tokenizer train "
+                f"--data DIR --out TOK --preset {cfg.tokenizer_preset or 'dvae_32'}`), or set beit.target=pixels"
+            )
+        tok = load_tokenizer(cfg.tokenizer)
+        tok_size = tok.cfg.img_size
+        grid = tok.cfg.grid_size if hasattr(tok.cfg, "grid_size") else None
+        if grid is not None and tuple(grid if isinstance(grid, tuple) else (grid, grid)) != cfg.model.grid_size:
+            raise ConfigError(
+                f"the tokenizer gives a {grid} grid of ids but the model has a {cfg.model.grid_size} grid of "
+                f"patches ({cfg.model.img_size}px / patch {cfg.model.patch_size}); pick matching presets"
+            )
+    method = BEiTMethod.build(cfg.model, tok, cfg.beit)
+    cfg = dataclasses.replace(cfg, model=method.model.cfg)
+    transform = build_pretrain_transform(cfg.beit, cfg.model, tok_size)
+    return method, transform, cfg
+
+
+# Presets are named after their backbone. ``beit_base_patch16_224`` is the paper's ImageNet-1k recipe
+# (Appendix B: batch 2000, lr 1.5e-3, 800 epochs, 10 warmup epochs, drop path 0.1, LayerScale 0.1,
+# 75 of 196 patches masked, DALL-E tokenizer on 112 px views). The small ones are sized for a CPU.
+PRESETS: dict[str, dict] = {
+    "beit_base_patch16_224": {
+        "model": preset_dict("beit_base_patch16_224", drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_fraction": 10 / 800,
+                  "clip_grad": 3.0, "betas": [0.9, 0.999]},
+        "train": {"epochs": 800, "batch_size": 2000, "precision": "bf16", "num_workers": 10},
+        "beit": {"num_masked": 75},
+        "tokenizer_preset": "dalle_112",
+    },
+    "beit_small_patch8_64": {
+        "model": preset_dict("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
+        "train": {"batch_size": 64, "precision": "bf16"},
+        "tokenizer_preset": "dvae_64",
+    },
+    "beit_tiny_patch4_32": {
+        "model": preset_dict("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
+        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
+        "train": {"batch_size": 64, "precision": "bf16"},
+        "tokenizer_preset": "vq_32",
+    },
+}
+
+register("beit", build, config=BEiTConfig, presets=PRESETS, default_preset="beit_tiny_patch4_32")

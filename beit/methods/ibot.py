@@ -23,8 +23,8 @@ Linear to a 256-d bottleneck, L2 normalisation, weight-normalised Linear to K=81
 only (the only ones the loss reads); the teacher head runs on every patch (the patch center needs them all).
 
 Teacher, student, heads, centers and the schedule position (``step``) are all in this module's state dict,
-so run checkpoints resume exactly. ``state_prefix`` lists both backbones, teacher first (the default for
-``beit.load`` and downstream commands).
+so run checkpoints resume exactly. ``state_prefix`` is the teacher's backbone (the default for ``beit.load``
+and downstream commands); ``backbones`` names both, for ``beit.load(run, which="student")``.
 
 Not reproduced: the weight-decay schedule 0.04 -> 0.4 (the engine keeps weight decay constant) and the
 ``pred_start_epoch`` delay (0 for ViTs in the recipe).
@@ -46,8 +46,10 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, replace
 from ..data.multicrop import MultiCropTransform
 from ..masking import block_mask
+from ..models.presets import preset_dict
 from ..models.vit import VisionTransformer
 from ..optim import cosine
+from .base import Method
 from .registry import register
 
 __all__ = ["IBOTConfig", "IBOTHead", "IBOTMethod", "IBOTTransform", "ibot_loss", "teacher_temperature"]
@@ -259,15 +261,16 @@ def ibot_loss(
 # --------------------------------------------------------------------------------------------- method
 
 
-class IBOTMethod(nn.Module):
+class IBOTMethod(Method):
     """``forward(batch) -> (loss, {"loss", "cls", "patch", "kl", "teacher_entropy", "teacher_temp"})``.
 
     ``batch``: ``global_crops`` (B, G, 3, H, W) normalised; ``masks`` (B, G, h, w) bool (True = masked);
     optional ``local_crops`` (B, L, 3, h', w').
     """
 
-    # teacher first: the default weights of ``beit.load`` and downstream commands
-    state_prefix = {"teacher": "teacher.backbone.", "student": "student.backbone."}
+    # the teacher is the default weights of ``beit.load`` and downstream commands
+    state_prefix = "teacher.backbone."
+    backbones = {"teacher": "teacher.backbone.", "student": "student.backbone."}
 
     def __init__(self, backbone: VisionTransformer, cfg: IBOTConfig | None = None):
         super().__init__()
@@ -421,7 +424,6 @@ def build_ibot_transform(cfg: IBOTConfig, model_cfg: ModelConfig) -> IBOTTransfo
     return IBOTTransform(crops, model_cfg.grid_size, cfg)
 
 
-@register("ibot")
 def build(cfg):
     """Registry builder for ``--method ibot``: (method, per-sample transform, resolved PretrainConfig)."""
     if cfg.ibot.local_crops and cfg.ibot.local_crop_size % cfg.model.patch_size:
@@ -430,3 +432,34 @@ def build(cfg):
     method = IBOTMethod.build(cfg.model, cfg.ibot)
     cfg = dataclasses.replace(cfg, model=method.student.backbone.cfg)
     return method, build_ibot_transform(cfg.ibot, cfg.model), cfg
+
+
+_IBOT_VIT = dict(use_abs_pos_emb=True, use_shared_rel_pos_bias=False, layer_scale_init=0.0, drop_path_rate=0.1,
+                 use_mask_token=True)
+
+# Named method_size_patchP_res after the backbone. iBOT (arXiv 2111.07832; official main_ibot.py and the
+# released commands): ViT with learned absolute positions, no relative bias, no LayerScale, drop path 0.1
+# (student); lr 5e-4 x batch/256, min 1e-6, 10 warmup epochs, wd 0.04 (constant here; the recipe ramps it to
+# 0.4), clip 3; 2 global crops (0.25-1) + 10 local 96 px crops (0.05-0.25), shared head with 8192 prototypes,
+# teacher temperatures 0.04 -> 0.07 over 30 epochs, momentum 0.996 -> 1, masking ratio 0 or U(0.1, 0.5) per crop.
+PRESETS: dict[str, dict] = {
+    "ibot_base_patch16_224": {
+        "model": preset_dict("beit_base_patch16_224", **_IBOT_VIT),
+        "optim": {"lr": 5e-4 * 1024 / 256, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 10 / 400,
+                  "clip_grad": 3.0, "betas": [0.9, 0.999]},
+        "train": {"epochs": 400, "batch_size": 1024, "precision": "bf16", "num_workers": 10},
+        "ibot": {"local_crops": 10, "local_crop_size": 96, "global_crop_scale": [0.25, 1.0],
+                 "local_crop_scale": [0.05, 0.25], "teacher_temp_warmup": 30 / 400, "freeze_last_layer": 1 / 400},
+    },
+    # CPU-sized: 1024 prototypes and a 512-wide head (8192 x 2048 would dwarf the tiny backbone), no local
+    # crops, temperatures warmed up over the first 10% of the run.
+    "ibot_tiny_patch4_32": {
+        "model": preset_dict("beit_tiny_patch4_32", **_IBOT_VIT),
+        "optim": {"lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 0.05, "clip_grad": 3.0},
+        "train": {"batch_size": 64, "precision": "bf16"},
+        "ibot": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "teacher_temp_warmup": 0.1,
+                 "local_crop_size": 16},
+    },
+}
+
+register("ibot", build, config=IBOTConfig, presets=PRESETS, default_preset="ibot_tiny_patch4_32")

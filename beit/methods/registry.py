@@ -1,58 +1,90 @@
-"""Method registry: ``--method NAME`` -> (method module, per-sample transform, resolved config).
+"""Method registry: ``--method NAME`` -> builder, config section and presets.
 
-A builder takes the whole :class:`beit.tasks.pretrain.PretrainConfig` and returns the config it actually
-used (e.g. with ``model.vocab_size`` set from the tokenizer), so the saved config rebuilds the same model.
+A method joins by calling :func:`register` in its own module (``methods/beit.py``, ``methods/mae.py``,
+...): every module of this package is imported by :func:`methods`, and a module elsewhere (a plugin, a
+test) joins by being imported before the registry is read. Everything that lists methods is derived from
+here: :class:`beit.tasks.pretrain.PretrainConfig` (one section per method), the pretraining presets, the
+CLI's ``--method`` choices and each method's default preset.
+
+A builder takes the whole ``PretrainConfig`` and returns ``(method, per-sample transform, config)``, the
+config being the one it actually used (e.g. with ``model.vocab_size`` set from the tokenizer), so the saved
+config rebuilds the same model.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError
 
-BUILDERS: dict[str, Callable[[Any], tuple[Any, Callable, Any]]] = {}
+__all__ = ["MethodSpec", "build_method", "get", "methods", "presets", "register"]
+
+Builder = Callable[[Any], tuple[Any, Callable, Any]]
 
 
-def register(name: str):
-    def deco(fn):
-        BUILDERS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Builder  # PretrainConfig -> (method module, per-sample transform, resolved PretrainConfig)
+    config: type | None = None  # dataclass of the method's section ``cfg.<name>`` (None: no section)
+    presets: dict[str, dict] = field(default_factory=dict)  # preset name -> config dict (method is filled in)
+    default_preset: str = ""  # the CPU-sized recipe used when neither --preset nor --config is given
 
-    return deco
+
+_METHODS: dict[str, MethodSpec] = {}
+_discovered = False
+_NOT_METHODS = {"base", "registry"}
+
+
+def register(name: str, build: Builder, *, config: type | None = None, presets: dict[str, dict] | None = None,
+             default_preset: str = "") -> MethodSpec:
+    """Make ``--method name`` available; returns its spec. Preset names must be unique across methods."""
+    presets = {k: {**v, "method": name} for k, v in (presets or {}).items()}
+    taken = {p: m for m, s in _METHODS.items() if m != name for p in s.presets}
+    clash = sorted(set(presets) & set(taken))
+    if clash:
+        raise ValueError(f"method {name!r}: preset {clash[0]!r} already belongs to method {taken[clash[0]]!r}")
+    if default_preset and default_preset not in presets:
+        raise ValueError(f"method {name!r}: default preset {default_preset!r} is not one of its presets")
+    spec = MethodSpec(name, build, config, presets, default_preset)
+    _METHODS[name] = spec
+    return spec
+
+
+def _discover() -> None:
+    """Import every module of ``beit.methods`` once, so that each registers itself."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    from .. import methods as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name not in _NOT_METHODS:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def methods() -> dict[str, MethodSpec]:
+    """Every registered method, by name."""
+    _discover()
+    return dict(_METHODS)
+
+
+def get(name: str) -> MethodSpec:
+    specs = methods()
+    if name not in specs:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(specs))}")
+    return specs[name]
+
+
+def presets() -> dict[str, dict]:
+    """Every pretraining preset of every method (each sets ``method``)."""
+    return {k: v for spec in methods().values() for k, v in spec.presets.items()}
 
 
 def build_method(cfg):
-    if cfg.method not in BUILDERS:
-        raise ConfigError(f"unknown method {cfg.method!r}; choose one of: {', '.join(sorted(BUILDERS))}")
-    return BUILDERS[cfg.method](cfg)
-
-
-@register("beit")
-def _build_beit(cfg):
-    from ..models.dvae import load_tokenizer
-    from .beit import BEiTMethod, build_pretrain_transform
-
-    tok, tok_size = None, None
-    if cfg.beit.target == "tokens":
-        if not cfg.tokenizer:
-            raise ConfigError(
-                "BEiT predicts visual tokens: pass --tokenizer TOK (train one with `beit tokenizer train "
-                f"--data DIR --out TOK --preset {cfg.tokenizer_preset or 'dvae_32'}`), or set beit.target=pixels"
-            )
-        tok = load_tokenizer(cfg.tokenizer)
-        tok_size = tok.cfg.img_size
-        grid = tok.cfg.grid_size if hasattr(tok.cfg, "grid_size") else None
-        if grid is not None and tuple(grid if isinstance(grid, tuple) else (grid, grid)) != cfg.model.grid_size:
-            raise ConfigError(
-                f"the tokenizer gives a {grid} grid of ids but the model has a {cfg.model.grid_size} grid of "
-                f"patches ({cfg.model.img_size}px / patch {cfg.model.patch_size}); pick matching presets"
-            )
-    method = BEiTMethod.build(cfg.model, tok, cfg.beit)
-    cfg = dataclasses.replace(cfg, model=method.model.cfg)
-    transform = build_pretrain_transform(cfg.beit, cfg.model, tok_size)
-    return method, transform, cfg
-
-
-from . import ibot, mae  # noqa: E402,F401  (their builders register "ibot" and "mae")
+    return get(cfg.method).build(cfg)

@@ -36,6 +36,11 @@ def get_preset(name: str) -> ModelConfig:
     return from_dict(ModelConfig, dict(PRESETS[name]))
 
 
+def preset_dict(name: str, **changes: Any) -> dict[str, Any]:
+    """The config dict of preset ``name`` with ``changes``: the ``model`` section of recipe presets."""
+    return {**PRESETS[name], **changes}
+
+
 def create_model(name_or_cfg: str | ModelConfig, **overrides: Any) -> VisionTransformer:
     """Build a :class:`VisionTransformer` from a preset name or a config, with validated overrides.
 
@@ -52,4 +57,4 @@ def create_model(name_or_cfg: str | ModelConfig, **overrides: Any) -> VisionTran
     return VisionTransformer(cfg)
 
 
-__all__ = ["PRESETS", "create_model", "get_preset"]
+__all__ = ["PRESETS", "create_model", "get_preset", "preset_dict"]

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import (
     ConfigError,
@@ -38,9 +37,11 @@ from ..config import (
 )
 from ..data.folder import DataError, ImageFolder
 from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
+from ..runs import adopt_architecture, build_backbone, resumed_model_config
 from .augment import (
     AugConfig,
     Mixup,
@@ -58,7 +59,6 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneDataConfig",
     "balanced_subset",
-    "build_backbone",
     "build_config",
     "labelled_splits",
     "run",
@@ -174,54 +174,6 @@ def labelled_splits(path: str | Path, train_transform, val_transform, *, labels_
     return tr, va
 
 
-# --------------------------------------------------------------------------------------------- backbone
-
-# Fields that describe the pretrained network itself; they come from the checkpoint, not the preset.
-_ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                "layer_norm_eps", "use_abs_pos_emb", "use_sincos_pos_emb", "layer_scale_init")
-
-
-def checkpoint_model_config(path: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of the backbone stored in ``path`` (run directory or any other format)."""
-    from .. import api
-
-    p = Path(path)
-    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.yaml").is_file()):
-        return api.run_backbone_state(p)[0]
-    model = api.load(p)
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"--init {path}: not a vision transformer checkpoint (a tokenizer?)")
-    return model.cfg
-
-
-def adopt_architecture(cfg: ModelConfig, init: str) -> ModelConfig:
-    """``cfg`` with the architecture of the checkpoint ``init`` (widths, depth, heads, patch size, position
-    scheme, LayerScale); the task's fields (image size, heads, drop path, pooling) stay as configured."""
-    if not init or init.lower() == "none":
-        return cfg
-    ck = checkpoint_model_config(init)
-    changed = {k: getattr(ck, k) for k in _ARCH_FIELDS if getattr(ck, k) != getattr(cfg, k)}
-    if not (ck.use_rel_pos_bias or ck.use_shared_rel_pos_bias) and (cfg.use_rel_pos_bias or cfg.use_shared_rel_pos_bias):
-        # a backbone pretrained without relative position bias (MAE, iBOT) keeps its absolute positions:
-        # the recipe's per-layer tables would start at zero and have nothing to copy from
-        changed.update(use_rel_pos_bias=False, use_shared_rel_pos_bias=False)
-    if changed:
-        log.info("architecture from %s: %s", init, ", ".join(f"{k}={v}" for k, v in changed.items()))
-    if ck.img_size != cfg.img_size:
-        log.info("checkpoint trained at %d px, fine-tuning at %d px: position tables are resized",
-                  ck.img_size, cfg.img_size)
-    return from_dict(ModelConfig, {**to_dict(cfg), **changed}, prefix="model.")
-
-
-def build_backbone(init: str, cfg: ModelConfig) -> VisionTransformer:
-    """``VisionTransformer(cfg)``, initialised from ``init`` unless it is empty or ``none``."""
-    if not init or init.lower() == "none":
-        return VisionTransformer(cfg)
-    from .. import api
-
-    return api.init_from(init, cfg)
-
-
 # --------------------------------------------------------------------------------------------- the task
 
 
@@ -233,7 +185,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
-class ClassificationTask(nn.Module):
+class ClassificationTask(Method):
     """``batch = (images (B, 3, H, W), labels (B,))`` -> ``(soft-target CE, {"acc"})`` for the engine.
 
     In training, the batch is mixed by Mixup/CutMix with smoothed soft targets (``acc`` is measured against
@@ -283,22 +235,6 @@ class ClassificationTask(nn.Module):
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Weight-decay exclusions plus layer-wise lr decay over the backbone's depth (head: full lr)."""
         return param_groups(self, optim_cfg.weight_decay, optim_cfg.layer_decay, num_layers=self.model.num_layers)
-
-
-def resumed_model_config(out: str | Path, resume: bool) -> ModelConfig | None:
-    """The model config saved in run ``out`` when it is being resumed from a checkpoint: the weights then
-    come from the checkpoint, so ``--init`` is neither read again nor needed any more."""
-    from ..checkpoint import latest_checkpoint
-
-    path = Path(out) / "config.yaml"
-    if not (resume and latest_checkpoint(out) is not None and path.is_file()):
-        return None
-    import yaml
-
-    saved = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(saved.get("model"), dict):
-        return None
-    return from_dict(ModelConfig, saved["model"], prefix="model.")
 
 
 def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tuple[ClassificationTask, FinetuneConfig]:

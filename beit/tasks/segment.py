@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -50,10 +49,11 @@ from ..config import (
 from ..data.folder import DataError, list_images, load_image
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
 from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from .finetune import adopt_architecture, build_backbone, resumed_model_config
+from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
 
 log = logging.getLogger("beit")
@@ -297,7 +297,7 @@ def default_out_indices(depth: int) -> list[int]:
     return known.get(depth, [max(0, round(depth * (k + 1) / 4) - 1) for k in range(4)])
 
 
-class SegmentationTask(nn.Module):
+class SegmentationTask(Method):
     """``batch = {"images" (B, 3, H, W), "masks" (B, H, W) int64, 255 = ignore}`` -> ``(CE, {"pixel_acc"})``."""
 
     best_metric = "mIoU"
@@ -450,12 +450,10 @@ def load_segmenter(path: str | Path) -> SegmentationTask:
     """The whole segmenter (backbone + heads) of a ``beit segment`` run or one of its checkpoint folders."""
     from safetensors.torch import load_file
 
-    from .. import api
-
-    cfg = from_dict(SegmentConfig, api.run_config(path))
+    run = RunDir(path)
+    cfg = from_dict(SegmentConfig, run.config())
     task, _ = build_task(cfg, cfg.data.num_classes, init=False)
-    p = Path(path)
-    ck = api._checkpoint_dir(p)
+    ck = run.checkpoint()
     task.load_state_dict(load_file(ck / "model.safetensors"), strict=True)
     return task.eval()
 

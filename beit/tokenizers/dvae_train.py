@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, resolve, to_dict
+from ..methods.base import Method
 from ..models.dvae import (
     LOGIT_LAPLACE_EPS,
     TOKENIZER_PRESETS,
@@ -195,12 +195,11 @@ def code_perplexity(ids: torch.Tensor, vocab_size: int) -> float:
 # --------------------------------------------------------------------------------------------- methods
 
 
-class _TokenizerMethod(nn.Module):
+class _TokenizerMethod(Method):
     """Shared by the dVAE and VQ objectives: the schedule state, evaluation, engine hooks."""
 
     best_metric = "psnr"
     state_prefix = "tokenizer."  # the run checkpoints' weights under this prefix are the tokenizer
-    frozen_prefixes: tuple[str, ...] = ()  # nothing here is frozen: resume must find every weight
 
     def __init__(self, tokenizer: Tokenizer, cfg: ObjectiveConfig) -> None:
         super().__init__()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, latest_checkpoint
 from ..config import ConfigError, from_dict
+from ..runs import RunDir
 
 __all__ = ["load_mae_method", "mae_panels", "show_mae"]
 
@@ -22,20 +22,16 @@ def load_mae_method(run: str | Path):
     """The full MAE method (encoder + decoder) of a run or checkpoint directory, in eval mode."""
     from safetensors.torch import load_file
 
-    from ..api import run_config
     from ..methods.mae import MAEMethod
-    from ..tasks.pretrain import PretrainConfig
+    from ..tasks.pretrain import config_class
 
-    run = Path(run)
-    cfg = from_dict(PretrainConfig, run_config(run))
+    run = RunDir(run)
+    cfg = from_dict(config_class(), run.config())
     if cfg.method != "mae":
-        raise ConfigError(f"{run} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
+        raise ConfigError(f"{run.path} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
                           "(its decoder draws the reconstruction)")
-    ck = run if (run / "model.safetensors").is_file() else latest_checkpoint(run)
-    if ck is None:
-        raise CheckpointError(f"{run}: the run has no complete checkpoint yet")
     method = MAEMethod.build(cfg.model, cfg.mae)
-    method.load_state_dict(load_file(ck / "model.safetensors"))
+    method.load_state_dict(load_file(run.checkpoint() / "model.safetensors"))
     return method.eval()
 
 

@@ -30,10 +30,10 @@ def _mask_generator(init: Any, grid: tuple[int, int]):
     cfg = MaskingConfig()
     if isinstance(init, (str, Path)):
         try:
-            from .. import api
             from ..config import from_dict
+            from ..runs import run_config
 
-            raw = api.run_config(init).get("beit")
+            raw = run_config(init).get("beit")
             if isinstance(raw, dict):
                 cfg = from_dict(BEiTConfig, raw, prefix="beit.").masking_config()
         except Exception:  # noqa: BLE001 - not a run (HF/timm file): the defaults are the paper's

@@ -1,0 +1,54 @@
+"""``beit`` command line: parse, build configs, call the library. No training logic lives here.
+
+One module per command group, each with ``add_commands(subparsers)``, registered explicitly in
+:data:`COMMAND_GROUPS` (the order of ``beit --help``); the helpers they share are public in
+:mod:`.common`. User mistakes end with one line ``beit: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
+from .common import TRAIN_FLAGS, add_train_flags, overrides, print_result, user_errors, with_paths
+
+__all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "main", "overrides",
+           "print_result", "user_errors", "with_paths"]
+
+log = logging.getLogger("beit")
+
+COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in COMMAND_GROUPS:
+        group.add_commands(sub)
+    return parser
+
+
+def _load_extra_commands() -> None:
+    """Kept for callers of the former plug-in loader; every command is registered in COMMAND_GROUPS."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as e:
+        print(f"beit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Helpers shared by every command module: training flags, overrides, result printing, user errors.
+
+Every training command accepts ``--preset``, ``--config FILE.yaml`` and trailing ``key=value`` overrides
+(``optim.lr=1e-3 model.drop_path_rate=0.2``); common flags (``--steps``, ``--batch-size``...) are
+shorthands for overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+__all__ = ["TRAIN_FLAGS", "add_train_flags", "overrides", "print_result", "user_errors", "with_paths"]
+
+# flag -> config key, shared by every training command
+TRAIN_FLAGS = {
+    "steps": "train.steps",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "accum": "train.accum_steps",
+    "lr": "optim.lr",
+    "precision": "train.precision",
+    "workers": "train.num_workers",
+    "seed": "train.seed",
+    "device": "train.device",
+}
+
+
+def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None) -> None:
+    """The flags every training command shares (preset, config, length, batch, resume, overrides...)."""
+    g = p.add_argument_group("training (shorthands for config overrides)")
+    g.add_argument("--preset", choices=presets, metavar="NAME",
+                   help=f"recipe preset ({', '.join(presets)})" if presets else "recipe preset")
+    g.add_argument("--config", metavar="YAML", help="config file applied after the preset")
+    g.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    g.add_argument("--epochs", type=float, help="epochs, if --steps is not given (train.epochs)")
+    g.add_argument("--batch-size", type=int, help="global batch per optimizer step (train.batch_size)")
+    g.add_argument("--accum", type=int, help="gradient accumulation steps (train.accum_steps)")
+    g.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision")
+    g.add_argument("--workers", type=int, help="data loading processes (train.num_workers)")
+    g.add_argument("--seed", type=int, help="train.seed")
+    g.add_argument("--device", help="auto | cpu | cuda (train.device)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop (with a checkpoint) after this many minutes of training; 0 = no limit")
+    g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
+
+
+def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> list[str]:
+    """``key=value`` overrides from the flags the user gave (``TRAIN_FLAGS`` plus ``extra``), then the
+    trailing ``key=value`` arguments."""
+    out = []
+    for flag, key in {**TRAIN_FLAGS, **(extra or {})}.items():
+        val = getattr(args, flag, None)
+        if val is not None:
+            out.append(f"{key}={val}")
+    for item in args.overrides or []:
+        if "=" not in item:
+            raise SystemExit(f"beit: error: unexpected argument {item!r} (overrides are key=value)")
+        out.append(item)
+    return out
+
+
+def with_paths(cfg, init: str | None, data: str | None):
+    """Paths are set as given (never YAML-parsed: a folder named ``1e3`` or ``true`` stays a string)."""
+    changes = {}
+    if init is not None:
+        changes["init"] = init
+    if data is not None:
+        changes["data"] = dataclasses.replace(cfg.data, path=data)
+    return dataclasses.replace(cfg, **changes)
+
+
+def print_result(res) -> None:
+    """One JSON line summing up a training run (:class:`beit.engine.TrainResult`)."""
+    summary = {"run": str(res.run_dir), "step": res.step, "status": res.status}
+    for k in ("loss", "mlm_acc", "acc"):
+        if k in res.last_metrics:
+            summary[k] = round(res.last_metrics[k], 4)
+    if res.best_eval:
+        summary["best"] = res.best_eval
+    print(json.dumps(summary))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's mistake: one line ``beit: error: ...`` and exit status 2."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data.folder import DataError
+    from ..engine import TrainingError
+    from ..tokenizers.dalle import ConversionError
+
+    return (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, ConversionError)

@@ -1,0 +1,24 @@
+"""``beit export``: write a checkpoint in HF transformers or timm format (:mod:`beit.interop`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .. import api, interop
+
+    model = api.load(args.checkpoint, which=args.which)
+    out = interop.export(model, args.out, args.format)
+    print(json.dumps({"format": args.format, "out": str(out)}))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint in HF transformers or timm format")
+    p.add_argument("checkpoint", help="anything `beit.load` reads (run dir, HF dir, timm/official file)")
+    p.add_argument("--format", required=True, choices=["hf", "timm"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--which", choices=["student", "teacher"], help="iBOT runs: which weights (default teacher)")
+    p.set_defaults(func=cmd_export)

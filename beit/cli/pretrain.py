@@ -1,0 +1,39 @@
+"""``beit pretrain``: self-supervised pretraining with any registered method (:mod:`beit.methods`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..methods import registry
+from .common import add_train_flags, overrides, print_result
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..tasks import pretrain
+
+    ov = overrides(args, {"method": "method", "data": "data.path", "tokenizer": "tokenizer", "limit": "data.limit"})
+    cfg = pretrain.build_config(args.preset or default_preset(args), args.config, ov)
+    print_result(pretrain.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes))
+    return 0
+
+
+def default_preset(args: argparse.Namespace) -> str | None:
+    """Without --preset or --config: the CPU-sized recipe the chosen method registered."""
+    if args.config:
+        return None
+    return registry.get(args.method or "beit").default_preset or None
+
+
+def add_commands(sub) -> None:
+    specs = registry.methods()
+    p = sub.add_parser("pretrain", help="self-supervised pretraining on a folder of images",
+                       description="Pretrain a backbone with BEiT (visual tokens), MAE (pixels) or iBOT "
+                                   "(online tokenizer). Example: beit pretrain --data imgs/ --tokenizer tok/ "
+                                   "--out run/ --preset beit_tiny_patch4_32 --steps 2000")
+    p.add_argument("--data", required=True, help="folder of images (any tree; labels ignored)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
+    p.add_argument("--tokenizer", help="tokenizer run or directory (BEiT)")
+    p.add_argument("--method", choices=list(specs), help="pretraining method (default: beit)")
+    p.add_argument("--limit", type=int, help="use only the first N images (data.limit)")
+    add_train_flags(p, sorted(registry.presets()))
+    p.set_defaults(func=cmd_pretrain)

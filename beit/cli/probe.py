@@ -1,0 +1,50 @@
+"""``beit probe linear | knn``: probes of a frozen backbone, per layer (:mod:`beit.tasks.probe`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import overrides, with_paths
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ..tasks import probe
+
+    flags = {"layers": "layers", "pool": "pool", "labels_per_class": "data.labels_per_class",
+             "label_fraction": "data.label_fraction", "k": "k", "steps": "steps", "seed": "seed",
+             "device": "device", "batch_size": "batch_size", "img_size": "img_size", "workers": "num_workers"}
+    # the probe's own keys replace the training shorthands of the same flags
+    ov = [f"protocol={args.protocol}", *overrides(args, flags)]
+    cfg = with_paths(probe.build_config(args.config, ov), args.init, args.data)
+    result = probe.run(cfg, args.out)
+    result.pop("config", None)
+    print(json.dumps(result))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "probe", help="linear or k-NN probe of a frozen backbone, per layer (JSON)",
+        description="Extract features once per block and pooling, then fit a linear classifier "
+                    "(BatchNorm + Linear) or run a weighted k-NN (k=20, T=0.07). "
+                    "Example: beit probe knn --data cifar/ --init runs/pretrain --layers all")
+    p.add_argument("protocol", choices=["linear", "knn"])
+    p.add_argument("--data", required=True, help="folder with train/<class>/ and val/<class>/")
+    p.add_argument("--init", required=True, help="backbone (anything `beit.load` reads)")
+    p.add_argument("--layers", help="'all' (default) or comma-separated 0-based block indices, e.g. 5,-1")
+    p.add_argument("--pool", choices=["mean", "cls", "both"], help="token pooling (default mean)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels-per-class", type=int, help="use N training images per class (balanced, seeded)")
+    g.add_argument("--label-fraction", type=float, help="use this fraction of each class")
+    p.add_argument("--k", type=int, help="k-NN: neighbours (default 20)")
+    p.add_argument("--steps", type=int, help="linear: optimiser steps (default 500)")
+    p.add_argument("--batch-size", type=int, help="feature extraction batch (default 128)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's)")
+    p.add_argument("--workers", type=int, help="data loading processes (default 2)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--config", metavar="YAML", help="probe config file")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. temperature=0.1")
+    p.set_defaults(func=cmd_probe)

@@ -1,0 +1,53 @@
+"""``beit show attention | mim | mae``: pictures of a model (:mod:`beit.viz`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from ..viz.attention import show_attention
+
+    out = show_attention(args.init, args.image, args.out, layer=args.layer)
+    print(json.dumps({"out": str(out), "layer": args.layer}))
+    return 0
+
+
+def cmd_mim(args: argparse.Namespace) -> int:
+    from ..viz.mim import show_mim
+
+    print(json.dumps(show_mim(args.init, args.tokenizer, args.image, args.out, seed=args.seed)))
+    return 0
+
+
+def cmd_mae(args: argparse.Namespace) -> int:
+    from ..viz.mae import show_mae
+
+    out = show_mae(args.init, args.image, args.out, seed=args.seed)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+def add_commands(sub) -> None:
+    show = sub.add_parser("show", help="pictures: attention maps, masked-image-modeling predictions")
+    ssub = show.add_subparsers(dest="show_command", metavar="WHAT", required=True)
+    s = ssub.add_parser("attention", help="[CLS] attention to every patch, per head and mean, over the image")
+    s.add_argument("--init", required=True, help="model (anything `beit.load` reads)")
+    s.add_argument("--image", required=True)
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default -1)")
+    s.set_defaults(func=cmd_attention)
+    s = ssub.add_parser("mim", help="blockwise mask, tokenizer decode of predicted vs true visual tokens")
+    s.add_argument("--init", required=True, help="BEiT pretraining run (or model with an MIM head)")
+    s.add_argument("--tokenizer", required=True, help="tokenizer run or tokenizer.safetensors")
+    s.add_argument("--image", required=True)
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    s.set_defaults(func=cmd_mim)
+    s = ssub.add_parser("mae", help="MAE: original, masked, reconstruction, reconstruction + visible patches")
+    s.add_argument("--init", required=True, help="MAE pretraining run")
+    s.add_argument("--image", required=True)
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    s.set_defaults(func=cmd_mae)

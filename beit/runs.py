@@ -1,0 +1,253 @@
+"""Run directories, and the backbones they hold.
+
+A *run directory* is what a training command writes into ``--out``::
+
+    RUN/config.yaml            the resolved config (rebuilds the model exactly)
+    RUN/metrics.jsonl          one JSON line per logged step and evaluation
+    RUN/checkpoints/step_N/    model.safetensors, state.json (step, state_prefix, ...), config.yaml, ...
+    RUN/checkpoints/latest     the name of the newest complete checkpoint
+    RUN/checkpoints/best/      tasks with a ``best_metric``: the best weights on the validation set
+
+A checkpoint directory (``RUN/checkpoints/step_N``, ``.../best``) is read the same way: its own
+``config.yaml`` and weights. :class:`RunDir` answers "is this a run?", "where is its config, its latest
+checkpoint, its metrics?"; the functions below load or adopt the backbone of a run (or of any other file
+:func:`beit.load` reads) for a downstream model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import interop
+from .checkpoint import CKPT_DIR, CheckpointError, latest_checkpoint
+from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .models.vit import VisionTransformer
+
+log = logging.getLogger("beit")
+
+__all__ = [
+    "RunDir",
+    "adopt_architecture",
+    "backbone_state",
+    "build_backbone",
+    "checkpoint_model_config",
+    "init_from",
+    "load_run",
+    "resumed_model_config",
+    "run_backbone_state",
+    "run_config",
+]
+
+
+class RunDir:
+    """A run directory (or one of its checkpoint directories) of this project."""
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.jsonl"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def holds_run(cls, path: str | Path) -> bool:
+        """True if ``path`` is a folder written by a training command (or one of its checkpoints)."""
+        p = Path(path)
+        return p.is_dir() and ((p / CKPT_DIR).is_dir() or (p / cls.CONFIG).is_file())
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.path / CKPT_DIR
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        return latest_checkpoint(self.path)
+
+    def checkpoint(self) -> Path:
+        """The checkpoint directory to read weights from: the latest one of a run, or this directory itself
+        when it is a checkpoint. A run without a complete checkpoint is an error."""
+        if self.checkpoints_path.is_dir():
+            ck = self.latest()
+            if ck is None:
+                raise CheckpointError(f"{self.path}: the run has no complete checkpoint yet")
+            return ck
+        return self.path
+
+    def config(self) -> dict:
+        """The resolved config (a dict) saved with the checkpoint, or else with the run."""
+        for cand in (self.checkpoint() / self.CONFIG, self.config_path):
+            if cand.is_file():
+                return yaml.safe_load(cand.read_text()) or {}
+        raise CheckpointError(f"{self.path}: no config.yaml next to the checkpoint")
+
+    def resumable_model_config(self) -> ModelConfig | None:
+        """The model config of a run that has a checkpoint to resume from (None otherwise)."""
+        if self.latest() is None or not self.config_path.is_file():
+            return None
+        saved = yaml.safe_load(self.config_path.read_text()) or {}
+        if not isinstance(saved.get("model"), dict):
+            return None
+        return from_dict(ModelConfig, saved["model"], prefix="model.")
+
+    def backbone_state(self, which: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+        """(model config, backbone state dict in our names); ``which`` names one of the run's backbones."""
+        from safetensors.torch import load_file
+
+        ck = self.checkpoint()
+        cfg_dict = self.config()
+        if "model" not in cfg_dict:
+            raise CheckpointError(f"{self.path}: its config has no model section (is it a tokenizer run?)")
+        state = json.loads((ck / "state.json").read_text()) if (ck / "state.json").is_file() else {}
+        prefix = _backbone_prefix(self.path, state, which)
+        weights = load_file(ck / "model.safetensors")
+        sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"{ck}: no weights under {prefix!r}")
+        return from_dict(ModelConfig, cfg_dict["model"], prefix="model."), sd
+
+
+def _backbone_prefix(path: Path, state: dict, which: str | None) -> str:
+    """The weights' prefix for ``which`` (None: the default backbone) from a checkpoint's ``state.json``."""
+    prefix = state.get("state_prefix", "model.")
+    named = state.get("backbones") or {}
+    if isinstance(prefix, dict):  # checkpoints written before ``backbones``: the first entry is the default
+        named, prefix = prefix, next(iter(prefix.values()))
+    if which is None:
+        return prefix
+    if not named:
+        log.warning("--which %s ignored: this run has one set of weights", which)
+        return prefix
+    if which not in named:
+        raise CheckpointError(f"{path}: no {which!r} weights; choose one of {', '.join(named)}")
+    return named[which]
+
+
+def run_config(path: str | Path) -> dict:
+    """The resolved config (a dict) saved with a run or checkpoint directory."""
+    return RunDir(path).config()
+
+
+def run_backbone_state(path: str | Path, which: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, backbone state dict in our names) of a run or checkpoint directory."""
+    return RunDir(path).backbone_state(which)
+
+
+def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionTransformer:
+    """The backbone of a run, with its heads; ``overrides`` change ``ModelConfig`` fields."""
+    cfg, sd = run_backbone_state(path, which)
+    if overrides:
+        cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides}, prefix="model.")
+    return interop.build_and_load(cfg, sd, strict=not overrides)
+
+
+def _other_backbone(path: Path) -> VisionTransformer | None:
+    """The backbone in a file or folder that is not a run (HF, timm, official BEiT); None for a tokenizer."""
+    from .models.dvae import is_tokenizer_file
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if is_tokenizer_file(path):
+        return None
+    return interop.load_any(path)[1]
+
+
+def backbone_state(path: str | Path, which: str | None = None) -> dict[str, torch.Tensor]:
+    """Backbone weights (our names) from anything :func:`beit.load` reads, for initialising another model."""
+    p = Path(path)
+    if RunDir.holds_run(p):
+        return run_backbone_state(p, which)[1]
+    model = _other_backbone(p)
+    if model is None:
+        raise CheckpointError(f"{p}: not a vision transformer checkpoint (a tokenizer?)")
+    return model.state_dict()
+
+
+def init_from(path: str | Path, cfg: ModelConfig, which: str | None = None) -> VisionTransformer:
+    """``VisionTransformer(cfg)`` initialised from the backbone in ``path`` (heads not taken when their
+    shape differs; shared relative position bias copied into each layer when ``cfg`` has per-layer tables;
+    position tables resized to ``cfg``'s grid). Fails if any block weight is missing."""
+    sd = backbone_state(path, which)
+    # pretraining heads never serve a downstream model
+    sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "head.", "mask_token"))
+          and not (k.startswith("norm.") and cfg.use_mean_pooling and cfg.num_classes > 0)}
+    model = VisionTransformer(cfg)
+    sd = interop.adapt_state_dict(sd, model)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the model ({e.args[0].splitlines()[-1].strip()})") from None
+    body = [k for k in missing if k.startswith(("blocks.", "patch_embed."))]
+    if body:
+        raise CheckpointError(f"{path}: missing backbone weights {body[:4]} (a different architecture?)")
+    log.info("initialised from %s (fresh: %s; unused: %s)", path, ", ".join(sorted(missing)) or "none",
+             ", ".join(sorted(unexpected)) or "none")
+    return model
+
+
+# --------------------------------------------------------------------------------------------- downstream
+
+# Fields that describe the pretrained network itself; they come from the checkpoint, not the preset.
+_ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                "layer_norm_eps", "use_abs_pos_emb", "use_sincos_pos_emb", "layer_scale_init")
+
+
+def _no_init(init: str) -> bool:
+    return not init or init.lower() == "none"
+
+
+def checkpoint_model_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of the backbone stored in ``path`` (run directory or any other format)."""
+    p = Path(path)
+    if RunDir.holds_run(p):
+        return run_backbone_state(p)[0]
+    model = _other_backbone(p)
+    if model is None:
+        raise ConfigError(f"--init {path}: not a vision transformer checkpoint (a tokenizer?)")
+    return model.cfg
+
+
+def adopt_architecture(cfg: ModelConfig, init: str) -> ModelConfig:
+    """``cfg`` with the architecture of the checkpoint ``init`` (widths, depth, heads, patch size, position
+    scheme, LayerScale); the task's fields (image size, heads, drop path, pooling) stay as configured."""
+    if _no_init(init):
+        return cfg
+    ck = checkpoint_model_config(init)
+    changed = {k: getattr(ck, k) for k in _ARCH_FIELDS if getattr(ck, k) != getattr(cfg, k)}
+    if not (ck.use_rel_pos_bias or ck.use_shared_rel_pos_bias) and (cfg.use_rel_pos_bias or cfg.use_shared_rel_pos_bias):
+        # a backbone pretrained without relative position bias (MAE, iBOT) keeps its absolute positions:
+        # the recipe's per-layer tables would start at zero and have nothing to copy from
+        changed.update(use_rel_pos_bias=False, use_shared_rel_pos_bias=False)
+    if changed:
+        log.info("architecture from %s: %s", init, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    if ck.img_size != cfg.img_size:
+        log.info("checkpoint trained at %d px, fine-tuning at %d px: position tables are resized",
+                 ck.img_size, cfg.img_size)
+    return from_dict(ModelConfig, {**to_dict(cfg), **changed}, prefix="model.")
+
+
+def build_backbone(init: str, cfg: ModelConfig) -> VisionTransformer:
+    """``VisionTransformer(cfg)``, initialised from ``init`` unless it is empty or ``none``."""
+    if _no_init(init):
+        return VisionTransformer(cfg)
+    return init_from(init, cfg)
+
+
+def resumed_model_config(out: str | Path, resume: bool) -> ModelConfig | None:
+    """The model config saved in run ``out`` when it is being resumed from a checkpoint: the weights then
+    come from the checkpoint, so ``--init`` is neither read again nor needed any more."""
+    return RunDir(out).resumable_model_config() if resume else None
