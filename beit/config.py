@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,11 +31,35 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------- shared configs
 
 
+def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of an image size given as one side (square) or as ``(height, width)``."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def normalize_img_size(size: Any, key: str = "img_size") -> int | tuple[int, int]:
+    """An int for a square size (``[64, 64]`` -> 64), else ``(height, width)``; ConfigError naming ``key``."""
+    if isinstance(size, str) and "x" in size.lower():  # "120x160": height x width
+        size = size.lower().split("x")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise ConfigError(f"{key}: expected one size or [height, width], got {list(size)}")
+        h, w = (_coerce(v, int, key) for v in size)
+        size = h if h == w else (h, w)
+    elif not isinstance(size, int) or isinstance(size, bool):
+        size = _coerce(size, int, key)
+    if min(image_hw(size)) < 1:
+        raise ConfigError(f"{key}: sizes must be positive, got {size}")
+    return size
+
+
 @dataclass
 class ModelConfig:
     """One vision transformer, as in BEiT (arXiv 2106.08254, Sec. 2.2 and Appendix)."""
 
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224  # a square side, or (height, width): e.g. [120, 160] for 160x120 images
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 768
@@ -60,7 +85,8 @@ class ModelConfig:
     head_init_scale: float = 0.001  # classification head weights scaled at init (BEiT fine-tuning)
 
     def __post_init__(self) -> None:
-        if self.img_size % self.patch_size:
+        self.img_size = normalize_img_size(self.img_size, "model.img_size")
+        if any(s % self.patch_size for s in image_hw(self.img_size)):
             raise ConfigError(
                 f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}"
             )
@@ -70,8 +96,15 @@ class ModelConfig:
             )
 
     @property
+    def img_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the input images."""
+        return image_hw(self.img_size)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+        """``(rows, columns)`` of the patch grid."""
+        h, w = self.img_hw
+        return (h // self.patch_size, w // self.patch_size)
 
     @property
     def num_patches(self) -> int:
@@ -147,6 +180,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | tuple[int, int]: the first that fits
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.strip("()[]").split(",") if v.strip()]
@@ -204,6 +244,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        return f"a list of {len(typing.get_args(tp))} values" if origin is tuple else "a list"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _field_types(cls: type) -> dict[str, Any]:

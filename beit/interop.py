@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from beit.checkpoint_io import CheckpointError, load_weights, read_torch_file, save_weights
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
-from beit.models.vit import VisionTransformer, uses_fc_norm
+from beit.models.vit import VisionTransformer, num_relative_distance, uses_fc_norm
 
 log = logging.getLogger(__name__)
 
@@ -40,46 +40,69 @@ def _grid_of_rel_table(rows: int) -> int:
     return (side + 1) // 2
 
 
-def resize_rel_table(table: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """``(num_rel, heads)`` table for another grid: bicubic on the ``(2h-1, 2w-1)`` offset grid, the 3
-    [CLS] rows kept as they are (the official code uses scipy's geometric-progression interpolation; a
-    bicubic resample is its torch-only equivalent for the smooth tables BEiT learns)."""
-    old = _grid_of_rel_table(table.shape[0])
+def _source_grid(n: int, new_grid: tuple[int, int], old_grid: tuple[int, int] | None,
+                 of_rows: bool) -> tuple[int, int]:
+    """The grid a table of ``n`` rows (relative) or patches (absolute) was made for: ``old_grid`` if given,
+    the new grid if the size matches it (nothing to resize), else a square one."""
+    if old_grid is not None:
+        return tuple(old_grid)  # type: ignore[return-value]
+    fits_new = (num_relative_distance(new_grid) if of_rows else new_grid[0] * new_grid[1]) == n
+    if fits_new:
+        return tuple(new_grid)  # type: ignore[return-value]
+    if of_rows:
+        side = _grid_of_rel_table(n)
+    else:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise CheckpointError(f"position embedding with {n} patches is not a square grid")
+    return (side, side)
+
+
+def resize_rel_table(table: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                     mode: str = "bicubic") -> torch.Tensor:
+    """``(num_rel, heads)`` table for another grid ``(h', w')``, square or not: the ``(2h-1, 2w-1)`` grid of
+    offsets resampled (``mode``: bicubic, or bilinear as HF transformers' ``interpolate_pos_encoding``) to
+    ``(2h'-1, 2w'-1)``, the 3 [CLS] rows kept as they are (the official code uses scipy's
+    geometric-progression interpolation; a bicubic resample is its torch-only equivalent for the smooth
+    tables BEiT learns). ``old_grid``: the table's grid when it is not square."""
+    old_h, old_w = _source_grid(table.shape[0], tuple(new_grid), old_grid, of_rows=True)
     new_h, new_w = new_grid
-    if (old, old) == (new_h, new_w):
+    if (old_h, old_w) == (new_h, new_w):
         return table
     heads = table.shape[1]
-    grid = table[:-3].T.reshape(1, heads, 2 * old - 1, 2 * old - 1).float()  # (1, H, 2h-1, 2w-1)
-    grid = F.interpolate(grid, size=(2 * new_h - 1, 2 * new_w - 1), mode="bicubic", align_corners=False)
+    grid = table[:-3].T.reshape(1, heads, 2 * old_h - 1, 2 * old_w - 1).float()  # (1, H, 2h-1, 2w-1)
+    grid = F.interpolate(grid, size=(2 * new_h - 1, 2 * new_w - 1), mode=mode, align_corners=False)
     rows = grid.reshape(heads, -1).T.to(table.dtype)  # ((2h'-1)(2w'-1), H)
     return torch.cat([rows, table[-3:]], dim=0)
 
 
-def resize_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """``(1, 1+N, D)`` absolute embedding for another grid: bicubic on the patch grid, [CLS] row kept."""
-    n = pos.shape[1] - 1
-    old = math.isqrt(n)
-    if old * old != n:
-        raise CheckpointError(f"position embedding with {n} patches is not a square grid")
-    if (old, old) == tuple(new_grid):
+def resize_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int],
+                     old_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """``(1, 1+N, D)`` absolute embedding for another grid ``(h', w')``: bicubic on the patch grid (as HF
+    transformers' ``interpolate_pos_encoding``), [CLS] row kept. ``old_grid``: when it is not square."""
+    old_h, old_w = _source_grid(pos.shape[1] - 1, tuple(new_grid), old_grid, of_rows=False)
+    if (old_h, old_w) == tuple(new_grid):
         return pos
     D = pos.shape[-1]
-    grid = pos[:, 1:].reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    grid = pos[:, 1:].reshape(1, old_h, old_w, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos.dtype)  # (1, h'w', D)
     return torch.cat([pos[:, :1], grid], dim=1)
 
 
-def resize_pos_and_rel_tables(state_dict: dict[str, torch.Tensor], new_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+def resize_pos_and_rel_tables(state_dict: dict[str, torch.Tensor], new_grid: tuple[int, int],
+                              old_grid: tuple[int, int] | None = None,
+                              rel_mode: str = "bicubic") -> dict[str, torch.Tensor]:
     """A copy of ``state_dict`` (our names) with ``pos_embed`` and every relative position table resized to
-    ``new_grid`` patches; sizes that already match are returned unchanged (resizing to the same size is the
-    identity)."""
+    ``new_grid`` patches (rows, columns); sizes that already match are returned unchanged (resizing to the
+    same size is the identity). Tables are taken as square unless ``old_grid`` says otherwise;
+    ``rel_mode`` resamples the relative tables (bilinear: as HF transformers)."""
     out = dict(state_dict)
     for k, v in state_dict.items():
         if k == "pos_embed":
-            out[k] = resize_pos_embed(v, new_grid)
+            out[k] = resize_pos_embed(v, new_grid, old_grid)
         elif k.endswith(_REL):
-            out[k] = resize_rel_table(v, new_grid)
+            out[k] = resize_rel_table(v, new_grid, old_grid, rel_mode)
     return out
 
 
@@ -123,7 +146,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
     depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     tables = [v for k, v in sd.items() if k.endswith(_REL)]
     heads = tables[0].shape[1] if tables else max(1, D // 64)
-    if "pos_embed" in sd:
+    if "img_size" in overrides:  # given (timm model_args, a non-square size): the tables need not be square
+        grid = 0
+    elif "pos_embed" in sd:
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
     elif tables:
         grid = _grid_of_rel_table(tables[0].shape[0])
@@ -166,7 +191,7 @@ def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
     if not fc and cfg.use_mean_pooling and cfg.num_classes > 0:
         raise ConfigError("timm Beit cannot express mean pooling of normalised tokens without fc_norm")
     return dict(
-        img_size=cfg.img_size,
+        img_size=cfg.img_size if isinstance(cfg.img_size, int) else list(cfg.img_hw),
         patch_size=cfg.patch_size,
         in_chans=cfg.in_chans,
         num_classes=cfg.num_classes,
@@ -306,6 +331,9 @@ def model_config_to_hf_config(cfg: ModelConfig, arch: str | None = None) -> dict
     ``fc_norm`` with [CLS] pooling)."""
     arch = arch or hf_arch_for(cfg)
     fc = uses_fc_norm(cfg)
+    if not isinstance(cfg.img_size, int):  # HF re-reads its tables as square ones at a non-square size
+        raise ConfigError(f"HF Beit supports square models only; this one is {cfg.img_hw[0]}x{cfg.img_hw[1]} "
+                          "(export it as timm, or load it at a square img_size first)")
     if arch == "BeitForImageClassification":
         if cfg.num_classes <= 0:
             raise ConfigError("BeitForImageClassification needs model.num_classes > 0")
@@ -467,11 +495,13 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Fit a state dict (our names) to ``model``: resize position tables to its grid, spread a shared
-    relative table into per-layer tables (BEiT fine-tuning) or fold per-layer ones into a shared one, keep
-    fixed sin-cos tables of the model, and drop heads whose shape no longer matches."""
-    sd = resize_pos_and_rel_tables(state_dict, model.grid_size)
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer,
+                     old_grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Fit a state dict (our names) to ``model``: resize position tables to its grid (from ``old_grid``,
+    square by default), spread a shared relative table into per-layer tables (BEiT fine-tuning) or fold
+    per-layer ones into a shared one, keep fixed sin-cos tables of the model, and drop heads whose shape no
+    longer matches."""
+    sd = resize_pos_and_rel_tables(state_dict, model.grid_size, old_grid)
     shared_key = f"rel_pos_bias.{_REL}"
     own = model.state_dict()
     if shared_key in sd and shared_key not in own and f"blocks.0.attn.{_REL}" in own:
@@ -489,12 +519,14 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
     return sd
 
 
-def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict: bool = True) -> VisionTransformer:
-    """``VisionTransformer(cfg)`` with ``state_dict`` loaded after :func:`adapt_state_dict`, in eval mode.
+def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict: bool = True,
+                   old_grid: tuple[int, int] | None = None) -> VisionTransformer:
+    """``VisionTransformer(cfg)`` with ``state_dict`` (made for patch grid ``old_grid``, square by default)
+    loaded after :func:`adapt_state_dict`, in eval mode.
 
     ``strict``: every weight must be used and every parameter provided; otherwise mismatches are logged."""
     model = VisionTransformer(cfg)
-    sd = adapt_state_dict(state_dict, model)
+    sd = adapt_state_dict(state_dict, model, old_grid)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
@@ -543,7 +575,8 @@ def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer
         sd = timm_to_ours(sd)
         if isinstance(meta.get("model_config"), dict):
             cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides}, prefix="model.")
-            return "beit", build_and_load(cfg, sd, strict)
+            saved = from_dict(ModelConfig, meta["model_config"], prefix="model.")
+            return "beit", build_and_load(cfg, sd, strict, saved.grid_size)
         extra = _timm_overrides(meta["timm_model_args"]) if isinstance(meta.get("timm_model_args"), dict) else {}
         return "timm", build_and_load(infer_config(sd, **{**extra, **overrides}), sd, strict)
     obj = read_torch_file(path)
@@ -559,8 +592,8 @@ def _timm_overrides(args: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "num_heads" in args:
         out["num_heads"] = int(args["num_heads"])
-    if "img_size" in args and not isinstance(args["img_size"], (list, tuple)):
-        out["img_size"] = int(args["img_size"])
+    if "img_size" in args:
+        out["img_size"] = args["img_size"]
     if args.get("global_pool") == "token":
         out["use_mean_pooling"] = False
     if "init_values" in args:
@@ -623,7 +656,7 @@ def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
         global_pool=args["global_pool"],
         model_args=args,
         pretrained_cfg=dict(
-            input_size=[cfg.in_chans, cfg.img_size, cfg.img_size],
+            input_size=[cfg.in_chans, *cfg.img_hw],
             fixed_input_size=True,
             num_classes=cfg.num_classes,
             mean=[0.485, 0.456, 0.406],

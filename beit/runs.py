@@ -149,10 +149,9 @@ def run_backbone_state(path: str | Path, which: str | None = None) -> tuple[Mode
 
 def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionTransformer:
     """The backbone of a run, with its heads; ``overrides`` change ``ModelConfig`` fields."""
-    cfg, sd = run_backbone_state(path, which)
-    if overrides:
-        cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides}, prefix="model.")
-    return interop.build_and_load(cfg, sd, strict=not overrides)
+    saved, sd = run_backbone_state(path, which)
+    cfg = from_dict(ModelConfig, {**to_dict(saved), **overrides}, prefix="model.") if overrides else saved
+    return interop.build_and_load(cfg, sd, strict=not overrides, old_grid=saved.grid_size)
 
 
 def _other_backbone(path: Path) -> VisionTransformer | None:
@@ -168,25 +167,31 @@ def _other_backbone(path: Path) -> VisionTransformer | None:
 
 def backbone_state(path: str | Path, which: str | None = None) -> dict[str, torch.Tensor]:
     """Backbone weights (our names) from anything :func:`beit.load` reads, for initialising another model."""
+    return _backbone_state_and_grid(path, which)[0]
+
+
+def _backbone_state_and_grid(path: str | Path, which: str | None) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """Backbone weights and the patch grid (rows, columns) their position tables were made for."""
     p = Path(path)
     if RunDir.holds_run(p):
-        return run_backbone_state(p, which)[1]
+        cfg, sd = run_backbone_state(p, which)
+        return sd, cfg.grid_size
     model = _other_backbone(p)
     if model is None:
         raise CheckpointError(f"{p}: not a vision transformer checkpoint (a tokenizer?)")
-    return model.state_dict()
+    return model.state_dict(), model.grid_size
 
 
 def init_from(path: str | Path, cfg: ModelConfig, which: str | None = None) -> VisionTransformer:
     """``VisionTransformer(cfg)`` initialised from the backbone in ``path`` (heads not taken when their
     shape differs; shared relative position bias copied into each layer when ``cfg`` has per-layer tables;
     position tables resized to ``cfg``'s grid). Fails if any block weight is missing."""
-    sd = backbone_state(path, which)
+    sd, grid = _backbone_state_and_grid(path, which)
     # pretraining heads never serve a downstream model
     sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "head.", "mask_token"))
           and not (k.startswith("norm.") and cfg.use_mean_pooling and cfg.num_classes > 0)}
     model = VisionTransformer(cfg)
-    sd = interop.adapt_state_dict(sd, model)
+    sd = interop.adapt_state_dict(sd, model, grid)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:

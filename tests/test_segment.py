@@ -29,21 +29,23 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, use_s
 RED, BLUE, GREY = (220, 30, 30), (30, 30, 220), (128, 128, 128)
 
 
-def make_shapes_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 16) -> Path:
-    """images/{split}/i.png: a red rectangle (class 1) and a blue disk (class 2) on grey (class 0); the
-    top row of every mask is 255 (ignore)."""
+def make_shapes_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 16, width: int = 0,
+                        splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """images/{split}/i.png (``size`` high, ``width`` or ``size`` wide): a red rectangle (class 1) and a blue
+    disk (class 2) on grey (class 0); the top row of every mask is 255 (ignore)."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
+    width = width or size
+    for split, n in zip(splits, (n_train, n_val, n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img = np.empty((size, size, 3), np.uint8)
+            img = np.empty((size, width, 3), np.uint8)
             img[:] = GREY
-            mask = np.zeros((size, size), np.uint8)
+            mask = np.zeros((size, width), np.uint8)
             y, x = rng.integers(0, size // 2, 2)
             h, w = rng.integers(size // 4, size // 2, 2)
             img[y:y + h, x:x + w], mask[y:y + h, x:x + w] = RED, 1
-            yy, xx = np.mgrid[:size, :size]
+            yy, xx = np.mgrid[:size, :width]
             cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2
             img[disk], mask[disk] = BLUE, 2
@@ -152,3 +154,32 @@ def test_segment_data_errors(tmp_path):
     (data / "masks" / "val" / "0.png").unlink()
     rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(tmp_path / "r"), "--steps", "1"])
     assert rc == 2
+
+
+def test_segment_cli_on_rectangles(tmp_path, capsys):
+    """16x24 images (a 4x6 patch grid) through ``beit segment``; the model is initialised from a square
+    (8x8 grid) backbone, whose relative tables are copied per layer and resized."""
+    from beit.checkpoint_io import save_weights
+    from beit.cli import main
+    from beit.interop import model_metadata
+    from beit.tasks.segment import load_segmenter
+
+    data = make_shapes_dataset(tmp_path / "data", size=16, width=24)
+    sq = VisionTransformer(ModelConfig(**{**TINY, "img_size": 32, "use_shared_rel_pos_bias": True,
+                                          "use_rel_pos_bias": False}))
+    with torch.no_grad():
+        sq.rel_pos_bias.relative_position_bias_table.normal_()
+    save_weights(sq.state_dict(), tmp_path / "sq.safetensors", model_metadata(sq))
+    run = tmp_path / "seg"
+    rc = main(["-q", "segment", "--data", str(data), "--init", str(tmp_path / "sq.safetensors"), "--out", str(run),
+               "--steps", "2", "--batch-size", "3", "--workers", "0", "--device", "cpu", "model.img_size=[16,24]",
+               "head.channels=16", "head.aux_channels=8"])
+    assert rc == 0
+    assert "mIoU" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best"]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["img_size"] == [16, 24] and cfg["model"]["use_rel_pos_bias"]
+    seg = load_segmenter(run)
+    assert seg.model.grid_size == (4, 6)
+    assert seg.predict(torch.randn(1, 3, 16, 24)).shape == (1, 16, 24)
+    w, h = Image.open(run / "predictions.png").size
+    assert w * 2 * 16 == h * 3 * 24  # two rows of three 24x16 panels

@@ -9,7 +9,10 @@ import json
 def cmd_attention(args: argparse.Namespace) -> int:
     from ..viz.attention import show_attention
 
-    out = show_attention(args.init, args.image, args.out, layer=args.layer)
+    from ..config import normalize_img_size
+
+    size = None if args.img_size is None else normalize_img_size(args.img_size, "--img-size")
+    out = show_attention(args.init, args.image, args.out, layer=args.layer, img_size=size)
     print(json.dumps({"out": str(out), "layer": args.layer}))
     return 0
 
@@ -37,6 +40,8 @@ def add_commands(sub) -> None:
     s.add_argument("--image", required=True)
     s.add_argument("--out", required=True, help="PNG to write")
     s.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default -1)")
+    s.add_argument("--img-size", metavar="S|HxW", help="run at this size, e.g. 120x160 (height x width; default: "
+                   "the checkpoint's), position tables resized")
     s.set_defaults(func=cmd_attention)
     s = ssub.add_parser("mim", help="blockwise mask, tokenizer decode of predicted vs true visual tokens")
     s.add_argument("--init", required=True, help="BEiT pretraining run (or model with an MIM head)")

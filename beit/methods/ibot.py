@@ -173,7 +173,7 @@ def cls_token_any_size(backbone: VisionTransformer, x: torch.Tensor) -> torch.Te
     Another resolution needs an absolute position table, which is resized bicubically to the crop's grid
     (DINO's ``interpolate_pos_encoding``); relative position tables are tied to one grid and are refused.
     """
-    if tuple(x.shape[-2:]) == (backbone.patch_embed.img_size,) * 2:
+    if tuple(x.shape[-2:]) == backbone.patch_embed.img_hw:
         return backbone.forward_features(x)[:, 0]
     if backbone.rel_pos_index is not None:
         raise ConfigError("local crops at another resolution need absolute positions: set "

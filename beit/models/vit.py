@@ -4,7 +4,7 @@ Parameter names follow the official BEiT code and timm (``patch_embed.proj``, ``
 ``gamma_1``, ``rel_pos_bias.relative_position_bias_table``, ``fc_norm``, ``head``, ``lm_head``, ...), so their
 state dicts load without renaming; :mod:`beit.interop` maps HF transformers names.
 
-Conventions: images ``(B, C, H, W)``; masks are ``bool`` with **True = masked**, shape ``(B, h, w)`` or
+Conventions: images ``(B, C, H, W)``, square or not (``img_size`` = (H, W): an ``h x w`` patch grid); masks are ``bool`` with **True = masked**, shape ``(B, h, w)`` or
 ``(B, N)`` in row-major patch order; token sequences are ``(B, 1 + N, D)`` with [CLS] first.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.config import ModelConfig
+from beit.config import ModelConfig, image_hw
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -118,20 +118,23 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` patches -> ``(B, N, D)`` by one strided convolution."""
+    """Non-overlapping ``patch_size`` patches -> ``(B, N, D)`` by one strided convolution.
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    ``img_size``: one side (square) or ``(height, width)``; the grid is ``(height, width) // patch_size``."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.img_size = img_size
+        self.img_hw = image_hw(img_size)
         self.patch_size = patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = (self.img_hw[0] // patch_size, self.img_hw[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_hw:
             raise ValueError(
-                f"expected images (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}; "
+                f"expected images (B, C, {self.img_hw[0]}, {self.img_hw[1]}), got {tuple(x.shape)}; "
                 "load the model at this resolution (beit.interop.load_any(path, img_size=...))"
             )
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)

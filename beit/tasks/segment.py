@@ -43,6 +43,7 @@ from ..config import (
     TrainConfig,
     dump_yaml,
     from_dict,
+    image_hw,
     resolve,
     to_dict,
 )
@@ -168,24 +169,28 @@ def load_mask(path: str | Path) -> np.ndarray:
 
 
 class SegTransform:
-    """``(PIL image, (H, W) uint8 mask) -> {"images": (3, S, S) normalised, "masks": (S, S) int64}``.
+    """``(PIL image, (H, W) uint8 mask) -> {"images": (3, h, w) normalised, "masks": (h, w) int64}``.
 
-    ``train=True``: one random resized crop and flip for both (bicubic image, nearest mask); else a plain
-    resize to ``S x S``. Draws from torch's global RNG (seeded per sample by the engine).
+    ``size``: ``(h, w)``, or one side for squares. ``train=True``: one random resized crop (aspect ratio
+    within 3/4..4/3 of ``w / h``) and flip for both (bicubic image, nearest mask); else a plain resize to
+    ``h x w``. Draws from torch's global RNG (seeded per sample by the engine).
     """
 
-    def __init__(self, size: int, train: bool, scale: Sequence[float] = (0.25, 1.0), hflip: float = 0.5,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.size, self.train = size, train
+    def __init__(self, size: int | tuple[int, int], train: bool, scale: Sequence[float] = (0.25, 1.0),
+                 hflip: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        self.size, self.train = image_hw(size), train
         self.scale, self.hflip = (float(scale[0]), float(scale[1])), hflip
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, img: Image.Image, mask: np.ndarray) -> dict[str, torch.Tensor]:
         m = torch.from_numpy(np.ascontiguousarray(mask))[None]  # (1, H, W) uint8
         x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-        S = [self.size, self.size]
+        S = list(self.size)
         if self.train:
-            top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale)
+            aspect = S[1] / S[0]
+            top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale,
+                                                         (3 / 4 * aspect, 4 / 3 * aspect))
             x = TF.resized_crop(x, top, left, h, w, S, interpolation=InterpolationMode.BICUBIC, antialias=True)
             m = TF.resized_crop(m, top, left, h, w, S, interpolation=InterpolationMode.NEAREST)
             if float(torch.rand(())) < self.hflip:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import image_hw
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("beit")
@@ -24,9 +25,10 @@ log = logging.getLogger("beit")
 __all__ = ["cls_attention", "load_backbone", "prepare_image", "show_attention"]
 
 
-def prepare_image(image: Any, size: int) -> torch.Tensor:
-    """A path, PIL image or ``(3, H, W)`` tensor -> ``(3, size, size)`` float in [0, 1]: the short side
-    resized to ``size`` (bicubic), then a center crop."""
+def prepare_image(image: Any, size: int | tuple[int, int]) -> torch.Tensor:
+    """A path, PIL image or ``(3, H, W)`` tensor -> ``(3, h, w)`` float in [0, 1] for ``size`` = ``h`` (square)
+    or ``(h, w)``: resized (bicubic) to the smallest size that covers ``(h, w)`` with the aspect ratio kept
+    (for a square: the short side to ``h``), then a center crop."""
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
     from torchvision.transforms.v2 import InterpolationMode
@@ -44,8 +46,14 @@ def prepare_image(image: Any, size: int) -> torch.Tensor:
         x = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
     else:
         raise TypeError(f"expected an image path, a PIL image or a tensor, got {type(image).__name__}")
-    x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.center_crop(x, [size, size])
+    h, w = image_hw(size)
+    if h == w:
+        x = TF.resize(x, h, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    else:
+        scale = max(h / x.shape[-2], w / x.shape[-1])
+        cover = [max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale))]
+        x = TF.resize(x, cover, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    x = TF.center_crop(x, [h, w])
     return x.float() / 255.0
 
 
@@ -55,13 +63,19 @@ def normalize(x01: torch.Tensor) -> torch.Tensor:
     return (x01 - mean) / std
 
 
-def load_backbone(init: Any):
-    """A :class:`VisionTransformer` from a model or anything ``beit.load`` reads."""
+def load_backbone(init: Any, img_size: int | tuple[int, int] | None = None):
+    """A :class:`VisionTransformer` from a model or anything ``beit.load`` reads; ``img_size`` (a side or
+    ``(height, width)``) loads a checkpoint at another resolution, its position tables resized."""
     from .. import api
     from ..config import ConfigError
     from ..models.vit import VisionTransformer
 
-    model = init if isinstance(init, VisionTransformer) else api.load(init)
+    if isinstance(init, VisionTransformer):
+        if img_size is not None and image_hw(img_size) != init.patch_embed.img_hw:
+            raise ConfigError("img_size applies to a checkpoint path, not to a model object")
+        model = init
+    else:
+        model = api.load(init) if img_size is None else api.load(init, img_size=img_size)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"{init}: not a vision transformer checkpoint (a tokenizer?)")
     return model.eval()
@@ -69,9 +83,9 @@ def load_backbone(init: Any):
 
 @torch.no_grad()
 def cls_attention(model, image: Any, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``((heads, h, w) attention of [CLS] to every patch in block ``layer``, (3, S, S) image in [0, 1])``."""
+    """``((heads, h, w) attention of [CLS] to every patch in block ``layer``, (3, H, W) image in [0, 1])``."""
     model = load_backbone(model)
-    x01 = prepare_image(image, model.cfg.img_size)
+    x01 = prepare_image(image, model.patch_embed.img_hw)
     device = next(model.parameters()).device
     attn = model.get_attention(normalize(x01)[None].to(device), layer)  # (1, heads, 1+N, 1+N)
     h, w = model.grid_size
@@ -80,8 +94,7 @@ def cls_attention(model, image: Any, layer: int = -1) -> tuple[torch.Tensor, tor
 
 
 def _overlay(ax, img: np.ndarray, amap: torch.Tensor, title: str) -> None:
-    S = img.shape[0]
-    up = F.interpolate(amap[None, None], size=(S, S), mode="nearest")[0, 0].numpy()
+    up = F.interpolate(amap[None, None], size=img.shape[:2], mode="nearest")[0, 0].numpy()
     lo, hi = float(up.min()), float(up.max())
     up = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
     ax.imshow(img)
@@ -90,16 +103,18 @@ def _overlay(ax, img: np.ndarray, amap: torch.Tensor, title: str) -> None:
     ax.axis("off")
 
 
-def show_attention(init: Any, image: Any, out: str | Path, layer: int = -1, dpi: int = 120) -> Path:
+def show_attention(init: Any, image: Any, out: str | Path, layer: int = -1, dpi: int = 120,
+                   img_size: int | tuple[int, int] | None = None) -> Path:
     """Save a PNG: the image, the head-mean [CLS] attention and one panel per head, overlaid on the image.
 
-    ``init``: a model or anything ``beit.load`` reads; ``layer``: block index (negative from the end)."""
+    ``init``: a model or anything ``beit.load`` reads; ``layer``: block index (negative from the end);
+    ``img_size``: a side or ``(height, width)`` to run at (default: the checkpoint's), e.g. (120, 160)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model = load_backbone(init)
+    model = load_backbone(init, img_size)
     maps, x01 = cls_attention(model, image, layer)
     heads = maps.shape[0]
     img = x01.permute(1, 2, 0).numpy()
