@@ -7,9 +7,8 @@ import json
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from ..viz.attention import show_attention
-
     from ..config import normalize_img_size
+    from ..viz.attention import show_attention
 
     size = None if args.img_size is None else normalize_img_size(args.img_size, "--img-size")
     out = show_attention(args.init, args.image, args.out, layer=args.layer, img_size=size)
