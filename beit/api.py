@@ -1,6 +1,6 @@
 """``beit.load``: one call for every kind of weights this project reads.
 
-- a tokenizer (``tokenizer.safetensors`` or a folder/run holding one) -> :class:`beit.models.dvae.Tokenizer`;
+- a tokenizer (``tokenizer.safetensors`` or a folder/run holding one) -> :class:`beit.models.tokenizer.Tokenizer`;
 - a run directory of this project (pretraining, fine-tuning, ...) or one of its checkpoint directories
   -> :class:`beit.models.vit.VisionTransformer` with the run's heads (a BEiT pretraining run gives the
   masked-image-modeling model; a fine-tuning run the classifier);
@@ -31,7 +31,7 @@ def load(path: str | Path, *, which: str | None = None, device: str | torch.devi
     """Load a model or tokenizer from ``path``; ``overrides`` change ``ModelConfig`` fields (e.g.
     ``img_size=64`` resizes position tables, ``num_classes=10`` adds a fresh head). ``which`` picks one of
     the named backbones of a run (iBOT: ``teacher``, the default, or ``student``)."""
-    from .models.dvae import is_tokenizer_file, load_tokenizer
+    from .models.tokenizer import is_tokenizer_file, load_tokenizer
 
     p = Path(path)
     if not p.exists():

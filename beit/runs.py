@@ -156,7 +156,7 @@ def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionT
 
 def _other_backbone(path: Path) -> VisionTransformer | None:
     """The backbone in a file or folder that is not a run (HF, timm, official BEiT); None for a tokenizer."""
-    from .models.dvae import is_tokenizer_file
+    from .models.tokenizer import is_tokenizer_file
 
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from beit.config import from_dict, to_dict  # noqa: E402
 from beit.masking import block_mask  # noqa: E402
 from beit.methods.beit import BEiTConfig, BEiTMethod  # noqa: E402
-from beit.models.dvae import Tokenizer, get_tokenizer_preset  # noqa: E402
 from beit.models.presets import get_preset  # noqa: E402
+from beit.models.tokenizer import Tokenizer, get_tokenizer_preset  # noqa: E402
 
 
 @dataclass

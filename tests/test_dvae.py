@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.config import ConfigError, replace
-from beit.models.dvae import (
+from beit.models.tokenizer import (
     TOKENIZER_PRESETS,
     DVAEConfig,
     Tokenizer,

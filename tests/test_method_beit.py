@@ -244,7 +244,7 @@ def test_build_and_transform_and_config_errors():
 
 
 def test_with_the_dvae_tokenizer():
-    dvae = pytest.importorskip("beit.models.dvae")
+    dvae = pytest.importorskip("beit.models.tokenizer")
     tok = dvae.Tokenizer(dvae.get_tokenizer_preset("dvae_32"))
     model_cfg = from_dict(ModelConfig, {**TINY, "img_size": 32})  # 8x8 grid, like dvae_32's 8x8 tokens
     m = BEiTMethod.build(model_cfg, tok, BEiTConfig(min_block=4))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from beit.config import ConfigError, replace
-from beit.models.dvae import DVAEConfig, Tokenizer, load_tokenizer, map_pixels
+from beit.models.tokenizer import DVAEConfig, Tokenizer, load_tokenizer, map_pixels
 from beit.tokenizers import (
     DVAEObjective,
     ObjectiveConfig,
@@ -23,7 +23,7 @@ from beit.tokenizers import (
     reconstruction_grid,
     train_tokenizer,
 )
-from beit.tokenizers.dvae_train import code_perplexity, logit_laplace_nll, psnr
+from beit.tokenizers.train import code_perplexity, logit_laplace_nll, psnr
 
 # 16px images -> 4x4 tokens of 4x4 pixels: the smallest model that still has to learn something
 TINY = DVAEConfig(img_size=16, vocab_size=64, n_hid=16, n_groups=3, n_blk_per_group=1, n_init=32)

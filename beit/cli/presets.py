@@ -8,8 +8,8 @@ import argparse
 def preset_lists() -> dict[str, list[str]]:
     """Kind -> preset names, for every command that takes ``--preset``."""
     from ..methods import registry
-    from ..models.dvae import TOKENIZER_PRESETS
     from ..models.presets import PRESETS
+    from ..models.tokenizer import TOKENIZER_PRESETS
     from ..tasks import finetune, segment
 
     return {"backbones": list(PRESETS), "tokenizers": list(TOKENIZER_PRESETS),

@@ -36,7 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..tokenizers.dvae_train import RUN_PRESETS
+    from ..tokenizers.train import RUN_PRESETS
 
     tok = sub.add_parser("tokenizer", help="train, evaluate or convert a visual tokenizer (dVAE)")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)

@@ -36,7 +36,7 @@ __all__ = ["BEiTConfig", "BEiTMethod", "Tokenizer", "build_pretrain_transform", 
 
 
 class Tokenizer(Protocol):
-    """What the method needs of a visual tokenizer (e.g. ``beit.models.dvae``)."""
+    """What the method needs of a visual tokenizer (e.g. ``beit.models.tokenizer``)."""
 
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
         """``(B, 3, h*r, w*r)`` images in ``[0, 1]`` -> ``(B, h, w)`` int64 token ids."""
@@ -233,7 +233,7 @@ def build(cfg):
     """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
     import dataclasses
 
-    from ..models.dvae import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
 
     tok, tok_size = None, None
     if cfg.beit.target == "tokens":

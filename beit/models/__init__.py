@@ -1,4 +1,4 @@
-"""The backbone and its presets (the dVAE lives in :mod:`beit.models.dvae`)."""
+"""The backbone and its presets (the dVAE lives in :mod:`beit.models.tokenizer`)."""
 
 from beit.models.presets import PRESETS, create_model, get_preset
 from beit.models.vit import VisionTransformer

@@ -1,10 +1,10 @@
 """Visual tokenizers: train (dVAE / VQ objectives on the shared engine), evaluate, convert DALL-E weights.
 
 The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``decode`` ids -> images) lives in
-:mod:`beit.models.dvae`; this package holds what is done with it.
+:mod:`beit.models.tokenizer`; this package holds what is done with it.
 """
 
-from ..models.dvae import (
+from ..models.tokenizer import (
     TOKENIZER_PRESETS,
     DVAEConfig,
     Tokenizer,
@@ -14,7 +14,8 @@ from ..models.dvae import (
     save_tokenizer,
 )
 from .dalle import ConversionError, convert_dalle
-from .dvae_train import (
+from .evaluate import evaluate_cmd, evaluate_tokenizer, reconstruction_grid
+from .train import (
     RUN_PRESETS,
     DVAEObjective,
     ObjectiveConfig,
@@ -23,7 +24,6 @@ from .dvae_train import (
     build_objective,
     train_tokenizer,
 )
-from .evaluate import evaluate_cmd, evaluate_tokenizer, reconstruction_grid
 from .vq import VQObjective
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import save_yaml
-from ..models.dvae import DVAEConfig, Tokenizer, save_tokenizer
+from ..models.tokenizer import DVAEConfig, Tokenizer, save_tokenizer
 
 
 class ConversionError(ValueError):

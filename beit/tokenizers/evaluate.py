@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..models.dvae import Tokenizer, load_tokenizer
-from .dvae_train import batch_images, psnr
+from ..models.tokenizer import Tokenizer, load_tokenizer
+from .train import batch_images, psnr
 
 log = logging.getLogger("beit")
 
@@ -94,7 +94,7 @@ def evaluate_cmd(
     Images are resized (shorter side) and centre-cropped to the tokenizer's size. Optionally writes a
     reconstruction grid PNG of the first 8 images and the numbers as JSON.
     """
-    from .dvae_train import build_dataset
+    from .train import build_dataset
 
     tok = load_tokenizer(tokenizer, device=device)
     ds = build_dataset(data_dir, tok.cfg.img_size, train=False, limit=limit)

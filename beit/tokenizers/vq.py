@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..models.dvae import Tokenizer, map_pixels, stats_to_images
-from .dvae_train import ObjectiveConfig, _TokenizerMethod, batch_images, code_perplexity, psnr, recon_loss
+from ..models.tokenizer import Tokenizer, map_pixels, stats_to_images
+from .train import ObjectiveConfig, _TokenizerMethod, batch_images, code_perplexity, psnr, recon_loss
 
 
 def _ddp() -> bool:

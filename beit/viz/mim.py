@@ -52,7 +52,7 @@ def mim_predict(init: Any, tokenizer: Any, image: Any, seed: int = 0,
     ``init``: a model or run with an MIM head; ``tokenizer``: a Tokenizer or its path.
     """
     from ..config import ConfigError
-    from ..models.dvae import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
 
     model = load_backbone(init)
     if model.lm_head is None:

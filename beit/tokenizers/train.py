@@ -6,7 +6,7 @@ DALL-E dVAE (arXiv 2102.12092, Sec. 2.1 and Appendix A.2), as used by BEiT (arXi
   (temperature ``tau`` annealed from 1 to 1/16, cosine or exponential over ``tau_anneal_fraction`` of the
   run); the decoder reads the soft one-hot code;
 - reconstruction: the logit-Laplace negative log-likelihood (Sec. A.3) of the pixels mapped into
-  ``[eps, 1 - eps]`` (:func:`beit.models.dvae.map_pixels`), or plain MSE (``objective.recon=mse``);
+  ``[eps, 1 - eps]`` (:func:`beit.models.tokenizer.map_pixels`), or plain MSE (``objective.recon=mse``);
 - KL of the per-position code distribution to the uniform prior, weighted by ``beta`` ramped linearly from
   0 to ``kl_weight`` over ``kl_warmup_fraction`` of the run. As in the paper's ELB both terms are sums
   (over sub-pixels and over grid positions); here both are divided by the number of sub-pixels so the loss
@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, resolve, to_dict
 from ..methods.base import Method
-from ..models.dvae import (
+from ..models.tokenizer import (
     LOGIT_LAPLACE_EPS,
     TOKENIZER_PRESETS,
     DVAEConfig,
