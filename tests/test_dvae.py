@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from beit.config import ConfigError, replace
 from beit.models.tokenizer import (
     TOKENIZER_PRESETS,
-    DVAEConfig,
     Tokenizer,
     get_tokenizer_preset,
     is_tokenizer_file,
@@ -25,6 +24,7 @@ from beit.models.tokenizer import (
     save_tokenizer,
     unmap_pixels,
 )
+from beit.models.tokenizer import TokenizerConfig as DVAEConfig
 from beit.tokenizers.dalle import ConversionError, convert_dalle
 
 TINY = DVAEConfig(img_size=16, vocab_size=32, n_hid=8, n_groups=2, n_blk_per_group=1, n_init=8)

@@ -14,7 +14,8 @@ import torch
 
 import beit
 from beit.cli import main
-from beit.models.tokenizer import DVAEConfig, Tokenizer, save_tokenizer
+from beit.models.tokenizer import Tokenizer, save_tokenizer
+from beit.models.tokenizer import TokenizerConfig as DVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "train.num_workers=0", "train.log_every=1",

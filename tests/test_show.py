@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from beit.config import ModelConfig, to_dict
-from beit.models.tokenizer import DVAEConfig, Tokenizer, save_tokenizer
+from beit.models.tokenizer import Tokenizer, save_tokenizer
+from beit.models.tokenizer import TokenizerConfig as DVAEConfig
 from beit.models.vit import VisionTransformer
 from beit.viz.attention import cls_attention
 from beit.viz.mim import mim_predict

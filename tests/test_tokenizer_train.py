@@ -11,9 +11,12 @@ import torch
 from PIL import Image
 
 from beit.config import ConfigError, replace
-from beit.models.tokenizer import DVAEConfig, Tokenizer, load_tokenizer, map_pixels
+from beit.models.tokenizer import Tokenizer, load_tokenizer, map_pixels
+from beit.models.tokenizer import TokenizerConfig as DVAEConfig
 from beit.tokenizers import (
-    DVAEObjective,
+    GumbelObjective as DVAEObjective,
+)
+from beit.tokenizers import (
     ObjectiveConfig,
     VQObjective,
     build_config,
@@ -23,7 +26,7 @@ from beit.tokenizers import (
     reconstruction_grid,
     train_tokenizer,
 )
-from beit.tokenizers.train import code_perplexity, logit_laplace_nll, psnr
+from beit.tokenizers.base import code_perplexity, logit_laplace_nll, psnr
 
 # 16px images -> 4x4 tokens of 4x4 pixels: the smallest model that still has to learn something
 TINY = DVAEConfig(img_size=16, vocab_size=64, n_hid=16, n_groups=3, n_blk_per_group=1, n_init=32)

@@ -13,13 +13,14 @@ The tokenizer is frozen and is not part of this module's parameters or state dic
 attribute, not a registered submodule. That keeps it out of ``parameters()`` (optimizer, DDP, gradient
 clipping), ``state_dict()`` (run checkpoints hold only what is trained; the tokenizer has its own file)
 and ``train()`` (it stays in eval mode). The price is that ``.to(device)`` does not move it, so
-``forward`` moves it to the batch's device on first use.
+``forward`` moves it to the batch's device on first use. The tokenizer is a
+:class:`beit.models.tokenizer.Tokenizer` or any object with its ``encode`` (images in [0, 1] -> ids).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +30,11 @@ from ..config import ConfigError, ModelConfig, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
 from ..models.presets import preset_dict
+from ..models.tokenizer import Tokenizer, load_tokenizer
 from .base import Method
 from .registry import register
 
-__all__ = ["BEiTConfig", "BEiTMethod", "Tokenizer", "build_pretrain_transform", "patchify"]
-
-
-class Tokenizer(Protocol):
-    """What the method needs of a visual tokenizer (e.g. ``beit.models.tokenizer``)."""
-
-    def encode(self, images01: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, h*r, w*r)`` images in ``[0, 1]`` -> ``(B, h, w)`` int64 token ids."""
-        ...
+__all__ = ["BEiTConfig", "BEiTMethod", "build_pretrain_transform", "patchify"]
 
 
 @dataclass
@@ -232,8 +226,6 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
 def build(cfg):
     """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
     import dataclasses
-
-    from ..models.tokenizer import load_tokenizer
 
     tok, tok_size = None, None
     if cfg.beit.target == "tokens":

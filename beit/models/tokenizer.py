@@ -57,7 +57,7 @@ def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DVAEConfig:
+class TokenizerConfig:
     """One tokenizer: architecture plus the image size it was trained for."""
 
     img_size: int = 32
@@ -103,23 +103,23 @@ class DVAEConfig:
 
 # The small presets are sized for CPU training (docs/tokenizer.md has the measurements):
 # 4x4 pixels per token on 32px images; widths 64/128/256 keep a training step on 2 cores well under a second.
-TOKENIZER_PRESETS: dict[str, DVAEConfig] = {
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # CIFAR-10 scale: 32px -> 8x8 tokens
-    "dvae_32": DVAEConfig(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128),
-    "vq_32": DVAEConfig(
+    "dvae_32": TokenizerConfig(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128),
+    "vq_32": TokenizerConfig(
         img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128,
         quantizer="vq", embed_dim=64,
     ),
     # 64px -> 8x8 tokens (8x8 pixels per token, like DALL-E)
-    "dvae_64": DVAEConfig(img_size=64, vocab_size=1024, n_hid=64, n_groups=4, n_blk_per_group=1, n_init=128),
+    "dvae_64": TokenizerConfig(img_size=64, vocab_size=1024, n_hid=64, n_groups=4, n_blk_per_group=1, n_init=128),
     # The DALL-E architecture: 112px -> 14x14 tokens, the tokenizer input of BEiT at 224px
-    "dalle_112": DVAEConfig(
+    "dalle_112": TokenizerConfig(
         img_size=112, vocab_size=8192, n_hid=256, n_groups=4, n_blk_per_group=2, n_init=128
     ),
 }
 
 
-def get_tokenizer_preset(name: str) -> DVAEConfig:
+def get_tokenizer_preset(name: str) -> TokenizerConfig:
     """A fresh copy of a registered tokenizer config."""
     if name not in TOKENIZER_PRESETS:
         raise ConfigError(f"unknown tokenizer preset {name!r} (known: {', '.join(sorted(TOKENIZER_PRESETS))})")
@@ -246,7 +246,7 @@ class Tokenizer(nn.Module):
     ``encode``: (B, C, H, W) float in [0, 1] -> (B, h, w) long ids; ``decode``: ids -> (B, C, H, W) in [0, 1].
     """
 
-    def __init__(self, cfg: DVAEConfig) -> None:
+    def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         code_dim = cfg.vocab_size if cfg.quantizer == "gumbel" else cfg.embed_dim
@@ -387,7 +387,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
     if meta.get("format") != _FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a beit tokenizer (no tokenizer config in the safetensors header)")
-    cfg = from_dict(DVAEConfig, json.loads(meta["config"]), prefix="model.")
+    cfg = from_dict(TokenizerConfig, json.loads(meta["config"]), prefix="model.")
     tok = Tokenizer(cfg)
     tok.load_state_dict(tensors, strict=True)
     return tok.to(device).eval()
@@ -398,7 +398,7 @@ __all__ = [
     "TOKENIZER_PRESETS",
     "Codebook",
     "Conv2d",
-    "DVAEConfig",
+    "TokenizerConfig",
     "Decoder",
     "Encoder",
     "Tokenizer",

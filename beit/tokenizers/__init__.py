@@ -1,24 +1,27 @@
-"""Visual tokenizers: train (dVAE / VQ objectives on the shared engine), evaluate, convert DALL-E weights.
+"""Visual tokenizers: train (Gumbel dVAE / VQ-VAE objectives on the shared engine), evaluate, convert DALL-E weights.
 
 The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``decode`` ids -> images) lives in
-:mod:`beit.models.tokenizer`; this package holds what is done with it.
+:mod:`beit.models.tokenizer`; this package holds what is done with it: :mod:`.base` (what every objective
+shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.train` (the run), :mod:`.evaluate`,
+:mod:`.dalle`.
 """
 
 from ..models.tokenizer import (
     TOKENIZER_PRESETS,
-    DVAEConfig,
     Tokenizer,
+    TokenizerConfig,
     get_tokenizer_preset,
     is_tokenizer_file,
     load_tokenizer,
     save_tokenizer,
 )
+from .base import ObjectiveConfig, TokenizerObjective
 from .dalle import ConversionError, convert_dalle
 from .evaluate import evaluate_cmd, evaluate_tokenizer, reconstruction_grid
+from .gumbel import GumbelObjective
 from .train import (
+    OBJECTIVES,
     RUN_PRESETS,
-    DVAEObjective,
-    ObjectiveConfig,
     TokenizerTrainConfig,
     build_config,
     build_objective,
@@ -27,14 +30,16 @@ from .train import (
 from .vq import VQObjective
 
 __all__ = [
+    "OBJECTIVES",
     "RUN_PRESETS",
     "TOKENIZER_PRESETS",
     "ConversionError",
-    "DVAEConfig",
-    "DVAEObjective",
+    "GumbelObjective",
     "ObjectiveConfig",
-    "TokenizerTrainConfig",
     "Tokenizer",
+    "TokenizerConfig",
+    "TokenizerObjective",
+    "TokenizerTrainConfig",
     "VQObjective",
     "build_config",
     "build_objective",

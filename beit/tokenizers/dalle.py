@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import save_yaml
-from ..models.tokenizer import DVAEConfig, Tokenizer, save_tokenizer
+from ..models.tokenizer import Tokenizer, TokenizerConfig, save_tokenizer
 
 
 class ConversionError(ValueError):
@@ -128,7 +128,7 @@ def convert_dalle(
     if _hparam(dec, "vocab_size") != vocab or _hparam(dec, "n_blk_per_group") != _hparam(enc, "n_blk_per_group"):
         raise ConversionError("encoder and decoder do not belong together (vocab_size/n_blk_per_group differ)")
     try:
-        cfg = DVAEConfig(
+        cfg = TokenizerConfig(
             img_size=img_size,
             in_chans=_hparam(enc, "input_channels", 3),
             vocab_size=vocab,

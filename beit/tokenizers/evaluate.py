@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..models.tokenizer import Tokenizer, load_tokenizer
-from .train import batch_images, psnr
+from .base import batch_images, psnr
 
 log = logging.getLogger("beit")
 

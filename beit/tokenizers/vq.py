@@ -24,14 +24,14 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..models.tokenizer import Tokenizer, map_pixels, stats_to_images
-from .train import ObjectiveConfig, _TokenizerMethod, batch_images, code_perplexity, psnr, recon_loss
+from .base import ObjectiveConfig, TokenizerObjective, batch_images, code_perplexity, psnr, recon_loss
 
 
 def _ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class VQObjective(_TokenizerMethod):
+class VQObjective(TokenizerObjective):
     """VQ-VAE with EMA codebook: ``forward(images in [0, 1]) -> (loss, metrics)``."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: ObjectiveConfig | None = None) -> None:
