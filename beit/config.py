@@ -141,6 +141,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200  # steps; the last step always saves
     eval_every: int = 0  # steps; 0: once per epoch for tasks that evaluate
+    probe_every: int = 500  # steps between online kNN probes (pretraining with --probe-data)
     compile: bool = False  # torch.compile, falling back to eager on failure
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -307,6 +307,7 @@ def train(
     desc: str = "train",
     max_minutes: float = 0.0,
     env: DistEnv | None = None,
+    probe: Callable[..., dict] | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``dataset``; see the module docstring. Returns where and how it ended."""
     env = env or setup_distributed(train_cfg.device)
@@ -397,6 +398,21 @@ def train(
     best_eval: dict = {}
     step = start_step
     bar = _progress(total_steps, start_step, env.is_main, desc)
+    last_probe: dict = {}
+
+    def run_probe(step_: int) -> None:
+        # online kNN probe (pretraining): eval mode, no gradients, no random draws, so the losses are unchanged
+        nonlocal last_probe
+        if probe is not None and env.is_main:
+            t0 = time.perf_counter()
+            with autocast_context(env.device, train_cfg.precision):
+                last_probe = probe(unwrap(method), env.device)
+            metrics_out.write({"step": step_, "epoch": round(step_ / steps_per_epoch, 4), **last_probe,
+                               "probe_s": round(time.perf_counter() - t0, 3)})
+            bar.write(f"step {step_}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_probe.items()))
+
+    if start_step == 0:
+        run_probe(0)  # the curve starts from the initialisation
 
     def save(step_: int) -> None:
         if env.is_main:
@@ -492,8 +508,9 @@ def train(
                            "images_per_s": images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start}
                     metrics_out.write(row)
                     last_metrics = row
-                    bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "acc", "mlm_acc", "lr", "images_per_s")
-                                     if k in row}, refresh=False)
+                    shown = {**row, **last_probe}
+                    bar.set_postfix({k: f"{shown[k]:.4g}" for k in ("loss", "acc", "mlm_acc", "knn_top1", "lr",
+                                                                     "images_per_s") if k in shown}, refresh=False)
                     sums, count, images, t_log = {}, 0, 0, time.perf_counter()
                 bar.update(1)
 
@@ -501,6 +518,8 @@ def train(
                 if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or (
                         not train_cfg.eval_every and end_of_epoch) or step == total_steps:
                     run_eval(step)
+                if probe is not None and (step % probe.every == 0 or step == total_steps):  # type: ignore[attr-defined]
+                    run_probe(step)
                 out_of_time = max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes
                 stop_now = stop.signal is not None or out_of_time
                 if env.enabled:

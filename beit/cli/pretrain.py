@@ -11,7 +11,8 @@ from .common import add_train_flags, overrides, print_result
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..tasks import pretrain
 
-    ov = overrides(args, {"method": "method", "data": "data.path", "tokenizer": "tokenizer", "limit": "data.limit"})
+    ov = overrides(args, {"method": "method", "data": "data.path", "tokenizer": "tokenizer", "limit": "data.limit",
+                       "probe_data": "probe.data"})
     cfg = pretrain.build_config(args.preset or default_preset(args), args.config, ov)
     print_result(pretrain.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes))
     return 0
@@ -35,5 +36,8 @@ def add_commands(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer run or directory (BEiT)")
     p.add_argument("--method", choices=list(specs), help="pretraining method (default: beit)")
     p.add_argument("--limit", type=int, help="use only the first N images (data.limit)")
+    p.add_argument("--probe-data", metavar="LABELLED_DIR",
+                   help="online kNN probe every train.probe_every steps on a small seeded subset of this labelled "
+                        "folder (DIR/train/<class>/ + DIR/val/<class>/, or DIR/<class>/): knn_top1 in metrics.jsonl")
     add_train_flags(p, sorted(registry.presets()))
     p.set_defaults(func=cmd_pretrain)

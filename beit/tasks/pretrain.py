@@ -25,6 +25,17 @@ class DataConfig:
     limit: int = 0  # use only the first N images in sorted order (0: all), for budgets and quick studies
 
 
+@dataclass
+class OnlineProbeConfig:
+    """Online kNN probe during pretraining (``--probe-data``); every ``train.probe_every`` steps."""
+
+    data: str = ""  # labelled folder: DIR/train/<class>/ + DIR/val/<class>/, or DIR/<class>/; "": no probe
+    bank_per_class: int = 100  # labelled images per class the queries are compared with
+    queries_per_class: int = 50  # images per class that are classified
+    k: int = 20
+    temperature: float = 0.07
+
+
 def _common_fields() -> list[tuple]:
     return [
         ("method", str, field(default="beit")),  # a registered method: beit | mae | ibot | ...
@@ -34,6 +45,7 @@ def _common_fields() -> list[tuple]:
         ("train", TrainConfig, field(default_factory=TrainConfig)),
         ("tokenizer", str, field(default="")),  # path of a tokenizer run/dir (BEiT with target=tokens)
         ("tokenizer_preset", str, field(default="")),  # the tokenizer preset a recipe was designed with (docs)
+        ("probe", OnlineProbeConfig, field(default_factory=OnlineProbeConfig)),  # online kNN (--probe-data)
     ]
 
 
@@ -87,14 +99,23 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
                  f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
+    probe = None
+    if cfg.probe.data and env.is_main:
+        from .probe import OnlineKNNProbe
+
+        probe = OnlineKNNProbe(cfg.probe.data, cfg.model.img_size, every=cfg.train.probe_every,
+                               bank_per_class=cfg.probe.bank_per_class, queries_per_class=cfg.probe.queries_per_class,
+                               k=cfg.probe.k, temperature=cfg.probe.temperature, seed=cfg.train.seed)
+        log.info("online kNN probe every %d steps: %d bank / %d query images from %s", probe.every,
+                 len(probe.bank_y), len(probe.query_y), cfg.probe.data)
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
-                max_minutes=max_minutes, env=env)
+                max_minutes=max_minutes, env=env, probe=probe)
     if env.is_main:
         from ..viz.curves import plot_metrics
 
         plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "loss.png",
-                     keys=("loss", "mlm_acc", "acc", "lr"), title=f"{cfg.method} pretraining")
+                     keys=("loss", "mlm_acc", "acc", "knn_top1", "lr"), title=f"{cfg.method} pretraining")
         from ..viz.masks import save_mask_grid
 
         try:

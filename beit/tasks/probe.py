@@ -8,8 +8,13 @@ the features of each block are, without training the backbone:
 - ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (as MAE's
   ``main_linprobe.py``), trained with AdamW and a cosine schedule; every
   (layer, pooling) pair gets its own head, all trained in one loop since they are independent;
-- ``knn``: cosine similarity on L2-normalised features, the ``k`` = 20 nearest training samples vote with
-  weights ``exp(sim / T)``, ``T`` = 0.07 (DINO, arXiv 2104.14294, ``eval_knn.py``).
+- ``knn``: features centred by the mean of the training features, then cosine similarity on the
+  L2-normalised vectors; the ``k`` = 20 nearest training samples vote with weights ``exp(sim / T)``,
+  ``T`` = 0.07 (DINO, arXiv 2104.14294, ``eval_knn.py``). Centring matters for features taken before the
+  final LayerNorm: their large common component otherwise makes every cosine similarity close to 1.
+
+``--init pixels`` probes the flattened, normalised pixels at the input size instead of a backbone: the
+no-learning floor every learned feature must beat (one "layer", 0).
 
 The result is JSON: accuracy per (layer, pooling) and the best pair. Layers are 0-based block indices
 (``-1`` is the last block); a block's output is taken before the final LayerNorm.
@@ -30,19 +35,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, resolve
+from ..data.folder import ImageFolder
 from ..models.vit import VisionTransformer
 from .augment import AugConfig, build_eval_transform
-from .finetune import FinetuneDataConfig, labelled_splits, topk_correct
+from .finetune import FinetuneDataConfig, balanced_subset, labelled_splits, topk_correct
 
 log = logging.getLogger("beit")
 
-__all__ = ["ProbeConfig", "extract_features", "knn_predict", "linear_probe", "parse_layers", "run"]
+__all__ = ["OnlineKNNProbe", "PixelFeatures", "ProbeConfig", "backbone_of", "extract_features", "knn_predict",
+           "linear_probe", "parse_layers", "run"]
 
 
 @dataclass
 class ProbeConfig:
     protocol: str = "linear"  # linear | knn
-    init: str = ""  # backbone: anything beit.load reads
+    init: str = ""  # backbone: anything beit.load reads, or "pixels" (flattened normalised pixels)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     layers: str = "all"  # "all" | comma-separated 0-based block indices, negative from the end
     pool: str = "mean"  # mean | cls | both
@@ -58,6 +65,7 @@ class ProbeConfig:
     # knn
     k: int = 20
     temperature: float = 0.07
+    center: bool = True  # kNN: subtract the mean training feature before L2 normalisation
     seed: int = 0
     device: str = "auto"
 
@@ -92,21 +100,41 @@ def _pools(pool: str) -> list[str]:
     return ["mean", "cls"] if pool == "both" else [pool]
 
 
+class PixelFeatures(nn.Module):
+    """The no-learning baseline as a "backbone" of one layer: the normalised image, flattened."""
+
+    num_layers = 1
+
+    def __init__(self, img_size: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+
+    def pooled(self, images: torch.Tensor, layers: list[int], pools: list[str]) -> dict[tuple[int, str], torch.Tensor]:
+        return {(0, p): images.flatten(1) for p in pools}  # (B, C*H*W) whatever the pooling
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor, layers: list[int],
+                    pools: list[str]) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(layer, pool): (B, D)}`` for one batch. ``mean``: average of the patch tokens; ``cls``: [CLS]."""
+    if isinstance(model, PixelFeatures):
+        return model.pooled(images, layers, pools)
+    outs = model.get_intermediate_layers(images, layers)  # list of (B, 1+N, D), sorted layers
+    return {(i, p): tokens[:, 1:].mean(dim=1) if p == "mean" else tokens[:, 0]
+            for i, tokens in zip(layers, outs) for p in pools}
+
+
 @torch.no_grad()
-def extract_features(model: VisionTransformer, dataset, layers: list[int], pools: list[str], *,
+def extract_features(model: nn.Module, dataset, layers: list[int], pools: list[str], *,
                      batch_size: int = 128, device: str | torch.device = "cpu",
                      num_workers: int = 0) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor]:
     """One pass over ``dataset`` (``(image, label)`` items): ``{(layer, pool): (N, D)}`` float32 features and
-    the ``(N,)`` labels. ``mean``: average of the patch tokens; ``cls``: the [CLS] token."""
+    the ``(N,)`` labels (see :func:`pooled_features`)."""
     model.eval().to(device)
     feats: dict[tuple[int, str], list[torch.Tensor]] = {(i, p): [] for i in layers for p in pools}
     labels = []
     for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        outs = model.get_intermediate_layers(images.to(device), layers)  # list of (B, 1+N, D), sorted layers
-        for i, tokens in zip(layers, outs):
-            for p in pools:
-                f = tokens[:, 1:].mean(dim=1) if p == "mean" else tokens[:, 0]  # (B, D)
-                feats[(i, p)].append(f.float().cpu())
+        for key, f in pooled_features(model, images.to(device), layers, pools).items():
+            feats[key].append(f.float().cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels).long()
 
@@ -159,11 +187,17 @@ def linear_probe(train_feats: dict, train_labels: torch.Tensor, val_feats: dict,
 
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN class scores ``(N_test, C)`` (DINO): cosine similarity of L2-normalised features, the
-    ``k`` most similar training samples vote for their class with weight ``exp(sim / T)``."""
-    train = F.normalize(train_feats.float(), dim=1)  # (N, D)
-    test = F.normalize(test_feats.float(), dim=1)  # (M, D)
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                center: bool = False) -> torch.Tensor:
+    """Weighted kNN class scores ``(N_test, C)`` (DINO): cosine similarity of L2-normalised features
+    (centred by the training mean first if ``center``), the ``k`` most similar training samples vote for
+    their class with weight ``exp(sim / T)``."""
+    train, test = train_feats.float(), test_feats.float()
+    if center:
+        mu = train.mean(dim=0, keepdim=True)  # (1, D)
+        train, test = train - mu, test - mu
+    train = F.normalize(train, dim=1)  # (N, D)
+    test = F.normalize(test, dim=1)  # (M, D)
     k = min(k, train.shape[0])
     scores = []
     for q in test.split(chunk):
@@ -179,6 +213,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _native_size(path: str | Path) -> int:
+    """The shorter side of the first training image: the pixel baseline's size when none is given."""
+    from PIL import Image
+
+    first_path = ImageFolder(Path(path) / "train", with_labels=True).samples[0][0]
+    with Image.open(first_path) as im:
+        return min(im.size)
+
+
 def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     """Probe as ``cfg`` says; returns (and writes to ``out`` if given) the JSON-able result."""
     from .. import api
@@ -186,11 +229,15 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     if not cfg.init:
         raise ConfigError("give the backbone: --init CKPT")
     torch.manual_seed(cfg.seed)
-    overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
-    model = api.load(cfg.init, **overrides)
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"--init {cfg.init}: not a vision transformer checkpoint (a tokenizer?)")
-    size = model.cfg.img_size
+    if cfg.init == "pixels":
+        model: nn.Module = PixelFeatures(cfg.img_size or _native_size(cfg.data.path))
+        size = model.img_size
+    else:
+        overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
+        model = api.load(cfg.init, **overrides)
+        if not isinstance(model, VisionTransformer):
+            raise ConfigError(f"--init {cfg.init}: not a vision transformer checkpoint (a tokenizer?)")
+        size = model.cfg.img_size
     tf = build_eval_transform(AugConfig(eval_crop_pct=cfg.crop_pct), size)
     tr, va = labelled_splits(cfg.data.path, tf, tf, labels_per_class=cfg.data.labels_per_class,
                              label_fraction=cfg.data.label_fraction, seed=cfg.seed)
@@ -210,7 +257,7 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     else:
         res = {}
         for key in ftr:
-            scores = knn_predict(ftr[key], ytr, fva[key], C, cfg.k, cfg.temperature)
+            scores = knn_predict(ftr[key], ytr, fva[key], C, cfg.k, cfg.temperature, center=cfg.center)
             c1, c5 = topk_correct(scores, yva, (1, 5))
             res[key] = {"top1": 100.0 * c1 / len(yva), "top5": 100.0 * c5 / len(yva)}
     per_layer = [{"layer": layer, "pool": pool, **{m: round(v, 4) for m, v in res[(layer, pool)].items()}}
@@ -223,3 +270,100 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --------------------------------------------------------------------------------------------- online probe
+
+
+def backbone_of(method: nn.Module) -> VisionTransformer:
+    """The backbone a pretraining method exports, found by its ``state_prefix`` (the Method contract):
+    ``"encoder."`` -> ``method.encoder``, iBOT's ``"teacher.backbone."`` -> ``method.teacher.backbone``."""
+    from ..methods.base import hooks
+
+    module: nn.Module = method
+    for name in hooks(method).state_prefix.strip(".").split("."):
+        module = getattr(module, name)
+    return module  # type: ignore[return-value]
+
+
+def _uint8_view(size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), v2.PILToTensor()])
+
+
+class OnlineKNNProbe:
+    """A kNN probe of the live backbone during pretraining (lightly's and solo-learn's online kNN).
+
+    ``path`` is labelled: ``path/train/<class>/`` + ``path/val/<class>/`` (bank from train, queries from val),
+    or ``path/<class>/`` (split per class). A fixed, seeded, class-balanced subset of ``bank_per_class`` +
+    ``queries_per_class`` images is decoded once, to uint8 at the backbone's input size, so a probe costs one
+    forward pass over them in eval mode, without gradients and without drawing from any random generator,
+    so probing does not change the training run. Features: mean of the last block's patch tokens,
+    centred kNN as in :func:`knn_predict`.
+    """
+
+    def __init__(self, path: str | Path, img_size: int, *, every: int = 500, bank_per_class: int = 100,
+                 queries_per_class: int = 50, k: int = 20, temperature: float = 0.07, seed: int = 0,
+                 batch_size: int = 256) -> None:
+        from ..data.views import IMAGENET_MEAN, IMAGENET_STD
+
+        if every < 1 or bank_per_class < 1 or queries_per_class < 1:
+            raise ConfigError("online probe: train.probe_every, probe.bank_per_class and "
+                              "probe.queries_per_class must be >= 1")
+        root = Path(path)
+        tf = _uint8_view(img_size)
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            bank, queries = labelled_splits(root, tf, tf, labels_per_class=bank_per_class, seed=seed)
+            queries.samples = [queries.samples[i] for i in balanced_subset(
+                queries.targets, labels_per_class=queries_per_class, seed=seed)]
+        else:
+            bank = ImageFolder(root, transform=tf, with_labels=True)
+            keep = balanced_subset(bank.targets, labels_per_class=bank_per_class + queries_per_class, seed=seed)
+            counts = torch.bincount(torch.tensor([bank.targets[i] for i in keep]), minlength=len(bank.classes))
+            # a class with fewer images than asked is split in the same proportion (at least one in the bank)
+            n_bank = [max(1, round(int(c) * bank_per_class / (bank_per_class + queries_per_class))) for c in counts]
+            seen: dict[int, int] = {}
+            bank_idx, query_idx = [], []
+            for i in keep:
+                t = bank.targets[i]
+                (bank_idx if seen.get(t, 0) < n_bank[t] else query_idx).append(i)
+                seen[t] = seen.get(t, 0) + 1
+            queries = ImageFolder(root, transform=tf, with_labels=True)
+            queries.samples = [bank.samples[i] for i in query_idx]
+            bank.samples = [bank.samples[i] for i in bank_idx]
+        if not len(queries):
+            raise ConfigError(f"--probe-data {path}: too few images for a probe (no queries left)")
+        self.every, self.k, self.temperature, self.batch_size = every, k, temperature, batch_size
+        self.num_classes = len(bank.classes)
+        self.bank_x, self.bank_y = self._decode(bank)  # (N, 3, S, S) uint8, (N,)
+        self.query_x, self.query_y = self._decode(queries)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+
+    @staticmethod
+    def _decode(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+    @torch.no_grad()
+    def _features(self, backbone: VisionTransformer, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = []
+        for chunk in x.split(self.batch_size):
+            img = (chunk.float() - self.mean) / self.std  # (b, 3, S, S) normalised as the training views
+            out.append(backbone.forward_features(img.to(device))[:, 1:].mean(dim=1).float().cpu())  # (b, D)
+        return torch.cat(out)
+
+    def __call__(self, method: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
+        """``{"knn_top1": %}`` of the method's backbone on the query images."""
+        backbone = backbone_of(method)
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            bank = self._features(backbone, self.bank_x, torch.device(device))
+            query = self._features(backbone, self.query_x, torch.device(device))
+        finally:
+            backbone.train(was_training)
+        scores = knn_predict(bank, self.bank_y, query, self.num_classes, self.k, self.temperature, center=True)
+        return {"knn_top1": 100.0 * float((scores.argmax(1) == self.query_y).float().mean())}
