@@ -135,7 +135,7 @@ class TrainConfig:
     epochs: float = 0.0
     batch_size: int = 64  # global batch per optimizer step (split over processes and accumulation)
     accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only); auto: see beit/precision.py
     seed: int = 0
     num_workers: int = 2
     log_every: int = 10
@@ -147,8 +147,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.accum_steps < 1:
             raise ConfigError("train.accum_steps must be >= 1")
         if self.batch_size < 1:

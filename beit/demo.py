@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import machine
+
 log = logging.getLogger("beit")
 
 PRESET = "beit_tiny_patch4_32"
@@ -493,6 +495,8 @@ class Demo:
             "minutes": self.plan.minutes,
             "data": getattr(self, "counts", {}),
             "full_model": self.plan.full_model,
+            "precision": run_precisions(self.p.runs),
+            "machine": machine.describe(),
         }
 
     @staticmethod
@@ -760,16 +764,30 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
         subtitle=f"Tokenizer, pretraining, fine-tuning, probes and segmentation in one run: {budget}, "
                  f"{summary['total_seconds']:.0f} s in all, {arch}, patch 4 on 32 px images.",
         summary=Table(["step", "metric", "value", "steps", "seconds"], rows),
-        footer=[f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                f"{_torch_threads()}, Python {platform.python_version()}.",
+        footer=[f"Machine: {summary['machine']}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.",
+                _precision_note(summary["precision"]),
                 "Images: Fashion-MNIST test set, Copyright 2017 Zalando SE, MIT licence "
                 "(beit/data/embedded/COPYRIGHT)."])
 
 
-def _torch_threads() -> int:
-    import torch
+def run_precisions(runs: Path) -> dict[str, str]:
+    """``{run: precision}`` as each training run resolved it (``train.precision`` in its config.yaml)."""
+    import yaml
 
-    return torch.get_num_threads()
+    out = {}
+    for cfg in sorted(runs.glob("*/config.yaml")):
+        train = (yaml.safe_load(cfg.read_text()) or {}).get("train") or {}
+        if "precision" in train:
+            out[cfg.parent.name] = train["precision"]
+    return out
+
+
+def _precision_note(precisions: dict[str, str]) -> str:
+    kinds = sorted(set(precisions.values()))
+    which = kinds[0] + " in every training run" if len(kinds) == 1 else ", ".join(
+        f"{k}: {v}" for k, v in precisions.items())
+    return (f"Precision: {which or 'none recorded'} (train.precision=auto: bf16 where this CPU measures a bf16 "
+            "matmul clearly faster than fp32, fp32 otherwise; bf16 on CUDA).")
 
 
 def _safe(fn, *args, **kwargs):

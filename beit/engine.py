@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig
 from .methods.base import hooks as method_hooks
 from .optim import build_optimizer, lr_at, set_lr
+from .precision import for_run as precision_for_run
 
 log = logging.getLogger("beit")
 
@@ -314,6 +315,9 @@ def train(
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    train_cfg, config_yaml, choice = precision_for_run(train_cfg, env.device, run_dir, resume, config_yaml)
+    if env.is_main:
+        log.info("precision: %s (%s)", choice.precision, choice.reason)
     total_steps, steps_per_epoch = resolve_steps(train_cfg, len(dataset))  # type: ignore[arg-type]
     micro_total = train_cfg.batch_size // env.world_size
     if train_cfg.batch_size % (env.world_size * train_cfg.accum_steps):
@@ -322,7 +326,7 @@ def train(
             f"= {env.world_size} x {train_cfg.accum_steps}"
         )
     if train_cfg.precision == "fp16" and env.device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs CUDA; use bf16 on CPU")
+        raise TrainingError("train.precision=fp16 needs CUDA; use auto, bf16 or fp32 on CPU")
 
     existing = ckpt.latest_checkpoint(run_dir)
     if existing is not None and not resume:
@@ -505,6 +509,7 @@ def train(
                         avg = dict(zip(keys, (t / env.world_size).tolist()))
                     dt = time.perf_counter() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **avg,
+                           "precision": train_cfg.precision,
                            "images_per_s": images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start}
                     metrics_out.write(row)
                     last_metrics = row

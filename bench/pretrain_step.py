@@ -2,7 +2,8 @@
 
 A step is forward + backward + AdamW step of backbone + MIM head on the same batch, mask and targets, with
 the same architecture (shared relative position bias, LayerScale 0.1, drop path 0.1, no absolute
-positions, same vocabulary), in fp32 and under ``torch.autocast("cpu", bfloat16)``. Ours runs the head on
+positions, same vocabulary), in each asked precision: ``auto`` (what ``train.precision=auto`` picks on this
+machine, see :mod:`beit.precision`), ``fp32``, ``bf16`` (autocast) and, on CUDA, ``fp16``. Ours runs the head on
 masked positions only; HF runs it on every patch and then keeps the masked logits. The two models are
 timed alternately, step by step, so machine noise hits both alike; the median over ``--iters`` steps after
 ``--warmup`` steps is reported.
@@ -12,14 +13,17 @@ Also printed: the full step including the frozen tokenizer's ``encode`` (``dvae_
 a large matmul timed in the same run (the machine's ceiling for that dtype), and masks/s of
 :func:`beit.masking.block_mask`.
 
-    python bench/pretrain_step.py                       # tiny and base, bf16 and fp32
-    python bench/pretrain_step.py --configs tiny --iters 20 --dtype bf16 --threads 2
+Every output starts with the machine (CPU model and ISA level or GPU, threads, torch: :mod:`beit.machine`).
+
+    python bench/pretrain_step.py                       # tiny and base; auto, fp32 and bf16
+    python bench/pretrain_step.py --configs tiny --iters 20 --dtype auto,fp32 --threads 2
+    python bench/pretrain_step.py --configs base --device cuda --dtype bf16,fp16 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import statistics
 import sys
 import time
@@ -30,7 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from beit import machine, precision  # noqa: E402
 from beit.config import from_dict, to_dict  # noqa: E402
+from beit.engine import autocast_context  # noqa: E402
 from beit.masking import block_mask  # noqa: E402
 from beit.methods.beit import BEiTConfig, BEiTMethod  # noqa: E402
 from beit.models.presets import get_preset  # noqa: E402
@@ -80,33 +86,32 @@ def hf_model(model_cfg, vocab: int):
     return BeitForMaskedImageModeling._from_config(cfg, attn_implementation="sdpa")
 
 
-def autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def make_batch(setup: Setup, model_cfg, tok_size: int, vocab: int, seed: int = 0):
+def make_batch(setup: Setup, model_cfg, tok_size: int, vocab: int, device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     B, (h, w) = setup.batch, model_cfg.grid_size
     n = int(round(0.4 * h * w))
     masks = torch.stack([block_mask((h, w), n, min_block=16, generator=g) for _ in range(B)])
-    return {
+    batch = {
         "images": torch.randn(B, 3, model_cfg.img_size, model_cfg.img_size, generator=g),
         "tok_images": torch.rand(B, 3, tok_size, tok_size, generator=g),
         "mask": masks,  # (B, h, w), True = masked
         "ids": torch.randint(0, vocab, (B, h, w), generator=g),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def step_fns(setup: Setup, dtype: str, compile_ours: bool = False, count_flops: bool = True):
+def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool = False, count_flops: bool = True):
     model_cfg = from_dict(type(get_preset(setup.preset)), {**to_dict(get_preset(setup.preset)), "drop_path_rate": 0.1})
-    tok = Tokenizer(get_tokenizer_preset(setup.tokenizer)).eval()
+    tok = Tokenizer(get_tokenizer_preset(setup.tokenizer)).eval().to(device)
     vocab, tok_size = tok.vocab_size, tok.cfg.img_size
-    batch = make_batch(setup, model_cfg, tok_size, vocab)
+    batch = make_batch(setup, model_cfg, tok_size, vocab, device)
     torch.manual_seed(0)
-    ours = BEiTMethod.build(model_cfg, FixedIds(batch["ids"], vocab), BEiTConfig()).train()
-    hf = hf_model(ours.model.cfg, vocab).train()
+    ours = BEiTMethod.build(model_cfg, FixedIds(batch["ids"], vocab), BEiTConfig()).train().to(device)
+    hf = hf_model(ours.model.cfg, vocab).train().to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
+
+    def autocast(_dtype: str):
+        return autocast_context(device, _dtype)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.05)
     run_ours = torch.compile(ours) if compile_ours else ours
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.05)
@@ -117,16 +122,18 @@ def step_fns(setup: Setup, dtype: str, compile_ours: bool = False, count_flops: 
         opt_ours.zero_grad(set_to_none=True)
         with autocast(dtype):
             loss, _ = run_ours(batch)
-        loss.backward()
-        opt_ours.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt_ours)
+        scaler.update()
         return float(loss.detach())
 
     def hf_step() -> float:
         opt_hf.zero_grad(set_to_none=True)
         with autocast(dtype):
             loss = hf(pixel_values=batch["images"], bool_masked_pos=mask_flat, labels=labels).loss
-        loss.backward()
-        opt_hf.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt_hf)
+        scaler.update()
         return float(loss.detach())
 
     def tok_encode() -> None:
@@ -134,11 +141,15 @@ def step_fns(setup: Setup, dtype: str, compile_ours: bool = False, count_flops: 
             tok.encode(batch["tok_images"])
 
     def flops(model_step_forward) -> float:
-        """Matmul FLOPs of forward + backward (FlopCounterMode) plus attention (SDPA is not counted on CPU)."""
+        """Matmul FLOPs of forward + backward (FlopCounterMode), plus attention where the counter missed it
+        (SDPA's math path on CPU is not counted; the fused CUDA kernels are)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as fc:
             model_step_forward().backward()
+        counted = fc.get_flop_counts().get("Global", {})
+        if any("attention" in str(op) for op in counted):
+            return fc.get_total_flops()
         T, D = model_cfg.num_patches + 1, model_cfg.embed_dim
         attn = 3 * model_cfg.depth * 4 * setup.batch * T * T * D  # QK^T and AV, forward and twice in backward
         return fc.get_total_flops() + attn
@@ -152,21 +163,16 @@ def step_fns(setup: Setup, dtype: str, compile_ours: bool = False, count_flops: 
     return ours_step, hf_step, tok_encode, f_ours, f_hf
 
 
-def median_time(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def median_time(fn, n: int, device: torch.device) -> float:
+    return statistics.median(timed(fn, device)[0] for _ in range(n))
 
 
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 8) -> float:
+def matmul_peak(dtype: str, device: torch.device, n: int = 2048, reps: int = 8) -> float:
     """FLOP/s of an n x n x n matmul, best of ``reps``: the ceiling a model step can approach here."""
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
     a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b)[0] for _ in range(reps))
+    return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps))
 
 
 def masks_per_s(grid: tuple[int, int], budget: int, n: int = 2000) -> float:
@@ -177,74 +183,108 @@ def masks_per_s(grid: tuple[int, int], budget: int, n: int = 2000) -> float:
     return n / (time.perf_counter() - t)
 
 
-def timed(fn) -> tuple[float, float]:
+def timed(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one call. CPU time is the steadier number on a shared machine."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     w, c = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - w, time.process_time() - c
 
 
-def main(argv: list[str] | None = None) -> None:
+def bench_one(setup: Setup, dtype: str, device: torch.device, compile_ours: bool, flops: tuple | None) -> dict:
+    """Time ours and HF alternately in ``dtype``; returns one result row (FLOPs counted when ``flops`` is None)."""
+    ours_step, hf_step, tok_encode, fo, fh = step_fns(setup, dtype, device, compile_ours, count_flops=flops is None)
+    f_ours, f_hf = flops or (fo, fh)
+    ours_step()  # first call: compiles when asked, not counted
+    for _ in range(setup.warmup):
+        ours_step()
+        hf_step()
+    t_ours, t_hf = [], []
+    for _ in range(setup.iters):  # alternate, so load changes hit both
+        t_ours.append(timed(ours_step, device))
+        t_hf.append(timed(hf_step, device))
+    w_ours, c_ours = (statistics.median(t[k] for t in t_ours) for k in (0, 1))
+    w_hf, c_hf = (statistics.median(t[k] for t in t_hf) for k in (0, 1))
+    tok_encode()
+    t_tok = median_time(tok_encode, max(3, setup.iters // 2), device)
+    B = setup.batch
+    return {"config": setup.name, "preset": setup.preset, "dtype": dtype, "batch": B,
+            "ours_img_s": B / w_ours, "hf_img_s": B / w_hf, "ours_over_hf": w_hf / w_ours,
+            "ours_over_hf_cpu_time": c_hf / c_ours, "tokenizer": setup.tokenizer, "tokenizer_s": t_tok,
+            "ours_plus_tokenizer_img_s": B / (w_ours + t_tok), "tokenizer_share": t_tok / w_ours,
+            "ours_flops": f_ours, "hf_flops": f_hf, "ours_s": w_ours, "hf_s": w_hf}
+
+
+def markdown_row(r: dict, peak: float) -> str:
+    B = r["batch"]
+    return (f"| {r['config']} ({r['preset']}) | {r['label']} | {B} | {r['ours_img_s']:.1f} | {r['hf_img_s']:.1f} | "
+            f"**{r['ours_over_hf']:.2f}x** | {r['ours_over_hf_cpu_time']:.2f}x | "
+            f"{r['ours_plus_tokenizer_img_s']:.1f} ({r['tokenizer']}: {r['tokenizer_s'] * 1e3:.0f} ms) | "
+            f"{r['ours_flops'] / r['ours_s'] / 1e9:.0f} / {100 * r['ours_flops'] / r['ours_s'] / peak:.0f}% | "
+            f"{r['hf_flops'] / r['hf_s'] / 1e9:.0f} / {100 * r['hf_flops'] / r['hf_s'] / peak:.0f}% | "
+            f"{r['ours_flops'] / B / 1e9:.2f} / {r['hf_flops'] / B / 1e9:.2f} |")
+
+
+TABLE_HEAD = ("| config | dtype | batch | ours img/s | HF img/s | ours/HF (wall) | ours/HF (CPU time) | "
+              "ours + tokenizer img/s | ours GFLOP/s / MFU | HF GFLOP/s / MFU | GFLOP/img ours / HF |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="tiny,base", help="comma list of: " + ", ".join(SETUPS))
-    ap.add_argument("--dtype", default="bf16,fp32", help="comma list of: bf16, fp32")
+    ap.add_argument("--dtype", default="auto,fp32,bf16",
+                    help="comma list of: auto (train.precision=auto's choice here), fp32, bf16, fp16 (CUDA)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--iters", type=int, default=0, help="timed steps per model (0: per-config default)")
     ap.add_argument("--warmup", type=int, default=-1, help="untimed steps per model (-1: per-config default)")
     ap.add_argument("--batch", type=int, default=0, help="batch size (0: per-config default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--json", metavar="PATH", help="also write the machine and every row as JSON here")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our method (HF stays eager: not a like-for-like ratio; minutes to compile)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads" + (", ours compiled" if args.compile else ""))
-    dtypes = args.dtype.split(",")
-    peaks = {d: matmul_peak(d) for d in dtypes}
-    rows = []
+    device = torch.device(args.device)
+    print(f"machine: {machine.describe(device)}" + (", ours compiled" if args.compile else ""), flush=True)
+    auto = precision.resolve("auto", device)
+    print(f"train.precision=auto -> {auto.precision} ({auto.reason})", flush=True)
+    resolved = {d: auto.precision if d == "auto" else d for d in args.dtype.split(",")}
+    peaks = {d: matmul_peak(d, device) for d in set(resolved.values())}
+    rows: list[dict] = []
     for name in args.configs.split(","):
         base = SETUPS[name]
         setup = Setup(base.name, base.preset, base.tokenizer, args.batch or base.batch,
                       base.warmup if args.warmup < 0 else args.warmup, args.iters or base.iters)
-        f_ours = f_hf = float("nan")
-        for i, dtype in enumerate(dtypes):
-            ours_step, hf_step, tok_encode, fo, fh = step_fns(setup, dtype, args.compile, count_flops=i == 0)
-            if i == 0:  # the same FLOPs in every dtype: count once
-                f_ours, f_hf = fo, fh
-            ours_step()  # first call: compiles when asked, not counted
-            for _ in range(setup.warmup):
-                ours_step()
-                hf_step()
-            t_ours, t_hf = [], []
-            for _ in range(setup.iters):  # alternate, so load changes hit both
-                t_ours.append(timed(ours_step))
-                t_hf.append(timed(hf_step))
-            w_ours, c_ours = (statistics.median(t[k] for t in t_ours) for k in (0, 1))
-            w_hf, c_hf = (statistics.median(t[k] for t in t_hf) for k in (0, 1))
-            tok_encode()
-            t_tok = median_time(tok_encode, max(3, setup.iters // 2))
-            B = setup.batch
-            rows.append(
-                f"| {name} ({setup.preset}) | {dtype} | {B} | {B / w_ours:.1f} | {B / w_hf:.1f} | "
-                f"**{w_hf / w_ours:.2f}x** | {c_hf / c_ours:.2f}x | "
-                f"{B / (w_ours + t_tok):.1f} ({setup.tokenizer}: {t_tok * 1e3:.0f} ms) | "
-                f"{f_ours / w_ours / 1e9:.0f} / {100 * f_ours / w_ours / peaks[dtype]:.0f}% | "
-                f"{f_hf / w_hf / 1e9:.0f} / {100 * f_hf / w_hf / peaks[dtype]:.0f}% | "
-                f"{f_ours / B / 1e9:.2f} / {f_hf / B / 1e9:.2f} |"
-            )
-            print(rows[-1], flush=True)
-
-    print()
-    print("| config | dtype | batch | ours img/s | HF img/s | ours/HF (wall) | ours/HF (CPU time) | "
-          "ours + tokenizer img/s | ours GFLOP/s / MFU | HF GFLOP/s / MFU | GFLOP/img ours / HF |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
-    print("MFU: counted FLOPs of forward + backward (each model's own) per wall second over the matmul ceiling.")
+        flops = None
+        for label, dtype in resolved.items():
+            row = bench_one(setup, dtype, device, args.compile, flops)
+            flops = (row["ours_flops"], row["hf_flops"])  # the same FLOPs in every dtype: count once
+            row["label"] = f"auto ({dtype})" if label == "auto" else dtype
+            rows.append(row)
+            print(markdown_row(row, peaks[dtype]), flush=True)
+    print(f"\nmachine: {machine.describe(device)}\n{TABLE_HEAD}")
+    print("\n".join(markdown_row(r, peaks[r["dtype"]]) for r in rows))
+    print("\nMFU: counted FLOPs of forward + backward (each model's own) per wall second over the matmul ceiling.")
     for d, p in peaks.items():
         print(f"matmul ceiling ({d}, 2048^3, same process): {p / 1e9:.0f} GFLOP/s")
+    for name in args.configs.split(","):
+        by = {r["label"].split(" ")[0]: r for r in rows if r["config"] == name}
+        if "auto" in by and "fp32" in by:
+            print(f"{name}: auto / fp32 = {by['fp32']['ours_s'] / by['auto']['ours_s']:.2f}x (ours, images/s)")
     print(f"block_mask 14x14/75: {masks_per_s((14, 14), 75):.0f} masks/s; "
           f"8x8/26: {masks_per_s((8, 8), 26):.0f} masks/s (one core)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine.info(device), "auto": auto.__dict__,
+                                               "matmul_ceiling_flops": peaks, "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     from beit.viz.report import external_references
 
     assert external_references(report) == []
+    assert summary["precision"]["pretrain"] in ("fp32", "bf16")  # what train.precision=auto chose
+    assert f"Precision: {summary['precision']['pretrain']}" in report and summary["machine"] in report
     assert report.count("<img") >= 10 and "picture not available" not in report
 
     # every reproduce command parses with the real parser

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(0)
     method = ToyMethod(a.dropout, a.kill_at, a.nan_at)
     tcfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, accum_steps=a.accum, num_workers=a.workers,
-                       log_every=1, ckpt_every=a.ckpt_every, seed=7)
+                       log_every=1, ckpt_every=a.ckpt_every, seed=7,
+                       precision="fp32")  # the equivalence tests compare losses to 1e-5: no bf16 rounding
     ocfg = OptimConfig(lr=1e-2, min_lr=1e-4, warmup_steps=3, weight_decay=0.05)
     res = train(method, NoisyPoints(), train_cfg=tcfg, optim_cfg=ocfg, run_dir=a.run, resume=a.resume, env=env)
     print(f"status={res.status} step={res.step}")

@@ -38,7 +38,8 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
     g.add_argument("--batch-size", type=int, help="global batch per optimizer step (train.batch_size)")
     g.add_argument("--accum", type=int, help="gradient accumulation steps (train.accum_steps)")
     g.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="train.precision; auto: bf16 on CUDA (fp16 without bf16), on CPU bf16 where measured faster")
     g.add_argument("--workers", type=int, help="data loading processes (train.num_workers)")
     g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--device", help="auto | cpu | cuda (train.device)")

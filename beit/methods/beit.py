@@ -256,20 +256,20 @@ PRESETS: dict[str, dict] = {
         "model": preset_dict("beit_base_patch16_224", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_fraction": 10 / 800,
                   "clip_grad": 3.0, "betas": [0.9, 0.999]},
-        "train": {"epochs": 800, "batch_size": 2000, "precision": "bf16", "num_workers": 10},
+        "train": {"epochs": 800, "batch_size": 2000, "num_workers": 10},
         "beit": {"num_masked": 75},
         "tokenizer_preset": "dalle_112",
     },
     "beit_small_patch8_64": {
         "model": preset_dict("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
-        "train": {"batch_size": 64, "precision": "bf16"},
+        "train": {"batch_size": 64},
         "tokenizer_preset": "dvae_64",
     },
     "beit_tiny_patch4_32": {
         "model": preset_dict("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
-        "train": {"batch_size": 64, "precision": "bf16"},
+        "train": {"batch_size": 64},
         "tokenizer_preset": "vq_32",
     },
 }

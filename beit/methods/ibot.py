@@ -447,7 +447,7 @@ PRESETS: dict[str, dict] = {
         "model": preset_dict("beit_base_patch16_224", **_IBOT_VIT),
         "optim": {"lr": 5e-4 * 1024 / 256, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 10 / 400,
                   "clip_grad": 3.0, "betas": [0.9, 0.999]},
-        "train": {"epochs": 400, "batch_size": 1024, "precision": "bf16", "num_workers": 10},
+        "train": {"epochs": 400, "batch_size": 1024, "num_workers": 10},
         "ibot": {"local_crops": 10, "local_crop_size": 96, "global_crop_scale": [0.25, 1.0],
                  "local_crop_scale": [0.05, 0.25], "teacher_temp_warmup": 30 / 400, "freeze_last_layer": 1 / 400},
     },
@@ -456,7 +456,7 @@ PRESETS: dict[str, dict] = {
     "ibot_tiny_patch4_32": {
         "model": preset_dict("beit_tiny_patch4_32", **_IBOT_VIT),
         "optim": {"lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 0.05, "clip_grad": 3.0},
-        "train": {"batch_size": 64, "precision": "bf16"},
+        "train": {"batch_size": 64},
         "ibot": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "teacher_temp_warmup": 0.1,
                  "local_crop_size": 16},
     },

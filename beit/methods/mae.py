@@ -314,14 +314,14 @@ PRESETS: dict[str, dict] = {
         "model": preset_dict("beit_base_patch16_224", **_MAE_VIT),
         "optim": {"lr": 2.4e-3, "min_lr": 0.0, "weight_decay": 0.05, "warmup_fraction": 40 / 800,
                   "clip_grad": 0.0, "betas": [0.9, 0.95]},
-        "train": {"epochs": 800, "batch_size": 4096, "precision": "bf16", "num_workers": 10},
+        "train": {"epochs": 800, "batch_size": 4096, "num_workers": 10},
     },
     # CPU-sized: a 128-wide, 2-block decoder; the lr is raised as in the other tiny presets (short runs).
     "mae_tiny_patch4_32": {
         "model": preset_dict("beit_tiny_patch4_32", **_MAE_VIT),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_fraction": 0.05, "clip_grad": 0.0,
                   "betas": [0.9, 0.95]},
-        "train": {"batch_size": 64, "precision": "bf16"},
+        "train": {"batch_size": 64},
         "mae": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
     },
 }

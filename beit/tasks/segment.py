@@ -125,19 +125,19 @@ PRESETS: dict[str, dict] = {
     "beit_base_patch16_512": {
         "model": _model("beit_base_patch16_224", img_size=512, drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.65, "warmup_steps": 1500, "weight_decay": 0.05},
-        "train": {"steps": 160000, "batch_size": 16, "precision": "bf16", "num_workers": 8, "eval_every": 16000},
+        "train": {"steps": 160000, "batch_size": 16, "num_workers": 8, "eval_every": 16000},
         "head": {"channels": 768, "aux_channels": 256},
     },
     "beit_small_patch8_64": {
         "model": _model("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
-        "train": {"steps": 4000, "batch_size": 16, "precision": "fp32"},
+        "train": {"steps": 4000, "batch_size": 16},
         "head": {"channels": 128, "aux_channels": 64},
     },
     "beit_tiny_patch4_32": {
         "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
-        "train": {"steps": 2000, "batch_size": 16, "precision": "fp32"},
+        "train": {"steps": 2000, "batch_size": 16},
         "head": {"channels": 64, "aux_channels": 32},
     },
 }

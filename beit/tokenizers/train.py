@@ -67,7 +67,7 @@ RUN_PRESETS: dict[str, dict] = {
         "dalle_112",
         optim={"lr": 1e-4, "min_lr": 1.25e-6, "weight_decay": 1e-4},  # DALL-E Appendix A.2
         objective={"kl_weight": 6.6, "tau_anneal_fraction": 0.05, "kl_warmup_fraction": 0.01},
-        train={"batch_size": 512, "precision": "bf16"},
+        train={"batch_size": 512},
     ),
 }
 

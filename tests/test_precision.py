@@ -1,0 +1,109 @@
+"""``train.precision=auto``: the decision rule, with the timing replaced (no wall-time assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from beit import precision
+from beit.config import ConfigError, OptimConfig, TrainConfig
+from beit.engine import train
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    """An empty per-process measurement cache, so each test measures (with its stub) once."""
+    monkeypatch.setattr(precision, "_SPEEDUP_CACHE", {})
+
+
+def stub_timer(speedup: float, calls: list):
+    def timer() -> float:
+        calls.append(1)
+        return speedup
+
+    return timer
+
+
+@pytest.mark.parametrize("speedup,expected", [
+    (0.01, "fp32"),  # AVX2 without native bf16: ~100x slower (the issue's AMD EPYC)
+    (0.9, "fp32"),  # AVX-512 without bf16 instructions: about even
+    (precision.MIN_BF16_SPEEDUP - 0.01, "fp32"),
+    (precision.MIN_BF16_SPEEDUP, "bf16"),
+    (4.3, "bf16"),  # AVX-512-BF16 / AMX (this project's CI machine)
+])
+def test_cpu_choice_follows_the_measured_speedup(speedup, expected):
+    choice = precision.decide("cpu", cpu_speedup=speedup)
+    assert choice.precision == expected
+    assert choice.reason.startswith("auto: CPU bf16 matmul")
+
+
+def test_cuda_choice_depends_on_bf16_support():
+    assert precision.decide("cuda", cuda_bf16=True).precision == "bf16"
+    assert precision.decide("cuda", cuda_bf16=False).precision == "fp16"
+    assert precision.decide("mps").precision == "fp32"
+
+
+def test_auto_on_cpu_measures_once_per_process(fresh_cache):
+    calls: list = []
+    slow = stub_timer(0.01, calls)
+    assert precision.resolve("auto", "cpu", timer=slow).precision == "fp32"
+    assert precision.resolve("auto", torch.device("cpu"), timer=slow).precision == "fp32"
+    assert len(calls) == 1
+
+
+def test_auto_picks_bf16_where_measured_faster(fresh_cache):
+    assert precision.resolve("auto", "cpu", timer=stub_timer(3.0, [])).precision == "bf16"
+
+
+@pytest.mark.parametrize("explicit", ["fp32", "bf16", "fp16"])
+def test_explicit_precision_wins_without_measuring(fresh_cache, explicit):
+    calls: list = []
+    choice = precision.resolve(explicit, "cpu", timer=stub_timer(0.01, calls))
+    assert choice.precision == explicit and calls == []
+
+
+def test_unknown_precision_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.precision"):
+        TrainConfig(precision="fp8")
+    assert TrainConfig().precision == "auto"
+
+
+def test_real_probe_returns_a_positive_ratio():
+    assert precision.cpu_bf16_speedup(n=32, reps=2) > 0
+
+
+def _toy_run(tmp_path, monkeypatch, speedup: float, name: str, resume: bool = False, steps: int = 3):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from toy_train import NoisyPoints, ToyMethod
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(precision, "_SPEEDUP_CACHE", {})
+    cfg = TrainConfig(steps=steps, batch_size=8, num_workers=0, log_every=1, device="cpu")
+    yaml_text = yaml.safe_dump({"train": {"precision": "auto", "steps": steps}})
+    train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=cfg, optim_cfg=OptimConfig(), run_dir=tmp_path / name,
+          config_yaml=yaml_text, resume=resume)
+    rows = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+    return rows, saved
+
+
+@pytest.mark.parametrize("speedup,expected", [(0.01, "fp32"), (4.0, "bf16")])
+def test_run_records_the_chosen_precision(tmp_path, monkeypatch, caplog, speedup, expected):
+    caplog.set_level("INFO", logger="beit")
+    rows, saved = _toy_run(tmp_path, monkeypatch, speedup, "run")
+    assert saved["train"]["precision"] == expected
+    assert {r["precision"] for r in rows if "loss" in r} == {expected}
+    assert sum("precision: " + expected in r.message for r in caplog.records) == 1
+
+
+def test_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
+    _toy_run(tmp_path, monkeypatch, 4.0, "run", steps=3)
+    rows, saved = _toy_run(tmp_path, monkeypatch, 0.01, "run", resume=True, steps=5)  # the machine "changed"
+    assert saved["train"]["precision"] == "bf16"
+    assert [r["precision"] for r in rows if r["step"] > 3] == ["bf16", "bf16"]
