@@ -114,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, per step (BEiT Appendix B/C)."""
+    """AdamW with linear warmup then cosine (BEiT Appendix B/C) or polynomial decay, per step."""
 
     lr: float = 1.5e-3
     min_lr: float = 1e-5
@@ -125,6 +125,12 @@ class OptimConfig:
     warmup_fraction: float = 0.0125  # 10 of 800 epochs
     clip_grad: float = 3.0  # 0 disables clipping
     layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning: 0.65 base, 0.75 large); 1 = off
+    schedule: str = "cosine"  # after warmup: cosine | poly (polynomial decay, the official segmentation recipe)
+    power: float = 1.0  # poly: exponent of (1 - step / steps)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "poly"):
+            raise ConfigError(f"optim.schedule must be cosine or poly, got {self.schedule!r}")
 
 
 @dataclass

@@ -5,7 +5,7 @@
 - Layer-wise learning-rate decay for fine-tuning (BEiT Sec. 3.2 / Appendix C, after ELECTRA): the
   parameters of block ``i`` get ``decay ** (L + 1 - (i + 1))`` of the base rate, the embeddings
   ``decay ** (L + 1)``, the head 1.
-- Linear warmup then cosine decay, evaluated per optimiser step.
+- Linear warmup then cosine decay (or polynomial decay, ``optim.schedule=poly``), evaluated per optimiser step.
 """
 
 from __future__ import annotations
@@ -97,13 +97,25 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate for 0-based optimiser ``step``: linear warmup from 0, then cosine to ``min_lr``."""
+    """Learning rate for 0-based optimiser ``step``: linear warmup from 0, then cosine to ``min_lr``; or, for
+    ``cfg.schedule == "poly"``, :func:`poly_lr`."""
     warm = warmup_steps(cfg, total_steps)
+    if cfg.schedule == "poly":
+        return poly_lr(step, total_steps, warm, cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     span = max(1, total_steps - warm)
     progress = min(1.0, (step - warm) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_lr(step: int, total_steps: int, warm: int, cfg: OptimConfig) -> float:
+    """The official segmentation schedule (mmcv ``PolyLrUpdaterHook`` with linear warmup): ``min_lr + (lr -
+    min_lr) * (1 - step / total_steps) ** power``, over the whole run; during the first ``warm`` steps it is
+    scaled by ``(step + 1) / warm`` (mmcv scales the scheduled rate, not the base rate, too)."""
+    progress = min(1.0, step / max(1, total_steps))
+    lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress) ** cfg.power
+    return lr * (step + 1) / warm if step < warm else lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

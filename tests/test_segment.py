@@ -183,3 +183,85 @@ def test_segment_cli_on_rectangles(tmp_path, capsys):
     assert seg.predict(torch.randn(1, 3, 16, 24)).shape == (1, 16, 24)
     w, h = Image.open(run / "predictions.png").size
     assert w * 2 * 16 == h * 3 * 24  # two rows of three 24x16 panels
+
+
+def test_poly_schedule_by_hand():
+    from beit.config import OptimConfig
+    from beit.optim import lr_at
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=2, schedule="poly", power=1.0)
+    # warmup scales the polynomial rate: (1 - step/10) * (step + 1) / 2, then (1 - step/10)
+    assert [round(lr_at(s, 10, cfg), 6) for s in (0, 1, 2, 5, 9)] == [0.5, 0.9, 0.8, 0.5, 0.1]
+    sq = OptimConfig(lr=2.0, min_lr=0.5, warmup_steps=0, schedule="poly", power=2.0)
+    assert lr_at(5, 10, sq) == pytest.approx(0.5 + 1.5 * 0.25)
+    assert lr_at(10, 10, sq) == pytest.approx(0.5)
+    with pytest.raises(Exception, match="optim.schedule"):
+        OptimConfig(schedule="step")
+
+
+def _rect_task(eval_cfg=None):
+    torch.manual_seed(0)
+    m = VisionTransformer(ModelConfig(**{**TINY, "img_size": (16, 24)}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    task = SegmentationTask(m, 3, SegHeadConfig(channels=8, aux_channels=8), eval_cfg)
+    return task.eval()
+
+
+def test_sliding_window_equals_whole_image_when_window_is_the_image():
+    from beit.tasks.segment_eval import SegEvalConfig, score, slide_logits, window_starts
+
+    assert window_starts(24, 24, 16) == [0]
+    assert window_starts(32, 24, 8) == [0, 8]
+    assert window_starts(30, 16, 10) == [0, 10, 14]  # the last window ends at the border
+    task = _rect_task()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"images": torch.randn(2, 3, 16, 24, generator=g), "masks": torch.randint(0, 3, (2, 16, 24), generator=g)}
+               for _ in range(2)]
+    whole = score(task, batches, SegEvalConfig(mode="whole"))
+    slide = score(task, batches, SegEvalConfig(mode="slide", stride=[5, 7]))
+    assert torch.equal(whole[0], slide[0]) and whole[1] == slide[1]
+    with torch.no_grad():  # the same kernels as in evaluation
+        assert torch.equal(slide_logits(task, batches[0]["images"], (5, 7)), task.logits(batches[0]["images"])[0])
+        # two overlapping windows along the width: averaged where they overlap (columns 8..23)
+        wide = torch.randn(1, 3, 16, 32, generator=g)
+        left, right = task.logits(wide[..., :24])[0], task.logits(wide[..., 8:])[0]
+    want = torch.cat([left[..., :8], (left[..., 8:] + right[..., :16]) / 2, right[..., 16:]], dim=-1)
+    torch.testing.assert_close(slide_logits(task, wide, (16, 8)), want)
+    with pytest.raises(Exception, match="smaller than the window"):
+        slide_logits(task, torch.randn(1, 3, 16, 16), (8, 8))
+
+
+def test_whole_image_at_another_size_resizes_the_backbone():
+    from beit.tasks.segment_eval import SegEvalConfig, backbone_at
+
+    task = _rect_task(SegEvalConfig(mode="whole", size=[24, 32]))
+    assert backbone_at(task.model, (16, 24)) is task.model
+    big = backbone_at(task.model, (24, 32))
+    assert big.grid_size == (6, 8) and big is not task.model
+    torch.testing.assert_close(big.blocks[1].mlp.fc1.weight, task.model.blocks[1].mlp.fc1.weight)
+    assert task.predict(torch.randn(2, 3, 24, 32)).shape == (2, 24, 32)
+
+
+def test_segment_cli_scores_best_checkpoint_on_val_and_test(tmp_path):
+    from beit.cli import main
+
+    data = make_shapes_dataset(tmp_path / "data", n_train=4, size=16, width=24, splits=("train", "val", "test"))
+    run = tmp_path / "seg"
+    rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(run), "--steps", "2",
+               "--batch-size", "2", "--workers", "0", "--device", "cpu", "model.img_size=[16,24]",
+               "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+               "head.channels=16", "head.aux_channels=8", "eval.mode=slide", "eval.size=[16,32]",
+               "eval.stride=[8,8]", "data.class_names=[grey,red,blue]"])
+    assert rc == 0
+    res = json.loads((run / "eval.json").read_text())
+    assert res["checkpoint"].endswith("best") and res["eval"]["mode"] == "slide"
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_mIoU" in ln]
+    best = max(r["val_mIoU"] for r in evals)
+    assert res["val"]["mIoU"] == pytest.approx(best)  # the best checkpoint, scored as during training
+    assert res["test"]["images"] == 2 and set(res["test"]["iou"]) <= {"grey", "red", "blue"}
+    conf = torch.tensor(res["test"]["confusion"])
+    assert conf.shape == (3, 3) and int(conf.sum()) == 2 * 15 * 32  # the top row of each mask is ignored
+    for name in ("confusion_val.png", "confusion_test.png", "predictions_test.png"):
+        assert (run / name).is_file()

@@ -8,20 +8,25 @@ class index, 255 = ignore. The one engine trains :class:`SegmentationTask` and e
   multi-scale adapter of :mod:`.heads` (4x, 2x, 1x, 0.5x) and UperNet (PPM + FPN + fuse), or SETR-PUP on
   the last of them (``head.kind=pup``); logits are upsampled (bilinear) to the input size;
 - loss: cross-entropy with ``ignore_index=255``, plus 0.4 x an auxiliary FCN head on the third level
-  (official config); AdamW with layer-wise lr decay (0.65), warmup then cosine (the official code decays
-  polynomially; the engine's one schedule is cosine);
+  (official config); AdamW with layer-wise lr decay (0.65), linear warmup then polynomial decay (power 1,
+  ``optim.schedule=poly``, the official mmseg schedule);
 - metrics (``val_*`` in ``metrics.jsonl``): mIoU over the classes present (in the ground truth or the
   prediction, i.e. union > 0, as mmseg's nan-mean), mean class accuracy, pixel accuracy, per-class IoU
-  ``iou_<c>``; ``predictions.png`` shows images | ground truth | prediction for a few validation images.
+  ``iou_<c>``; ``predictions.png`` shows images | ground truth | prediction for a few validation images;
+  the best val mIoU is kept in ``checkpoints/best``, scored at the end on val and test
+  (:func:`evaluate_run`: ``eval.json``, ``confusion_<split>.png``, ``predictions_<split>.png``).
 
-Joint transforms: training takes one random resized crop + horizontal flip of image and mask (bicubic for
-the image, nearest for the mask); evaluation resizes both to the model's input size and scores there (the
-official protocol slides a window over the full-resolution image instead).
+Joint transforms: training takes one random resized crop (aspect ratio around the input's) + horizontal
+flip of image and mask (bicubic for the image, nearest for the mask), at the model's input size
+(``model.img_size``, square or ``[height, width]``); evaluation resizes both to ``eval.size`` (default:
+the input size) and scores there, by one pass over the whole image or by sliding windows of the input size
+(``eval.mode=slide``, the official protocol; :mod:`.segment_eval`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -36,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 
+from ..checkpoint import CKPT_DIR
 from ..config import (
     ConfigError,
     ModelConfig,
@@ -56,19 +62,29 @@ from ..models.vit import VisionTransformer
 from ..optim import param_groups
 from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
+from .segment_eval import (
+    IGNORE_INDEX,
+    SegEvalConfig,
+    backbone_at,
+    confusion_matrix,
+    save_confusion,
+    score,
+    segmentation_metrics,
+    slide_logits,
+)
 
 log = logging.getLogger("beit")
-
-IGNORE_INDEX = 255
 
 __all__ = [
     "IGNORE_INDEX",
     "PRESETS",
+    "SegEvalConfig",
     "SegmentConfig",
     "SegmentationFolder",
     "SegmentationTask",
     "build_config",
     "confusion_matrix",
+    "evaluate_run",
     "load_segmenter",
     "palette",
     "run",
@@ -83,6 +99,7 @@ class SegDataConfig:
     num_classes: int = 0  # 0: 1 + the largest label in the training masks (255 = ignore)
     crop_scale: tuple[float, float] = (0.25, 1.0)  # random resized crop (area fraction of the image)
     hflip: float = 0.5
+    class_names: list[str] = field(default_factory=list)  # for the confusion picture and eval.json
 
 
 @dataclass
@@ -110,12 +127,19 @@ class SegmentConfig:
     data: SegDataConfig = field(default_factory=SegDataConfig)
     head: SegHeadConfig = field(default_factory=SegHeadConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=7e-4, min_lr=0.0, weight_decay=0.05, warmup_steps=1500, clip_grad=0.0, layer_decay=0.65))
+        lr=7e-4, min_lr=0.0, weight_decay=0.05, warmup_steps=1500, clip_grad=0.0, layer_decay=0.65,
+        schedule="poly", power=1.0))
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
 
 def _model(name: str, **changes) -> dict:
     return {**MODEL_PRESETS[name], "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, **changes}
+
+
+# The 11 classes of the SegNet CamVid version, in label order (255: unlabelled, ignored).
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",
+                  "bicyclist")
 
 
 # ``beit_base_patch16_512``: the paper's ADE20K setting (Appendix D; official UperNet config for a
@@ -139,6 +163,20 @@ PRESETS: dict[str, dict] = {
         "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
         "train": {"steps": 2000, "batch_size": 16},
         "head": {"channels": 64, "aux_channels": 32},
+    },
+    # CamVid at 160x120 (../shared/data/camvid-160x120.tar.gz): the tiny ViT (192 wide, 6 deep) in 8 px
+    # patches on the whole non-square image, a 15x20 grid; a backbone pretrained on 64 px squares (8x8)
+    # comes with its tables resized. 800 steps of 8 fit ~30 minutes on two busy CPU cores in bf16 (3.3
+    # images/s measured on a Xeon with AMX, 2.0 in fp32; docs/results.md).
+    "camvid_tiny_patch8_120x160": {
+        "model": _model("beit_tiny_patch4_32", patch_size=8, img_size=[120, 160], drop_path_rate=0.1,
+                        layer_scale_init=0.1),
+        "data": {"crop_scale": [0.3, 1.0], "class_names": list(CAMVID_CLASSES)},
+        "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05,
+                  "schedule": "poly", "power": 1.0},
+        "train": {"steps": 800, "batch_size": 8, "precision": "bf16", "eval_every": 200, "ckpt_every": 200},
+        "head": {"channels": 64, "aux_channels": 32},
+        "eval": {"mode": "whole"},
     },
 }
 
@@ -262,37 +300,6 @@ class SegmentationFolder(Dataset):
         return top
 
 
-# --------------------------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``(C, C)`` int64 counts, rows = ground truth, columns = prediction; ignored pixels left out."""
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
-
-
-def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
-    """mIoU (mean over classes with union > 0), mAcc (over classes in the ground truth), pixel accuracy
-    (all in %) and ``iou_<c>`` for every class with union > 0."""
-    conf = conf.double()
-    tp = conf.diag()
-    gt = conf.sum(1)
-    pr = conf.sum(0)
-    union = gt + pr - tp
-    present = union > 0
-    iou = tp / union.clamp(min=1)
-    out = {
-        "mIoU": 100.0 * float(iou[present].mean()) if present.any() else 0.0,
-        "mAcc": 100.0 * float((tp / gt.clamp(min=1))[gt > 0].mean()) if (gt > 0).any() else 0.0,
-        "pixel_acc": 100.0 * float(tp.sum() / conf.sum().clamp(min=1)),
-    }
-    for c in torch.nonzero(present).flatten().tolist():
-        out[f"iou_{c}"] = 100.0 * float(iou[c])
-    return out
-
-
 # --------------------------------------------------------------------------------------------- the task
 
 
@@ -309,9 +316,11 @@ class SegmentationTask(Method):
     state_prefix = "model."
     find_unused_parameters = True  # the backbone's final norm is not used by the heads
 
-    def __init__(self, model: VisionTransformer, num_classes: int, head: SegHeadConfig | None = None) -> None:
+    def __init__(self, model: VisionTransformer, num_classes: int, head: SegHeadConfig | None = None,
+                 eval_cfg: SegEvalConfig | None = None) -> None:
         super().__init__()
         head = head if head is not None else SegHeadConfig()
+        self.eval_cfg = eval_cfg if eval_cfg is not None else SegEvalConfig()
         if num_classes < 1:
             raise ConfigError("segmentation needs num_classes >= 1")
         self.model = model
@@ -332,13 +341,16 @@ class SegmentationTask(Method):
         self.aux_weight = head.aux_weight
         self.aux = FCNHead(D, num_classes, head.aux_channels, head.dropout) if head.aux_weight > 0 else None
 
-    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-pixel logits ``(B, C, H, W)`` at the input size, and the auxiliary head's (training only)."""
+    def logits(self, images: torch.Tensor, backbone: VisionTransformer | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-pixel logits ``(B, C, H, W)`` at the input size, and the auxiliary head's (training only).
+        ``backbone``: the backbone at another input size (:func:`.segment_eval.backbone_at`)."""
         H, W = images.shape[-2:]
+        backbone = backbone if backbone is not None else self.model
         uniq = sorted(set(self.out_indices))
-        by = dict(zip(uniq, self.model.get_intermediate_layers(images, uniq)))  # each (B, 1+N, D)
+        by = dict(zip(uniq, backbone.get_intermediate_layers(images, uniq)))  # each (B, 1+N, D)
         tokens = [by[i] for i in self.out_indices]
-        grid = self.model.grid_size
+        grid = backbone.grid_size
         if self.neck is not None:
             out = self.decode(self.neck([tokens_to_map(t, grid) for t in tokens]))  # (B, C, 4h, 4w)
         else:
@@ -352,8 +364,10 @@ class SegmentationTask(Method):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, H, W)`` class ids."""
-        return self.logits(images)[0].argmax(1)
+        """``(B, 3, H, W)`` -> ``(B, H, W)`` class ids, by ``eval.mode`` (whole image or sliding window)."""
+        if self.eval_cfg.mode == "slide":
+            return slide_logits(self, images, self.eval_cfg.strides(self.model.patch_embed.img_hw)).argmax(1)
+        return self.logits(images, backbone_at(self.model, tuple(images.shape[-2:])))[0].argmax(1)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, masks = batch["images"], batch["masks"]  # (B, 3, H, W), (B, H, W)
@@ -370,18 +384,8 @@ class SegmentationTask(Method):
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict[str, float]:
-        device = next(self.parameters()).device
-        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        loss_sum, n = 0.0, 0
-        for batch in loader:
-            images, masks = batch["images"].to(device), batch["masks"].to(device)
-            out, _ = self.logits(images)
-            valid = int((masks != IGNORE_INDEX).sum())
-            if valid:
-                loss_sum += float(F.cross_entropy(out.float(), masks, ignore_index=IGNORE_INDEX)) * valid
-                n += valid
-            conf += confusion_matrix(out.argmax(1), masks, self.num_classes)
-        return {**segmentation_metrics(conf), "loss": loss_sum / max(n, 1)}
+        conf, loss = score(self, loader, self.eval_cfg)
+        return {**segmentation_metrics(conf), "loss": loss}
 
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Layer-wise lr decay over the backbone; neck and heads at the full rate."""
@@ -448,7 +452,7 @@ def build_task(cfg: SegmentConfig, num_classes: int, init: bool = True) -> tuple
                      prefix="model.")
     backbone = build_backbone(cfg.init if init else "", mcfg)
     cfg = dataclasses.replace(cfg, model=backbone.cfg, data=dataclasses.replace(cfg.data, num_classes=num_classes))
-    return SegmentationTask(backbone, num_classes, cfg.head), cfg
+    return SegmentationTask(backbone, num_classes, cfg.head, cfg.eval), cfg
 
 
 def load_segmenter(path: str | Path) -> SegmentationTask:
@@ -463,15 +467,50 @@ def load_segmenter(path: str | Path) -> SegmentationTask:
     return task.eval()
 
 
+def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data: str | None = None,
+                 n_pictures: int = 4) -> dict:
+    """Score a run's best checkpoint (else its latest) on every split of its data that exists, as the run's
+    ``eval`` config says (whole image or sliding window). Writes ``RUN/eval.json`` (metrics in %, per-class
+    IoU by name, confusion matrices), ``RUN/confusion_<split>.png`` and ``RUN/predictions_<split>.png``."""
+    from torch.utils.data import DataLoader
+
+    run_dir = Path(path)
+    best = run_dir / CKPT_DIR / "best"
+    source = best if best.is_dir() else run_dir
+    task = load_segmenter(source)
+    cfg = from_dict(SegmentConfig, RunDir(source).config())
+    root = Path(data or cfg.data.path)
+    size = cfg.eval.image_size(task.model.patch_embed.img_hw)
+    names = list(cfg.data.class_names) + [str(c) for c in range(len(cfg.data.class_names), task.num_classes)]
+    results: dict = {"checkpoint": str(RunDir(source).checkpoint()), "eval": to_dict(cfg.eval)}
+    for split in splits:
+        if not (root / "images" / split).is_dir():
+            continue
+        ds = SegmentationFolder(root, split, SegTransform(size, False))
+        conf, loss = score(task, DataLoader(ds, batch_size=8), cfg.eval)
+        m = segmentation_metrics(conf)
+        per_class = {names[c]: m[f"iou_{c}"] for c in range(task.num_classes) if f"iou_{c}" in m}
+        results[split] = {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "pixel_acc": m["pixel_acc"], "loss": loss,
+                          "images": len(ds), "iou": per_class, "confusion": conf.tolist()}
+        save_confusion(conf, run_dir / f"confusion_{split}.png", names,
+                       title=f"{split}: mIoU {m['mIoU']:.1f}, mAcc {m['mAcc']:.1f} (% of each true class)")
+        save_predictions(task, ds, run_dir / f"predictions_{split}.png", n=n_pictures)
+        log.info("%s (%d images): mIoU %.2f, mAcc %.2f, pixel acc %.2f", split, len(ds), m["mIoU"], m["mAcc"],
+                 m["pixel_acc"])
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
-    """Train a segmenter as ``cfg`` says into run directory ``out``."""
+    """Train a segmenter as ``cfg`` says into run directory ``out``; then score its best checkpoint on the
+    validation and (if the data has one) test split (:func:`evaluate_run`)."""
     env = setup_distributed(cfg.train.device)
     seed_everything(cfg.train.seed)
     if not cfg.data.path:
         raise ConfigError("give the dataset: --data DIR (with images/{train,val}/ and masks/{train,val}/)")
     size = cfg.model.img_size
     tr = SegmentationFolder(cfg.data.path, "train", SegTransform(size, True, cfg.data.crop_scale, cfg.data.hflip))
-    va = SegmentationFolder(cfg.data.path, "val", SegTransform(size, False))
+    va = SegmentationFolder(cfg.data.path, "val", SegTransform(cfg.eval.image_size(cfg.model.img_hw), False))
     num_classes = cfg.data.num_classes or tr.max_label() + 1
     if num_classes < 1:
         raise DataError(f"{cfg.data.path}: the training masks hold no label other than {IGNORE_INDEX} (ignore)")
@@ -491,6 +530,7 @@ def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minute
             save_predictions(task, va, Path(out) / "predictions.png")
             plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "curves.png",
                          keys=("loss", "pixel_acc", "val_mIoU", "val_pixel_acc", "lr"), title="segmentation")
+            evaluate_run(out)
         except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
-            log.warning("could not draw the segmentation pictures: %s", e)
+            log.warning("could not draw the segmentation pictures or score the best checkpoint: %s", e)
     return res
