@@ -253,7 +253,7 @@ def test_segment_cli_scores_best_checkpoint_on_val_and_test(tmp_path):
                "--batch-size", "2", "--workers", "0", "--device", "cpu", "model.img_size=[16,24]",
                "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                "head.channels=16", "head.aux_channels=8", "eval.mode=slide", "eval.size=[16,32]",
-               "eval.stride=[8,8]", "data.class_names=[grey,red,blue]"])
+               "eval.stride=[8,8]", "data.class_names=[grey,red,blue]", "train.precision=fp32"])
     assert rc == 0
     res = json.loads((run / "eval.json").read_text())
     assert res["checkpoint"].endswith("best") and res["eval"]["mode"] == "slide"

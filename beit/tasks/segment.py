@@ -55,7 +55,7 @@ from ..config import (
 )
 from ..data.folder import DataError, list_images, load_image
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
-from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..engine import TrainResult, autocast_context, seed_everything, setup_distributed, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
@@ -174,7 +174,7 @@ PRESETS: dict[str, dict] = {
         "data": {"crop_scale": [0.3, 1.0], "class_names": list(CAMVID_CLASSES)},
         "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05,
                   "schedule": "poly", "power": 1.0},
-        "train": {"steps": 800, "batch_size": 8, "precision": "bf16", "eval_every": 200, "ckpt_every": 200},
+        "train": {"steps": 800, "batch_size": 8, "precision": "auto", "eval_every": 200, "ckpt_every": 200},
         "head": {"channels": 64, "aux_channels": 32},
         "eval": {"mode": "whole"},
     },
@@ -471,7 +471,8 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
                  n_pictures: int = 4) -> dict:
     """Score a run's best checkpoint (else its latest) on every split of its data that exists, as the run's
     ``eval`` config says (whole image or sliding window). Writes ``RUN/eval.json`` (metrics in %, per-class
-    IoU by name, confusion matrices), ``RUN/confusion_<split>.png`` and ``RUN/predictions_<split>.png``."""
+    IoU by name, confusion matrices), ``RUN/confusion_<split>.png`` and ``RUN/predictions_<split>.png``.
+    Runs in the run's (resolved) precision, as its evaluations during training."""
     from torch.utils.data import DataLoader
 
     run_dir = Path(path)
@@ -482,12 +483,14 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
     root = Path(data or cfg.data.path)
     size = cfg.eval.image_size(task.model.patch_embed.img_hw)
     names = list(cfg.data.class_names) + [str(c) for c in range(len(cfg.data.class_names), task.num_classes)]
+    precision = cfg.train.precision if cfg.train.precision in ("fp32", "bf16") else "fp32"
     results: dict = {"checkpoint": str(RunDir(source).checkpoint()), "eval": to_dict(cfg.eval)}
     for split in splits:
         if not (root / "images" / split).is_dir():
             continue
         ds = SegmentationFolder(root, split, SegTransform(size, False))
-        conf, loss = score(task, DataLoader(ds, batch_size=8), cfg.eval)
+        with autocast_context(next(task.parameters()).device, precision):  # as evaluated during training
+            conf, loss = score(task, DataLoader(ds, batch_size=8), cfg.eval)
         m = segmentation_metrics(conf)
         per_class = {names[c]: m[f"iou_{c}"] for c in range(task.num_classes) if f"iou_{c}" in m}
         results[split] = {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "pixel_acc": m["pixel_acc"], "loss": loss,
