@@ -39,5 +39,7 @@ def load(path: str | Path, *, which: str | None = None, device: str | torch.devi
     if is_tokenizer_file(p):
         return load_tokenizer(p, device=device)
     if RunDir.holds_run(p):
+        if RunDir(p).kind() == "tokenizer":
+            raise CheckpointError(f"{p}: tokenizer run without tokenizer.safetensors (its training has not finished)")
         return load_run(p, which=which, **overrides).to(device)
     return interop.load_any(p, **overrides)[1].to(device)

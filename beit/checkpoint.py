@@ -16,6 +16,7 @@ at it. Nothing here unpickles: tensors are safetensors, everything else is JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -24,12 +25,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import CheckpointError, file_digest, load_weights, read_json, removed_on_failure
+
+log = logging.getLogger("beit")
 
 CKPT_DIR = "checkpoints"
-__all__ = ["CKPT_DIR", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+MANIFEST = "manifest.json"  # in every checkpoint folder: size + SHA-256 of each file, written last
+MANIFEST_FORMAT = "beit-checkpoint/1"
+TMP_PREFIX = ".tmp-"  # interrupted writes; removed at the start of the next run (under its lock)
+OLD_PREFIX = ".old-"
+__all__ = ["CKPT_DIR", "CheckpointError", "checkpoint_problem", "find_checkpoints", "latest_checkpoint",
+           "load_checkpoint", "remove_stale", "require_checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 
 # --------------------------------------------------------------------------------------------- flattening
@@ -92,7 +101,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-# --------------------------------------------------------------------------------------------- write / read
+# --------------------------------------------------------------------------------------------- write
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,35 +115,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_dir_atomically(final: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``final`` (replacing an older one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: size and SHA-256 of every other file; written last, so it marks completeness."""
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if f.name != MANIFEST:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = {"size": f.stat().st_size, "sha256": file_digest(f)}
+    with open(folder / MANIFEST, "w") as fh:
+        fh.write(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+
+def _write_dir_atomically(final: Path, write) -> None:
+    """Call ``write(tmp_dir)``, add the manifest, then rename ``tmp_dir`` to ``final`` (replacing an older
+    one). Any failure removes the temporary folder; a failed write (disk full) is a one-line
+    :class:`CheckpointWriteError` and leaves ``final`` as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    with removed_on_failure(f"checkpoint {final}", tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        _write_manifest(tmp)
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step (temporary file + rename); a failure leaves it as it was."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    with removed_on_failure(path, tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -170,8 +196,8 @@ def save_checkpoint(
             (tmp / "config.yaml").write_text(config_yaml)
 
     _write_dir_atomically(ckdir / name, write)
-    _write_text_atomically(ckdir / "latest", name + "\n")
-    olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and p.name != name)
+    write_text_atomically(ckdir / "latest", name + "\n")
+    olds = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and p.name < name)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return ckdir / name
@@ -189,28 +215,161 @@ def save_weights_dir(path: str | Path, model_state: dict[str, torch.Tensor], inf
     _write_dir_atomically(Path(path), write)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckdir = Path(run_dir) / CKPT_DIR
-    pointer = ckdir / "latest"
-    if pointer.is_file():
-        cand = ckdir / pointer.read_text().strip()
-        if (cand / "model.safetensors").is_file() and (cand / "state.json").is_file():
-            return cand
-    # fall back to the newest complete directory (e.g. the pointer was lost)
-    for cand in sorted(ckdir.glob("step_*"), reverse=True):
-        if (cand / "model.safetensors").is_file() and (cand / "state.json").is_file():
-            return cand
+# --------------------------------------------------------------------------------------------- verify / read
+
+_verified: dict[str, tuple[tuple, str | None]] = {}  # folder -> (what its files looked like, problem)
+_warned: set[str] = set()
+
+
+def _fingerprint(ckpt: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir() if f.is_file()))
+
+
+def _legacy_problem(ckpt: Path) -> str | None:
+    """Checkpoints written before manifests existed: every file must at least parse."""
+    names = ["model.safetensors"] + (["state.safetensors"] if (ckpt / "state.safetensors").is_file() else [])
+    for name in names:
+        try:
+            with safe_open(str(ckpt / name), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if (ckpt / "state.json").is_file():
+        try:
+            read_json(ckpt / "state.json")
+        except CheckpointError:
+            return "state.json is not readable JSON"
     return None
 
 
-def load_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
-    """Return (model_state, state_json, state_tensors) of a checkpoint directory."""
+def _manifest_problem(ckpt: Path) -> str | None:
+    try:
+        manifest = read_json(ckpt / MANIFEST)
+        files = manifest["files"]
+    except (CheckpointError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{name} has {f.stat().st_size} bytes, {want.get('size')} were written"
+        if file_digest(f) != want.get("sha256"):
+            return f"{name} does not match its recorded SHA-256 (damaged on disk)"
+    return None
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """Why the checkpoint folder ``ckpt`` cannot be trusted (missing/damaged file, content hash mismatch),
+    or ``None`` if it is intact. Results are cached while the folder's files stay the same."""
     ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "no such folder"
     if not (ckpt / "model.safetensors").is_file():
-        raise CheckpointError(f"{ckpt}: not a checkpoint directory (no model.safetensors)")
-    model_state = load_file(ckpt / "model.safetensors")
-    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
-    tensors = load_file(ckpt / "state.safetensors") if (ckpt / "state.safetensors").is_file() else {}
+        return "no model.safetensors (not a checkpoint folder)"
+    key = _fingerprint(ckpt)
+    hit = _verified.get(str(ckpt))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    problem = _manifest_problem(ckpt) if (ckpt / MANIFEST).is_file() else _legacy_problem(ckpt)
+    _verified[str(ckpt)] = (key, problem)
+    return problem
+
+
+def verify_checkpoint(ckpt: str | Path) -> Path:
+    """``ckpt`` if it is intact, else a one-line :class:`CheckpointError` saying what is wrong."""
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or incomplete: {problem}")
+    return Path(ckpt)
+
+
+def find_checkpoints(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest intact ``step_*`` checkpoint or None, [(newer damaged checkpoint, problem), ...])."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    damaged: list[tuple[Path, str]] = []
+    for cand in sorted((p for p in ckdir.glob("step_*") if p.is_dir()), reverse=True):
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            return cand, damaged
+        damaged.append((cand, problem))
+    return None, damaged
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint of a run; damaged or incomplete newer ones are skipped with a warning."""
+    good, damaged = find_checkpoints(run_dir)
+    for cand, problem in damaged:
+        if str(cand) not in _warned:
+            _warned.add(str(cand))
+            log.warning("skipping checkpoint %s: %s%s", cand, problem,
+                        f"; using {good.name}" if good is not None else "")
+    return good
+
+
+def require_checkpoint(run_dir: str | Path) -> Path:
+    """:func:`latest_checkpoint`, or a one-line error when the run has none that is intact."""
+    good = latest_checkpoint(run_dir)
+    if good is not None:
+        return good
+    _, damaged = find_checkpoints(run_dir)
+    if damaged:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged[:3])
+        raise CheckpointError(f"{run_dir}: no intact checkpoint ({listed})")
+    raise CheckpointError(f"{run_dir}: the run has no complete checkpoint yet")
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process whose pid ends a leftover's name (``.tmp-NAME-PID``) still runs (on this host)."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(run_dir: str | Path, *, keep_live: bool = True) -> list[Path]:
+    """Remove what interrupted writers left in ``RUN`` and ``RUN/checkpoints`` (``.tmp-*`` files and
+    folders); an ``.old-*`` folder whose replacement never arrived is put back. ``keep_live``: leave those
+    of writers that still run (pass False under the run's lock, where no other writer can exist)."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / CKPT_DIR):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if not p.name.startswith((TMP_PREFIX, OLD_PREFIX)) or (keep_live and _writer_alive(p.name)):
+                continue
+            target = folder / p.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            if p.name.startswith(OLD_PREFIX) and not target.exists():
+                os.replace(p, target)
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    if removed:
+        log.info("removed %d leftover(s) of interrupted writes: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+def discard_after(run_dir: str | Path, step: int) -> None:
+    """Remove checkpoints newer than ``step`` (a resume from ``step`` replaces that future)."""
+    for p in (Path(run_dir) / CKPT_DIR).glob("step_*"):
+        if p.is_dir() and p.name > f"step_{step:08d}":
+            log.warning("removing %s: the run resumes from step %d and will write it again", p, step)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """Return (model_state, state_json, state_tensors) of a checkpoint directory, verified first."""
+    ckpt = verify_checkpoint(ckpt)
+    model_state = load_weights(ckpt / "model.safetensors")[0]
+    state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+    tensors = load_weights(ckpt / "state.safetensors")[0] if (ckpt / "state.safetensors").is_file() else {}
     return model_state, state, tensors
 
 

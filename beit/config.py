@@ -12,6 +12,7 @@ through the same functions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -26,6 +27,33 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A user mistake in a config: unknown key, wrong type or invalid value. The message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- value checks
+
+# rule -> (test, what the message says the value must be)
+_RULES: dict[str, tuple[Any, str]] = {
+    "positive": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "nonneg": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "finite": (math.isfinite, "a finite number"),
+    "prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "rate": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "size": (lambda v: v >= 1, ">= 1"),
+    "count": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_fields(cfg: Any, section: str, rules: dict[str, str]) -> None:
+    """Validate numeric fields where they are parsed: ``rules`` maps a field (or several, space-separated)
+    to one of ``positive nonneg finite prob rate size count``; a failure is a :class:`ConfigError` naming
+    ``section.field``. Tuples are checked element-wise; ``None`` (an unset optional) passes."""
+    for names, rule in rules.items():
+        test, what = _RULES[rule]
+        for name in names.split():
+            value = getattr(cfg, name)
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if v is not None and not test(v):
+                    raise ConfigError(f"{section}.{name} must be {what}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------- shared configs
@@ -86,6 +114,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.img_size = normalize_img_size(self.img_size, "model.img_size")
+        check_fields(self, "model", {"img_size patch_size in_chans embed_dim depth num_heads": "size",
+                                     "num_classes vocab_size": "count", "mlp_ratio layer_norm_eps": "positive",
+                                     "drop_rate attn_drop_rate drop_path_rate": "rate",
+                                     "layer_scale_init init_std head_init_scale": "nonneg"})
         if any(s % self.patch_size for s in image_hw(self.img_size)):
             raise ConfigError(
                 f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}"
@@ -131,6 +163,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "poly"):
             raise ConfigError(f"optim.schedule must be cosine or poly, got {self.schedule!r}")
+        check_fields(self, "optim", {"lr eps power": "positive", "min_lr weight_decay clip_grad": "nonneg",
+                                     "betas": "rate", "warmup_fraction": "prob"})
+        if self.warmup_steps < -1:
+            raise ConfigError(f"optim.warmup_steps must be >= 0 (or -1: from warmup_fraction), got {self.warmup_steps}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass
@@ -155,10 +193,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.accum_steps < 1:
-            raise ConfigError("train.accum_steps must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("train.batch_size must be >= 1")
+        check_fields(self, "train", {"batch_size accum_steps log_every ckpt_every probe_every": "size",
+                                     "steps num_workers eval_every": "count", "epochs": "nonneg"})
 
 
 # --------------------------------------------------------------------------------------------- machinery
@@ -363,6 +399,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_fields",
     "dump_yaml",
     "field",
     "flatten",

@@ -238,11 +238,19 @@ class MetricsWriter:
                 log.warning("tensorboard is not installed: pip install tensorboard; logging to metrics.jsonl only")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
+        """On resume, drop lines logged after the checkpoint (and a line cut short by a kill) so the file
+        reads as one uninterrupted run. Replaced atomically: a kill meanwhile leaves the old file."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
+        ckpt.write_text_atomically(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -264,6 +272,53 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
                 mininterval=1.0, leave=True)
+
+
+def next_batch(batches: Iterator) -> Any:
+    """``next(batches)``; an error raised in a DataLoader worker comes back as the worker's own one-line
+    error (PyTorch wraps it in a message holding the worker's whole traceback)."""
+    from .data.folder import unwrap_worker_error
+
+    try:
+        return next(batches)
+    except StopIteration:
+        raise
+    except Exception as e:
+        raise unwrap_worker_error(e) from None
+
+
+def _existing_checkpoint(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
+    """The intact checkpoint to resume from (None: start fresh); leftovers of interrupted writes removed.
+    A fresh start refuses a folder with checkpoints; a resume refuses one whose checkpoints are all damaged."""
+    if is_main:
+        ckpt.remove_stale(run_dir)
+    good, damaged = ckpt.find_checkpoints(run_dir)
+    if not resume:
+        if good is not None or damaged:
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints (latest: {(good or damaged[0][0]).name}); "
+                "pass --resume to continue it or choose another --out")
+        return None
+    if good is None:
+        if damaged:
+            ckpt.require_checkpoint(run_dir)  # raises: none is intact
+        return None
+    good = ckpt.latest_checkpoint(run_dir)  # warns about the damaged ones it skips
+    if damaged and is_main:
+        ckpt.discard_after(run_dir, int(good.name.split("_")[-1]))
+    return good
+
+
+def _load_resumed_weights(method: nn.Module, model_state: dict[str, torch.Tensor], existing: Path) -> None:
+    try:
+        missing, unexpected = unwrap(method).load_state_dict(model_state, strict=False)
+    except RuntimeError as e:  # shape mismatch: the run was made with another architecture
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise TrainingError(f"checkpoint {existing} was trained with another architecture "
+                            f"({lines[0] if lines else str(e).splitlines()[0]})") from None
+    if unexpected or missing:
+        raise TrainingError(f"checkpoint {existing} does not fit this method: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -328,12 +383,7 @@ def train(
     if train_cfg.precision == "fp16" and env.device.type != "cuda":
         raise TrainingError("train.precision=fp16 needs CUDA; use auto, bf16 or fp32 on CPU")
 
-    existing = ckpt.latest_checkpoint(run_dir)
-    if existing is not None and not resume:
-        raise TrainingError(
-            f"{run_dir} already holds checkpoints (latest: {existing.name}); "
-            "pass --resume to continue it or choose another --out"
-        )
+    existing = _existing_checkpoint(run_dir, resume, env.is_main)
 
     method.to(env.device)
     hooks = method_hooks(method)
@@ -344,10 +394,7 @@ def train(
     best_value: float | None = None
     if resume and existing is not None:
         model_state, state, tensors = ckpt.load_checkpoint(existing)
-        missing, unexpected = unwrap(method).load_state_dict(model_state, strict=False)
-        if unexpected or missing:
-            raise TrainingError(f"checkpoint {existing} does not fit this method: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}")
+        _load_resumed_weights(method, model_state, existing)
         ckpt.restore_training_state(state, tensors, optimizer, scaler)
         start_step = int(state["step"])
         best_value = state.get("best_value")
@@ -365,7 +412,7 @@ def train(
     elif env.is_main and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     if env.is_main and config_yaml is not None:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        ckpt.write_text_atomically(run_dir / "config.yaml", config_yaml)
 
     model: nn.Module = method
     if env.enabled:
@@ -461,7 +508,7 @@ def train(
                 step_metrics: dict[str, float] = {}
                 loss_val = 0.0
                 for micro in range(train_cfg.accum_steps):
-                    batch = to_device(next(batches), env.device)
+                    batch = to_device(next_batch(batches), env.device)
                     last_micro = micro == train_cfg.accum_steps - 1
                     sync = contextlib.nullcontext() if (last_micro or not env.enabled) else model.no_sync()
                     with sync:

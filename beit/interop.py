@@ -21,7 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from beit.checkpoint_io import CheckpointError, load_weights, read_torch_file, save_weights
+from beit.checkpoint_io import (
+    CheckpointError,
+    load_weights,
+    read_json,
+    read_torch_file,
+    removed_on_failure,
+    save_weights,
+)
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
 from beit.models.vit import VisionTransformer, num_relative_distance, uses_fc_norm
 
@@ -559,7 +566,9 @@ def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: folder without config.json (expected an HF or timm export)")
-        meta = json.loads(cfg_file.read_text())
+        meta = read_json(cfg_file)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{cfg_file}: not a model config (a JSON object was expected)")
         if meta.get("model_type") == "beit":
             cfg = hf_config_to_model_config(meta, **overrides)
             src = hf_config_to_model_config(meta)
@@ -618,8 +627,14 @@ def export_hf(model: VisionTransformer, out_dir: str | Path, arch: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_plain(ours_to_hf(_state_dict(model), cfg, arch), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    _write_text(out / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    from .checkpoint import write_text_atomically
+
+    write_text_atomically(path, text)
 
 
 def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
@@ -627,8 +642,9 @@ def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    with removed_on_failure(path, tmp):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
 
 
 def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
@@ -665,12 +681,29 @@ def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
             crop_pct=0.9,
         ),
     )
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def export(model: VisionTransformer, out_dir: str | Path, fmt: str) -> Path:
-    """Export for another library: ``fmt`` is ``hf`` (transformers) or ``timm``."""
+def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``out_dir`` if an export may write there: a new or empty folder, or any folder with ``overwrite``
+    (then only the exported files are replaced). A file, or a non-empty folder without ``overwrite``, is
+    refused with a one-line :class:`FileExistsError`: nothing of the user's is replaced silently."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export target {out} is a file, not a folder")
+    if out.is_dir() and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            raise FileExistsError(f"export target {out} is not empty (holds {', '.join(held[:3])}"
+                                  f"{', ...' if len(held) > 3 else ''}): choose a new folder or pass --overwrite")
+    return out
+
+
+def export(model: VisionTransformer, out_dir: str | Path, fmt: str, overwrite: bool = False) -> Path:
+    """Export for another library: ``fmt`` is ``hf`` (transformers) or ``timm``. ``out_dir`` must be new or
+    empty unless ``overwrite`` (see :func:`check_export_target`)."""
+    check_export_target(out_dir, overwrite)
     if fmt == "hf":
         return export_hf(model, out_dir)
     if fmt == "timm":
@@ -686,6 +719,7 @@ def model_metadata(model: VisionTransformer) -> dict[str, Any]:
 __all__ = [
     "adapt_state_dict",
     "build_and_load",
+    "check_export_target",
     "export",
     "export_hf",
     "export_timm",

@@ -16,7 +16,6 @@ checkpoint, its metrics?"; the functions below load or adopt the backbone of a r
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch
 import yaml
 
 from . import interop
-from .checkpoint import CKPT_DIR, CheckpointError, latest_checkpoint
+from .checkpoint import CKPT_DIR, CheckpointError, latest_checkpoint, require_checkpoint, verify_checkpoint
+from .checkpoint_io import load_weights, read_json
 from .config import ConfigError, ModelConfig, from_dict, to_dict
 from .models.vit import VisionTransformer
 
@@ -33,6 +33,7 @@ log = logging.getLogger("beit")
 __all__ = [
     "RunDir",
     "adopt_architecture",
+    "describe_kind",
     "backbone_state",
     "build_backbone",
     "checkpoint_model_config",
@@ -75,50 +76,90 @@ class RunDir:
         return self.path / CKPT_DIR
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint directory, or None."""
+        """The newest intact checkpoint directory (damaged or incomplete newer ones skipped), or None."""
         return latest_checkpoint(self.path)
 
     def checkpoint(self) -> Path:
-        """The checkpoint directory to read weights from: the latest one of a run, or this directory itself
-        when it is a checkpoint. A run without a complete checkpoint is an error."""
+        """The checkpoint directory to read weights from: the newest intact one of a run, or this directory
+        itself when it is a checkpoint (verified). A run without an intact checkpoint is an error."""
         if self.checkpoints_path.is_dir():
-            ck = self.latest()
-            if ck is None:
-                raise CheckpointError(f"{self.path}: the run has no complete checkpoint yet")
-            return ck
+            return require_checkpoint(self.path)
+        if (self.path / "model.safetensors").is_file():
+            return verify_checkpoint(self.path)
         return self.path
 
     def config(self) -> dict:
         """The resolved config (a dict) saved with the checkpoint, or else with the run."""
         for cand in (self.checkpoint() / self.CONFIG, self.config_path):
             if cand.is_file():
-                return yaml.safe_load(cand.read_text()) or {}
+                return read_config(cand)
         raise CheckpointError(f"{self.path}: no config.yaml next to the checkpoint")
+
+    def kind(self) -> str:
+        """What the run is, from its saved config: tokenizer, pretrain-<method>, finetune, segment, unknown."""
+        return run_kind(self.config())
 
     def resumable_model_config(self) -> ModelConfig | None:
         """The model config of a run that has a checkpoint to resume from (None otherwise)."""
         if self.latest() is None or not self.config_path.is_file():
             return None
-        saved = yaml.safe_load(self.config_path.read_text()) or {}
+        saved = read_config(self.config_path)
         if not isinstance(saved.get("model"), dict):
             return None
         return from_dict(ModelConfig, saved["model"], prefix="model.")
 
     def backbone_state(self, which: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         """(model config, backbone state dict in our names); ``which`` names one of the run's backbones."""
-        from safetensors.torch import load_file
-
         ck = self.checkpoint()
         cfg_dict = self.config()
-        if "model" not in cfg_dict:
-            raise CheckpointError(f"{self.path}: its config has no model section (is it a tokenizer run?)")
-        state = json.loads((ck / "state.json").read_text()) if (ck / "state.json").is_file() else {}
+        if run_kind(cfg_dict) == "tokenizer":
+            raise CheckpointError(f"{self.path} is a tokenizer run, not a backbone: {_BACKBONE_HINT}")
+        if not isinstance(cfg_dict.get("model"), dict):
+            raise CheckpointError(f"{self.path}: its config has no model section")
+        state = read_json(ck / "state.json") if (ck / "state.json").is_file() else {}
         prefix = _backbone_prefix(self.path, state, which)
-        weights = load_file(ck / "model.safetensors")
+        weights = load_weights(ck / "model.safetensors")[0]
         sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{ck}: no weights under {prefix!r}")
         return from_dict(ModelConfig, cfg_dict["model"], prefix="model."), sd
+
+
+_BACKBONE_HINT = "give a pretraining or fine-tuning run, or a model file"
+
+
+def read_config(path: Path) -> dict:
+    """A saved ``config.yaml`` as a dict, or a one-line :class:`CheckpointError` naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a run config (a mapping was expected)")
+    return data
+
+
+def run_kind(cfg: dict) -> str:
+    """What a run's saved config says it is: tokenizer, pretrain-<method>, finetune, segment or unknown."""
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    if "objective" in cfg or "quantizer" in model:
+        return "tokenizer"
+    if "method" in cfg:
+        return f"pretrain-{cfg['method']}"
+    if "head" in cfg:
+        return "segment"
+    if "aug" in cfg:
+        return "finetune"
+    return "unknown"
+
+
+_KIND_WORDS = {"tokenizer": "a tokenizer run", "segment": "a segmentation run", "finetune": "a fine-tuning run",
+               "unknown": "a run of unknown kind"}
+
+
+def describe_kind(kind: str) -> str:
+    """``pretrain-mae`` -> ``a pretraining run (mae)``; the other kinds in words."""
+    return f"a pretraining run ({kind.split('-', 1)[1]})" if kind.startswith("pretrain-") else _KIND_WORDS[kind]
 
 
 def _backbone_prefix(path: Path, state: dict, which: str | None) -> str:
@@ -178,7 +219,7 @@ def _backbone_state_and_grid(path: str | Path, which: str | None) -> tuple[dict[
         return sd, cfg.grid_size
     model = _other_backbone(p)
     if model is None:
-        raise CheckpointError(f"{p}: not a vision transformer checkpoint (a tokenizer?)")
+        raise CheckpointError(f"{p} is a tokenizer, not a backbone: {_BACKBONE_HINT}")
     return model.state_dict(), model.grid_size
 
 
@@ -222,7 +263,7 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
         return run_backbone_state(p)[0]
     model = _other_backbone(p)
     if model is None:
-        raise ConfigError(f"--init {path}: not a vision transformer checkpoint (a tokenizer?)")
+        raise ConfigError(f"--init {path} is a tokenizer, not a backbone: {_BACKBONE_HINT}")
     return model.cfg
 
 

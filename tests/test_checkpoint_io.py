@@ -1,14 +1,23 @@
-"""Safe weight I/O: safetensors round trip with metadata, atomic writes, pickles that run code refused."""
+"""Safe weight I/O: safetensors round trip with metadata, atomic writes, pickles that run code refused;
+run checkpoints: content hashes, fallback, leftovers of interrupted writes, failed writes."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from beit.checkpoint_io import CheckpointError, load_weights, read_torch_file, save_weights
+from beit.checkpoint_io import (
+    CheckpointError,
+    CheckpointWriteError,
+    load_weights,
+    read_torch_file,
+    save_weights,
+)
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
@@ -68,3 +77,79 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refuses to unpickle arbitrary objects"):
         read_torch_file(path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------- run checkpoints
+
+
+def _checkpoint(run, step=5):
+    from beit.checkpoint import save_checkpoint
+
+    return save_checkpoint(run, step, {"w": torch.linspace(-1, 1, 4096)}, state={"note": "x"})
+
+
+def test_manifest_catches_corruption_that_stays_finite(tmp_path):
+    from beit.checkpoint import checkpoint_problem, latest_checkpoint, load_checkpoint, require_checkpoint
+
+    ck = _checkpoint(tmp_path)
+    assert checkpoint_problem(ck) is None and latest_checkpoint(tmp_path) == ck
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    data[-64:] = torch.full((16,), 0.25).numpy().tobytes()  # still a valid file of finite floats
+    (ck / "model.safetensors").write_bytes(bytes(data))
+    assert torch.isfinite(load_weights(ck / "model.safetensors")[0]["w"]).all()
+    assert "SHA-256" in checkpoint_problem(ck)
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*step_00000005: model.safetensors does not match"):
+        require_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(ck)
+
+
+def test_checkpoint_without_manifest_is_checked_by_parsing(tmp_path):
+    from beit.checkpoint import MANIFEST, checkpoint_problem, load_checkpoint
+
+    ck = _checkpoint(tmp_path)
+    (ck / MANIFEST).unlink()  # as written before manifests existed
+    assert checkpoint_problem(ck) is None
+    assert torch.equal(load_checkpoint(ck)[0]["w"], torch.linspace(-1, 1, 4096))
+    (ck / "state.json").write_text('{"step": ')
+    assert checkpoint_problem(ck) == "state.json is not readable JSON"
+
+
+def test_leftovers_of_dead_writers_are_removed(tmp_path):
+    from beit.checkpoint import remove_stale
+
+    ck = _checkpoint(tmp_path)
+    ckdir = ck.parent
+    dead = _dead_pid()
+    (ckdir / f".tmp-step_00000010-{dead}").mkdir()
+    (tmp_path / f".tmp-config.yaml-{dead}").write_text("x")
+    os.replace(ck, ckdir / f".old-step_00000005-{dead}")  # killed between the two renames
+    live = ckdir / f".tmp-step_00000011-{os.getppid()}"
+    live.mkdir()
+    removed = remove_stale(tmp_path)
+    assert sorted(p.name for p in removed) == [f".tmp-config.yaml-{dead}", f".tmp-step_00000010-{dead}"]
+    assert ck.is_dir() and live.is_dir()  # the interrupted replacement was undone; a live writer's kept
+    remove_stale(tmp_path, keep_live=False)
+    assert not live.exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import beit.checkpoint as ckpt
+
+    first = _checkpoint(tmp_path)
+
+    def full(tensors, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointWriteError, match="no space left on the device; partial files were removed"):
+        _checkpoint(tmp_path, 10)
+    assert sorted(p.name for p in first.parent.iterdir()) == ["latest", first.name]

@@ -178,3 +178,35 @@ def test_image_folder_with_dataloader(image_folder):
     ds = ImageFolder(image_folder, transform=TF.to_tensor, with_labels=True)
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=8)))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.tolist() == [0] * 4 + [1] * 4
+
+
+def test_huge_images_are_downscaled_at_decode_or_skipped(tmp_path, caplog):
+    Image.new("RGB", (64, 48), (200, 10, 30)).save(tmp_path / "big.jpg", quality=95)
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (20, 20), (10, 10, 200)).save(tmp_path / "small.png")
+    with caplog.at_level(logging.WARNING):
+        jpg = load_image(tmp_path / "big.jpg", max_pixels=1000)  # 3072 px: draft 1/2 -> 32x24 = 768 px
+        png = load_image(tmp_path / "big.png", max_pixels=1000)
+        small = load_image(tmp_path / "small.png", max_pixels=1000)
+    assert jpg.size == (32, 24) and jpg.mode == "RGB"
+    assert abs(np.asarray(jpg).astype(int) - (200, 10, 30)).max() < 8
+    assert png is None and small.size == (20, 20)
+    assert "skipping huge image" in caplog.text and "big.png: 64x48" in caplog.text
+    folder = ImageFolder(tmp_path, max_pixels=1000)
+    assert [folder[i].size for i in range(3)] == [(32, 24), (20, 20), (20, 20)]  # big.png -> next readable
+
+
+def test_worker_error_comes_back_as_the_original_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from beit.data.folder import unwrap_worker_error
+
+    (tmp_path / "a.png").write_bytes(b"junk")
+    loader = DataLoader(ImageFolder(tmp_path, transform=lambda im: 0), batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    assert "Traceback" in str(e.value)  # PyTorch's wrapper
+    plain = unwrap_worker_error(e.value)
+    assert type(plain) is DataError and str(plain) == f"none of the 1 image files under {tmp_path} could be read"
+    other = ValueError("x")
+    assert unwrap_worker_error(other) is other

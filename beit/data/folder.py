@@ -5,7 +5,9 @@
   palette, CMYK and 16-bit files are converted, transparent images are composited **on white** (a
   transparent logo or cut-out looks like it does in a browser, and black halos do not become features), and
   the EXIF orientation is applied. A file that cannot be decoded (truncated, empty, not an image) gives
-  ``None`` and one warning naming the file, never an exception.
+  ``None`` and one warning naming the file, never an exception. Images above a pixel limit (40 MP, or
+  ``BEIT_MAX_PIXELS``) are decoded at a reduced scale when the format allows it (JPEG), else skipped with
+  a warning naming the file: a huge photo never costs gigabytes on every draw.
 - :class:`ImageFolder` is a ``torch.utils.data.Dataset`` over a folder tree, with optional ImageNet-style
   labels (``root/<class>/**/image``). A bad file met at load time is replaced by the next readable image
   (deterministically: index ``i`` -> ``i+1`` -> ...) and warned about once per process.
@@ -17,7 +19,10 @@ ignored: they are never images a user meant to train on.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 40_000_000  # larger images are downscaled at decode (JPEG) or skipped; BEIT_MAX_PIXELS
 
 
 class DataError(ValueError):
@@ -93,17 +99,86 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | Path) -> Image.Image | None:
-    """Read one image as 8-bit RGB with its EXIF orientation applied, or ``None`` (one warning) if unreadable."""
+def default_max_pixels() -> int:
+    """The pixel limit of :func:`load_image`: ``BEIT_MAX_PIXELS`` from the environment, else 40 MP."""
+    raw = os.environ.get("BEIT_MAX_PIXELS", "")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated files fail here, not later in a worker
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img).copy()
+        value = int(float(raw)) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise DataError(f"BEIT_MAX_PIXELS={raw!r} is not a number of pixels") from None
+    if value < 1:
+        raise DataError(f"BEIT_MAX_PIXELS must be >= 1, got {value}")
+    return value
+
+
+def _fit_pixels(img: Image.Image, path: str | Path, max_pixels: int) -> Image.Image | None:
+    """Decode ``img`` (opened, not loaded) with at most ``max_pixels``: a JPEG larger than that is decoded
+    at a reduced scale (``draft``) then ``reduce``d; other formats cannot be decoded partially, so a huge
+    one is skipped (``None``) with a warning naming the file."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        img.load()
+        return img
+    if img.format != "JPEG":
+        _warn_once(path, f"skipping huge image {path}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of "
+                         f"{max_pixels / 1e6:.0f} MP (set BEIT_MAX_PIXELS to raise it, or downscale the file)")
+        return None
+    scale = math.sqrt(w * h / max_pixels)
+    img.draft(img.mode, (math.ceil(w / scale), math.ceil(h / scale)))  # DCT scaling: 1/2, 1/4 or 1/8
+    img.load()
+    factor = math.ceil(math.sqrt(img.width * img.height / max_pixels))
+    out = img.reduce(factor) if factor > 1 else img
+    _warn_once(path, f"downscaled huge image {path} from {w}x{h} to {out.width}x{out.height} "
+                     f"(limit {max_pixels / 1e6:.0f} MP, BEIT_MAX_PIXELS)")
+    return out
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(path: str | Path, message: str) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        logger.warning("%s", message)
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image | None:
+    """Read one image as 8-bit RGB with its EXIF orientation applied, or ``None`` (one warning) if unreadable.
+    Images above ``max_pixels`` (default :func:`default_max_pixels`) are downscaled at decode or skipped."""
+    limit = max_pixels or default_max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit handles it
+            with Image.open(path) as img:
+                fitted = _fit_pixels(img, path, limit)  # decode now: truncated files fail here, not in a worker
+                if fitted is None:
+                    return None
+                return _to_rgb(ImageOps.exif_transpose(fitted)).copy()
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         logger.warning("skipping unreadable image %s: %s", path, reason)
         return None
+
+
+_WORKER_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$")
+
+
+def unwrap_worker_error(e: BaseException) -> BaseException:
+    """An exception raised in a DataLoader worker arrives with PyTorch's wrapper message (the worker's
+    whole traceback); return the same type holding only the original message. Others are returned as is."""
+    text = str(e)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return e
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = _WORKER_LINE.match(lines[i])
+        if m:
+            message = " ".join([m.group(2), *lines[i + 1:]]).strip()
+            try:
+                return type(e)(message)
+            except Exception:  # noqa: BLE001 - an exception type that needs other arguments
+                return RuntimeError(message)
+    return e
 
 
 class ImageFolder(Dataset):
@@ -119,8 +194,10 @@ class ImageFolder(Dataset):
         root: str | Path,
         transform: Callable[[Image.Image], Any] | None = None,
         with_labels: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         self.root = _check_dir(root)
+        self.max_pixels = max_pixels or default_max_pixels()
         self.transform = transform
         self.with_labels = with_labels
         paths = list_images(self.root)
@@ -173,7 +250,7 @@ class ImageFolder(Dataset):
             if i in self._bad:
                 continue
             path, target = self.samples[i]
-            img = load_image(path)  # warns once: the index is remembered as bad below
+            img = load_image(path, self.max_pixels)  # warns once: the index is remembered as bad below
             if img is not None:
                 return img, target
             self._bad.add(i)
@@ -191,4 +268,5 @@ class ImageFolder(Dataset):
         return f"ImageFolder({str(self.root)!r}, {len(self)} images{labels})"
 
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageFolder", "list_images", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "DataError", "ImageFolder", "default_max_pixels", "list_images",
+           "load_image", "unwrap_worker_error"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, replace
+from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
 from ..models.presets import preset_dict
@@ -59,6 +59,7 @@ class BEiTConfig:
     tokenizer_interp: str = "lanczos"
 
     def __post_init__(self) -> None:
+        check_fields(self, "beit", {"hflip": "prob", "color_jitter": "nonneg", "crop_scale crop_ratio": "positive"})
         if self.target not in ("tokens", "pixels"):
             raise ConfigError(f"target must be 'tokens' or 'pixels', got {self.target!r}")
         if self.predict not in ("masked", "all"):

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, replace
+from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.multicrop import MultiCropTransform
 from ..masking import block_mask
 from ..models.presets import preset_dict
@@ -88,6 +88,11 @@ class IBOTConfig:
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
 
     def __post_init__(self) -> None:
+        check_fields(self, "ibot", {
+            "out_dim hidden_dim bottleneck_dim head_layers local_crop_size": "size", "local_crops": "count",
+            "student_temp warmup_teacher_temp teacher_temp warmup_teacher_patch_temp teacher_patch_temp": "positive",
+            "momentum_teacher center_momentum teacher_temp_warmup freeze_last_layer": "prob",
+            "lambda1 lambda2": "nonneg", "global_crop_scale local_crop_scale min_aspect": "positive"})
         if len(self.pred_ratio) != len(self.pred_ratio_var) or not self.pred_ratio:
             raise ConfigError("ibot.pred_ratio and ibot.pred_ratio_var need the same (non-zero) length")
         for r, v in zip(self.pred_ratio, self.pred_ratio_var):

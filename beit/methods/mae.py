@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, replace
+from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import TwoViewTransform
 from ..models.presets import preset_dict
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
@@ -63,6 +63,8 @@ class MAEConfig:
     interp: str = "bicubic"
 
     def __post_init__(self) -> None:
+        check_fields(self, "mae", {"decoder_dim decoder_depth decoder_heads": "size", "hflip": "prob",
+                                   "decoder_mlp_ratio crop_scale crop_ratio": "positive"})
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mae.mask_ratio must lie in [0, 1), got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint_io import CheckpointError, load_weights, removed_on_failure
 from ..config import ConfigError, from_dict, replace, to_dict
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -348,9 +349,10 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
         path = path / TOKENIZER_FILE
     tensors = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
     meta = {"format": _FORMAT, "config": json.dumps(to_dict(tok.cfg))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with removed_on_failure(path, tmp):
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
     return path
 
 
@@ -370,26 +372,49 @@ def is_tokenizer_file(path: str | Path) -> bool:
         return False
 
 
+class TokenizerFileError(CheckpointError, ValueError):
+    """The path given as a tokenizer does not hold one (a backbone, an unfinished run, a damaged file)."""
+
+
+def _not_a_tokenizer(path: Path) -> str:
+    """Why folder ``path`` holds no tokenizer, in the user's terms (a backbone run, an unfinished run...)."""
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        from ..runs import RunDir, describe_kind
+
+        try:
+            kind = RunDir(path).kind()
+        except CheckpointError:
+            kind = "unknown"
+        if kind == "tokenizer":
+            return f"{path}: tokenizer run without {TOKENIZER_FILE} (its training has not finished)"
+        return (f"{path} is {describe_kind(kind)}, not a tokenizer: give a tokenizer run "
+                f"(`beit tokenizer train`) or a {TOKENIZER_FILE} file")
+    return f"no tokenizer at {path / TOKENIZER_FILE}"
+
+
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion)."""
-    from safetensors import safe_open
-
     path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        raise TokenizerFileError(_not_a_tokenizer(path))
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
-    if meta.get("format") != _FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: not a beit tokenizer (no tokenizer config in the safetensors header)")
-    cfg = from_dict(TokenizerConfig, json.loads(meta["config"]), prefix="model.")
+        tensors, meta = load_weights(path)
+    except CheckpointError as e:
+        raise TokenizerFileError(f"{path}: not a safetensors file{str(e).split('safetensors file', 1)[-1]}") from None
+    if meta.get("format") != _FORMAT or not isinstance(meta.get("config"), dict):
+        what = "a model (a backbone, not a tokenizer)" if "model_config" in meta or any(
+            k.startswith(("blocks.", "encoder.layer.")) for k in tensors) else "not a beit tokenizer"
+        raise TokenizerFileError(f"{path}: {what}: no tokenizer config in the safetensors header")
+    cfg = from_dict(TokenizerConfig, meta["config"], prefix="model.")
     tok = Tokenizer(cfg)
-    tok.load_state_dict(tensors, strict=True)
+    try:
+        tok.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit its own config ({str(e).splitlines()[0]})") from None
     return tok.to(device).eval()
 
 

@@ -30,6 +30,7 @@ from ..config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_fields,
     dump_yaml,
     from_dict,
     resolve,
@@ -70,6 +71,9 @@ class FinetuneDataConfig:
     path: str = ""  # DIR with train/<class>/ and val/<class>/
     labels_per_class: int = 0  # keep N training images per class (balanced, seeded); 0: all
     label_fraction: float = 0.0  # or keep this fraction of each class (0: all)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", {"labels_per_class": "count", "label_fraction": "prob"})
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, dump_yaml, resolve
+from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data.folder import ImageFolder
 from ..engine import TrainResult, seed_everything, setup_distributed, train
 from ..methods import registry
@@ -23,6 +23,9 @@ log = logging.getLogger("beit")
 class DataConfig:
     path: str = ""  # a folder tree of images (labels, if any, are ignored)
     limit: int = 0  # use only the first N images in sorted order (0: all), for budgets and quick studies
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", {"limit": "count"})
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, resolve
+from ..config import ConfigError, check_fields, resolve
 from ..data.folder import ImageFolder
 from ..models.vit import VisionTransformer
 from .augment import AugConfig, build_eval_transform
@@ -74,8 +74,10 @@ class ProbeConfig:
             raise ConfigError(f"protocol must be linear or knn, got {self.protocol!r}")
         if self.pool not in ("mean", "cls", "both"):
             raise ConfigError(f"pool must be mean, cls or both, got {self.pool!r}")
-        if self.k < 1 or self.temperature <= 0 or self.steps < 1:
-            raise ConfigError("probe: k and steps must be >= 1 and temperature > 0")
+        check_fields(self, "probe", {"k steps batch_size linear_batch_size": "size", "img_size num_workers": "count",
+                                     "temperature lr": "positive", "weight_decay": "nonneg"})
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"probe.crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
 def build_config(config: str | None = None, overrides: list[str] | dict | None = None) -> ProbeConfig:

@@ -47,13 +47,14 @@ from ..config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_fields,
     dump_yaml,
     from_dict,
     image_hw,
     resolve,
     to_dict,
 )
-from ..data.folder import DataError, list_images, load_image
+from ..data.folder import DataError, default_max_pixels, list_images, load_image
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
 from ..engine import TrainResult, autocast_context, seed_everything, setup_distributed, train
 from ..methods.base import Method
@@ -101,6 +102,9 @@ class SegDataConfig:
     hflip: float = 0.5
     class_names: list[str] = field(default_factory=list)  # for the confusion picture and eval.json
 
+    def __post_init__(self) -> None:
+        check_fields(self, "data", {"num_classes": "count", "hflip": "prob", "crop_scale": "positive"})
+
 
 @dataclass
 class SegHeadConfig:
@@ -113,6 +117,8 @@ class SegHeadConfig:
     aux_channels: int = 256
 
     def __post_init__(self) -> None:
+        check_fields(self, "head", {"channels aux_channels": "size", "dropout": "rate", "aux_weight": "nonneg",
+                                    "pool_scales": "size"})
         if self.kind not in ("upernet", "pup"):
             raise ConfigError(f"head.kind must be upernet or pup, got {self.kind!r}")
         if self.out_indices and len(self.out_indices) != 4:
@@ -278,6 +284,9 @@ class SegmentationFolder(Dataset):
                 self._bad.add(i)
                 continue
             mask = load_mask(mp)
+            if mask.shape != (img.height, img.width) and mask.size > default_max_pixels():
+                # a huge image was decoded downscaled (beit.data.folder.load_image): its mask follows it
+                mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
             if mask.shape != (img.height, img.width):
                 raise DataError(f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]}, image {ip} is {img.width}x{img.height}")
             return img, mask
@@ -457,13 +466,13 @@ def build_task(cfg: SegmentConfig, num_classes: int, init: bool = True) -> tuple
 
 def load_segmenter(path: str | Path) -> SegmentationTask:
     """The whole segmenter (backbone + heads) of a ``beit segment`` run or one of its checkpoint folders."""
-    from safetensors.torch import load_file
+    from ..checkpoint_io import load_weights
 
     run = RunDir(path)
     cfg = from_dict(SegmentConfig, run.config())
     task, _ = build_task(cfg, cfg.data.num_classes, init=False)
     ck = run.checkpoint()
-    task.load_state_dict(load_file(ck / "model.safetensors"), strict=True)
+    task.load_state_dict(load_weights(ck / "model.safetensors")[0], strict=True)
     return task.eval()
 
 

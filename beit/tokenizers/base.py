@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, check_fields
 from ..methods.base import Method
 from ..models.tokenizer import LOGIT_LAPLACE_EPS, Tokenizer, map_pixels
 
@@ -57,6 +57,8 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.recon must be logit_laplace or mse, got {self.recon!r}")
         if self.tau_schedule not in ("cosine", "exp"):
             raise ConfigError(f"objective.tau_schedule must be cosine or exp, got {self.tau_schedule!r}")
+        check_fields(self, "objective", {"kl_weight commitment dead_code_threshold": "nonneg",
+                                         "logscale_min": "finite"})
         if not (self.tau_start > 0 and self.tau_end > 0):
             raise ConfigError("objective.tau_start and objective.tau_end must be > 0")
         if not 0 < self.ema_decay < 1:

@@ -94,8 +94,11 @@ def evaluate_cmd(
     Images are resized (shorter side) and centre-cropped to the tokenizer's size. Optionally writes a
     reconstruction grid PNG of the first 8 images and the numbers as JSON.
     """
+    from ..config import ConfigError
     from .train import build_dataset
 
+    if batch_size < 1 or limit < 0:
+        raise ConfigError(f"--batch-size must be >= 1 and --limit >= 0, got {batch_size} and {limit}")
     tok = load_tokenizer(tokenizer, device=device)
     ds = build_dataset(data_dir, tok.cfg.img_size, train=False, limit=limit)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)

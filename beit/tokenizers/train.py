@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, resolve, to_dict
+from ..config import ConfigError, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve, to_dict
 from ..models.tokenizer import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig, save_tokenizer
 from .base import ObjectiveConfig, TokenizerObjective
 from .gumbel import GumbelObjective
@@ -37,6 +37,9 @@ class TokenizerDataConfig:
     limit: int = 0  # use only the first N images in sorted order (0: all)
     val_limit: int = 0
     hflip: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", {"limit val_limit": "count"})
 
 
 @dataclass

@@ -20,8 +20,7 @@ __all__ = ["load_mae_method", "mae_panels", "show_mae"]
 
 def load_mae_method(run: str | Path):
     """The full MAE method (encoder + decoder) of a run or checkpoint directory, in eval mode."""
-    from safetensors.torch import load_file
-
+    from ..checkpoint_io import load_weights
     from ..methods.mae import MAEMethod
     from ..tasks.pretrain import config_class
 
@@ -31,7 +30,7 @@ def load_mae_method(run: str | Path):
         raise ConfigError(f"{run.path} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
                           "(its decoder draws the reconstruction)")
     method = MAEMethod.build(cfg.model, cfg.mae)
-    method.load_state_dict(load_file(run.checkpoint() / "model.safetensors"))
+    method.load_state_dict(load_weights(run.checkpoint() / "model.safetensors")[0])
     return method.eval()
 
 
