@@ -1,0 +1,52 @@
+"""Summarise a run folder of scripts/cifar10_study.sh: one table row per initialisation (Markdown on stdout,
+JSON in RUNS/summary.json): fine-tuning top-1 per recipe, best kNN / linear probe layer, last online kNN."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def last(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if key in r]
+    return vals[-1] if vals else None
+
+
+def metrics(path: Path) -> list[dict]:
+    f = path / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def main(runs: Path) -> dict:
+    names = sorted({p.name.split("_", 2)[-1] for p in runs.glob("ft_r*_*")} |
+                   {p.stem.split("_", 2)[-1] for p in runs.glob("probe_*.json")})
+    table = {}
+    for n in names:
+        row = {}
+        for r in ("r1", "r2", "r3"):
+            row[f"ft_{r}"] = last(metrics(runs / f"ft_{r}_{n}"), "val_top1")
+        for p in ("knn", "linear"):
+            f = runs / f"probe_{p}_{n}.json"
+            if f.is_file():
+                best = json.loads(f.read_text())["best"]
+                row[p] = best["top1"]
+                row[f"{p}_layer"] = best["layer"]
+        pre = metrics(runs / f"pre_{n}")
+        row["online_knn"] = [(r["step"], r["knn_top1"]) for r in pre if "knn_top1" in r]
+        row["pretrain_s"] = last(pre, "elapsed_s")
+        table[n] = row
+    (runs / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print("| init | fine-tune R1 | fine-tune R2 | fine-tune R3 | kNN (layer) | linear (layer) "
+          "| online kNN: first -> last |")
+    print("|---|---|---|---|---|---|---|")
+    for n, r in table.items():
+        ok = r["online_knn"]
+        curve = f"{ok[0][1]:.1f} -> {ok[-1][1]:.1f} (step {ok[-1][0]})" if ok else "-"
+        print(f"| {n} | {fmt(r['ft_r1'])} | {fmt(r['ft_r2'])} | {fmt(r['ft_r3'])} | {fmt(r.get('knn'))} ({r.get('knn_layer', '-')}) "
+              f"| {fmt(r.get('linear'))} ({r.get('linear_layer', '-')}) | {curve} |")
+    return table
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
