@@ -71,7 +71,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        device = f"cuda:{local}" if world > 1 else "cuda"
+        device = f"cuda:{local}"  # an explicit index: torch.cuda.set_device refuses a bare "cuda"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
