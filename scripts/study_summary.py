@@ -18,7 +18,7 @@ def metrics(path: Path) -> list[dict]:
 
 
 def main(runs: Path) -> dict:
-    names = sorted({p.name.split("_", 2)[-1] for p in runs.glob("ft_r*_*")} |
+    names = sorted({p.name.split("_", 2)[-1] for p in runs.glob("ft_r*_*") if p.is_dir()} |
                    {p.stem.split("_", 2)[-1] for p in runs.glob("probe_*.json")})
     table = {}
     for n in names:
