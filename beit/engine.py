@@ -60,7 +60,8 @@ class DistEnv:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """DDP: several processes, or one launched by torchrun (so one process already exercises nccl/gloo)."""
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
 
 
 def setup_distributed(device: str = "auto") -> DistEnv:
@@ -75,8 +76,11 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, even with one process
+    if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if rank == 0:
+            log.info("torchrun: %d process(es), backend %s", world, dist.get_backend())
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -26,6 +26,16 @@ from PIL import Image
 torch.set_num_threads(1)  # tests run 2 at a time (pytest -n 2) on 2 cores
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where there is no GPU (``scripts/gpu_check.sh`` runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run scripts/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def _synthetic_array(n: int, size: int, seed: int) -> np.ndarray:
     """(n, size, size, 3) uint8: a random colour gradient with one random filled rectangle per image."""
     rng = np.random.default_rng(seed)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -94,6 +96,58 @@ def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> torch.Tensor:
     emb = torch.cat([enc(gx), enc(gy)], dim=1)  # (N, D): MAE puts the column (w) encoding first
     emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)  # (1+N, D)
     return emb.float().unsqueeze(0)
+
+
+# FlexAttention (torch >= 2.7: gradients of captured tensors) on CUDA for attention with a bias; set
+# BEIT_FLEX_ATTENTION=0 to use SDPA everywhere.
+USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "1") != "0"
+_flex_state: dict = {}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(hd) + bias) v`` for ``q, k, v (B, H, T, hd)``, ``bias (1|B, H, T, T)`` or None.
+
+    With a bias on CUDA (BEiT's relative position bias) this is FlexAttention, a fused kernel that adds the
+    bias in a score modifier and returns its gradient; SDPA cannot fuse a bias that needs a gradient and
+    would fall back to materialising the attention matrix. Everywhere else (CPU, no bias, attention
+    dropout, FlexAttention unavailable) it is ``F.scaled_dot_product_attention``.
+    """
+    if bias is not None and dropout_p == 0.0 and q.is_cuda and USE_FLEX:
+        flex = _compiled_flex()
+        if flex is not None:
+            try:
+                return _flex_with_bias(flex, q, k, v, bias)
+            except Exception as e:  # noqa: BLE001 - e.g. no Triton/compiler here: SDPA from now on
+                warnings.warn(f"FlexAttention failed ({type(e).__name__}: {e}); using SDPA", stacklevel=2)
+                _flex_state["fn"] = None
+    mask = bias.to(q.dtype) if bias is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _compiled_flex():
+    """``torch.compile(flex_attention)`` once per process, or None where this torch lacks it."""
+    if "fn" not in _flex_state:
+        _flex_state["fn"] = None
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+        if (major, minor) >= (2, 7):
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+
+                _flex_state["fn"] = torch.compile(flex_attention)
+            except Exception:  # noqa: BLE001 - an optional fused kernel; SDPA is always there
+                _flex_state["fn"] = None
+    return _flex_state["fn"]
+
+
+def _flex_with_bias(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if bias.shape[0] == 1:  # shared over the batch: (1, H, T, T)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+    else:  # per sample (MAE's visible subset): (B, H, T, T)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx]
+    return flex(q, k, v, score_mod=score_mod)
 
 
 class DropPath(nn.Module):
@@ -197,8 +251,7 @@ class Attention(nn.Module):
             attn = logits.float().softmax(dim=-1).to(q.dtype)
             out = F.dropout(attn, drop, self.training) @ v  # (B, H, T, hd)
         else:
-            mask = bias.to(q.dtype) if bias is not None else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, H, T, hd)
+            out = attention(q, k, v, bias, drop)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, H, hd) -> (B, T, D)
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attn else out

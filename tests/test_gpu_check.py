@@ -1,0 +1,33 @@
+"""scripts/gpu_check.sh --dry-run: the GPU check's code path on CPU (CUDA-only steps skipped), in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_ONLY = {"pytest_cuda", "pretrain_beit_fp16", "pretrain_mae_fp16", "pretrain_ibot_fp16"}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--budget-s", "1200"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    doc = json.loads(out.read_text())
+    status = {s["name"]: s["status"] for s in doc["steps"]}
+    assert proc.returncode == 0, (status, proc.stdout[-3000:])
+    assert doc["dry_run"] is True and doc["summary"]["fail"] == 0
+    assert {n for n, s in status.items() if s == "skipped"} == CUDA_ONLY
+    assert {"tokenizer", "pretrain_beit_bf16", "pretrain_mae_bf16", "pretrain_ibot_bf16", "finetune", "segment",
+            "torchrun_1proc", "resume_kill_at_step_3", "resume_after_sigkill", "bench_pretrain_step"} <= set(status)
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert steps["torchrun_1proc"]["details"]["backend"] == "gloo"
+    assert steps["resume_after_sigkill"]["details"]["max_abs_loss_diff_vs_uninterrupted"] == 0.0  # CPU: exact
+    assert steps["bench_pretrain_step"]["details"]["rows"][0]["ours_img_s"] > 0
+    assert "isa" in doc["environment"]["machine"]
