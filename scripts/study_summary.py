@@ -19,7 +19,8 @@ def metrics(path: Path) -> list[dict]:
 
 def main(runs: Path) -> dict:
     names = sorted({p.name.split("_", 2)[-1] for p in runs.glob("ft_r*_*") if p.is_dir()} |
-                   {p.stem.split("_", 2)[-1] for p in runs.glob("probe_*.json")})
+                   {p.stem.split("_", 2)[-1] for p in runs.glob("probe_*.json")} |
+                   {p.name[len("pre_"):] for p in runs.glob("pre_*") if p.is_dir()})
     table = {}
     for n in names:
         row = {}
@@ -48,5 +49,36 @@ def main(runs: Path) -> dict:
     return table
 
 
+# steps of each run at SCALE=1 (scripts/cifar10_study.sh): the same wall clock (about 60 minutes) on a 2-core CPU
+FULL_STEPS = {"mae": 10800, "ibot": 1800}
+
+
+def plot(table: dict, out: Path, pixels_knn: float | None = None) -> Path:
+    """Online kNN top-1 against the pretraining budget (fraction of the study's one-hour CPU budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, row in table.items():
+        pts = row["online_knn"]
+        if pts:
+            full = FULL_STEPS.get(name, 6000)
+            ax.plot([60 * s / full for s, _ in pts], [v for _, v in pts], marker=".", lw=1.2, label=name)
+    if pixels_knn is not None:
+        ax.axhline(pixels_knn, color="k", ls="--", lw=1, label="raw pixels")
+    ax.set_xlabel("pretraining budget (minutes of the 2-core CPU, by measured images/s)")
+    ax.set_ylabel("online kNN top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    tbl = main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:  # RUNS OUT.png [PIXELS_KNN]
+        plot(tbl, Path(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else None)
