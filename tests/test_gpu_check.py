@@ -17,7 +17,8 @@ CUDA_ONLY = {"pytest_cuda", "pretrain_beit_fp16", "pretrain_mae_fp16", "pretrain
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--budget-s", "1200"],
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--budget-s", "1200",
+                           "--work", str(tmp_path / "work")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     doc = json.loads(out.read_text())
     status = {s["name"]: s["status"] for s in doc["steps"]}
