@@ -33,8 +33,8 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
     g.add_argument("--preset", choices=presets, metavar="NAME",
                    help=f"recipe preset ({', '.join(presets)})" if presets else "recipe preset")
     g.add_argument("--config", metavar="YAML", help="config file applied after the preset")
-    g.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
-    g.add_argument("--epochs", type=float, help="epochs, if --steps is not given (train.epochs)")
+    g.add_argument("--steps", type=int, help="total optimizer steps (train.steps); replaces the preset's length")
+    g.add_argument("--epochs", type=float, help="epochs (train.epochs); replaces the preset's length")
     g.add_argument("--batch-size", type=int, help="global batch per optimizer step (train.batch_size)")
     g.add_argument("--accum", type=int, help="gradient accumulation steps (train.accum_steps)")
     g.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
@@ -51,12 +51,26 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
 
 def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> list[str]:
     """``key=value`` overrides from the flags the user gave (``TRAIN_FLAGS`` plus ``extra``), then the
-    trailing ``key=value`` arguments."""
+    trailing ``key=value`` arguments.
+
+    A length flag the user typed wins over the preset's length, whichever unit the preset used:
+    ``--epochs`` also clears ``train.steps`` (which would otherwise take precedence), ``--steps`` clears
+    ``train.epochs``. Both at once is an error."""
+    from ..config import ConfigError
+
+    flags = {**TRAIN_FLAGS, **(extra or {})}
     out = []
-    for flag, key in {**TRAIN_FLAGS, **(extra or {})}.items():
+    for flag, key in flags.items():
         val = getattr(args, flag, None)
         if val is not None:
             out.append(f"{key}={val}")
+    length = {f: flags[f] for f in ("steps", "epochs") if getattr(args, f, None) is not None
+              and flags[f] == TRAIN_FLAGS[f]}
+    if len(length) == 2:
+        raise ConfigError("give the length of training once: --steps N or --epochs N, not both")
+    if length:
+        other = "epochs" if "steps" in length else "steps"
+        out.append(f"{TRAIN_FLAGS[other]}=0")
     for item in args.overrides or []:
         if "=" not in item:
             raise SystemExit(f"beit: error: unexpected argument {item!r} (overrides are key=value)")
