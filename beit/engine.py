@@ -7,6 +7,12 @@ clipping, bf16/fp16 autocast, checkpoints (atomic, safetensors), exact resume, S
 DDP under ``torchrun``, a progress bar and ``metrics.jsonl``. It never knows which method it trains.
 
 The hooks it calls on the method, with their defaults, are the contract :class:`beit.methods.base.Method`.
+
+:func:`train` reads as the algorithm; each named step is a method of :class:`Trainer`, around a
+:class:`RunState` (step, best value, status, last metrics)::
+
+    restore (checkpoint, optimiser, RNG) -> wrap (DDP, compile) -> batches (seeded order)
+    while not finished: set lr -> optimizer_step -> log -> [evaluate] -> [probe] -> [save] -> [stop]
 """
 
 from __future__ import annotations
@@ -353,6 +359,307 @@ def resolve_steps(train: TrainConfig, n_samples: int) -> tuple[int, int]:
     raise TrainingError("set the length of training: --steps N or --epochs N")
 
 
+@dataclass
+class RunState:
+    """Where a run stands: what the loop advances each step, and the ``state.json`` part of a checkpoint."""
+
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    start_step: int = 0  # the step this process started (or resumed) at
+    best_value: float | None = None  # best ``best_metric`` so far (kept across resumes)
+    status: str = "done"  # "done" | "interrupted" | "time_limit"
+    last_metrics: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    best_eval: dict = field(default_factory=dict)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def end_of_epoch(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class _Window:
+    """Running means of the step metrics between two log lines, and the images seen meanwhile."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+class Trainer:
+    """One run of :func:`train`: the method, its optimiser, data and outputs, and the named steps of the loop
+    (:meth:`restore`, :meth:`batches`, :meth:`optimizer_step`, :meth:`log`, :meth:`evaluate`, :meth:`save`)."""
+
+    def __init__(self, method: nn.Module, dataset: Dataset, *, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+                 run_dir: str | Path, config_yaml: str | None = None, val_dataset: Dataset | None = None,
+                 collate_fn: Callable | None = None, desc: str = "train", max_minutes: float = 0.0,
+                 env: DistEnv | None = None, probe: Callable[..., dict] | None = None, resume: bool = False) -> None:
+        self.env = env or setup_distributed(train_cfg.device)
+        self.dataset, self.val_dataset, self.collate_fn = dataset, val_dataset, collate_fn
+        self.probe, self.last_probe = probe, {}
+        self.run_dir, self.desc, self.resume = Path(run_dir), desc, resume
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        train_cfg, self.config_yaml, choice = precision_for_run(train_cfg, self.env.device, self.run_dir, resume,
+                                                                config_yaml)
+        if self.env.is_main:
+            log.info("precision: %s (%s)", choice.precision, choice.reason)
+        self.cfg, self.optim_cfg, self.max_minutes = train_cfg, optim_cfg, max_minutes
+        self.state = RunState(*resolve_steps(train_cfg, len(dataset)))  # type: ignore[arg-type]
+        self._check_batch()
+        self.method = method
+        self.hooks = method_hooks(method)
+        self.model: nn.Module = method  # what runs forward: DDP- and compile-wrapped by :meth:`wrap`
+        self.eager: nn.Module = method  # the same without torch.compile (fallback)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
+        self.metrics: MetricsWriter | None = None
+        self.window = _Window()
+        self.bar = None
+
+    def _check_batch(self) -> None:
+        cfg, env = self.cfg, self.env
+        if cfg.batch_size % (env.world_size * cfg.accum_steps):
+            raise TrainingError(
+                f"train.batch_size={cfg.batch_size} must be divisible by processes x accum_steps "
+                f"= {env.world_size} x {cfg.accum_steps}"
+            )
+        if cfg.precision == "fp16" and env.device.type != "cuda":
+            raise TrainingError("train.precision=fp16 needs CUDA; use auto, bf16 or fp32 on CPU")
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def restore(self) -> None:
+        """Optimiser, then the latest checkpoint when resuming (weights, optimiser, RNG, step); a run folder
+        that holds checkpoints is never overwritten without ``resume``. Starts ``metrics.jsonl``."""
+        resume = self.resume
+        existing = _existing_checkpoint(self.run_dir, resume, self.env.is_main)
+        self.method.to(self.env.device)
+        self.optimizer = build_optimizer(self.hooks.param_groups(self.optim_cfg), self.optim_cfg)
+        if resume and existing is not None:
+            self._load(existing)
+        elif resume and self.env.is_main:
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+        self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.cfg.tensorboard)
+        if self.state.step:
+            self.metrics.truncate_after(self.state.step)
+        elif self.env.is_main and self.metrics.path.exists():
+            self.metrics.path.unlink()
+        if self.env.is_main and self.config_yaml is not None:
+            ckpt.write_text_atomically(self.run_dir / "config.yaml", self.config_yaml)
+
+    def _load(self, existing: Path) -> None:
+        model_state, state, tensors = ckpt.load_checkpoint(existing)
+        _load_resumed_weights(self.method, model_state, existing)
+        ckpt.restore_training_state(state, tensors, self.optimizer, self.scaler)
+        self.state.step = self.state.start_step = int(state["step"])
+        self.state.best_value = state.get("best_value")
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", existing, self.state.step)
+        if self.state.finished:
+            log.info("run already reached step %d >= %d: nothing to train (raise --steps to continue)",
+                     self.state.step, self.state.total_steps)
+
+    def wrap(self) -> None:
+        """DDP under torchrun; ``torch.compile`` if asked (the eager module stays as a fallback)."""
+        env = self.env
+        if env.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=self.hooks.find_unused_parameters)
+        self.eager = self.model
+        if self.cfg.compile:
+            try:
+                self.model = torch.compile(self.model)
+            except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
+                log.warning("torch.compile unavailable (%s): running eager", e)
+
+    def batches(self) -> Iterator:
+        """This rank's micro-batches from the current step to the end, in the seeded order (exact resume)."""
+        cfg, env = self.cfg, self.env
+        sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.state.step,  # type: ignore[arg-type]
+                                   self.state.total_steps, env.rank, env.world_size, cfg.accum_steps)
+        loader = DataLoader(SeededDataset(self.dataset, cfg.seed), batch_sampler=sampler,
+                            num_workers=cfg.num_workers, collate_fn=self.collate_fn,
+                            pin_memory=env.device.type == "cuda", persistent_workers=False,
+                            # its own generator: creating the iterator must not draw from the global RNG,
+                            # whose state is part of the checkpoint (exact resume)
+                            generator=torch.Generator().manual_seed(cfg.seed),
+                            multiprocessing_context="fork" if cfg.num_workers > 0 and os.name == "posix" else None)
+        return iter(loader)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
+        with autocast_context(self.env.device, self.cfg.precision):
+            try:
+                return self.model(batch)
+            except Exception:
+                if self.model is self.eager or self.state.step > self.state.start_step:
+                    raise
+                log.warning("torch.compile failed on the first step: running eager")
+                self.model = self.eager
+                return self.model(batch)
+
+    def optimizer_step(self, batches: Iterator) -> dict[str, float]:
+        """One optimiser step over ``accum_steps`` micro-batches: forward, backward (gradients synchronised on
+        the last micro-batch only), NaN guard, clipping, update, the method's ``after_step``."""
+        env, accum = self.env, self.cfg.accum_steps
+        metrics: dict[str, float] = {}
+        loss_val = 0.0
+        for micro in range(accum):
+            batch = to_device(next_batch(batches), env.device)
+            last_micro = micro == accum - 1
+            with contextlib.nullcontext() if (last_micro or not env.enabled) else self.model.no_sync():
+                loss, step_metrics = self._forward(batch)
+                self.scaler.scale(loss / accum).backward()
+            loss_val += float(loss.detach()) / accum
+            for k, v in step_metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / accum
+            self.window.images += batch_size_of(batch) * env.world_size
+        if not math.isfinite(loss_val):
+            raise TrainingError(
+                f"loss is {loss_val} at step {self.state.step + 1}: stopping without saving; the last good "
+                f"checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir) or 'none yet'}). Lower the "
+                "learning rate, use fp32, or raise optim.clip_grad"
+            )
+        if self.optim_cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.hooks.after_step(self.state.step, self.state.total_steps)
+        metrics["loss"] = loss_val
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ outputs
+
+    def log(self, metrics: dict[str, float], lr: float) -> None:
+        """Adds the step's metrics to the window; every ``log_every`` steps (and at the end) writes their
+        means (averaged over processes) to ``metrics.jsonl`` and the progress bar."""
+        st, env, w = self.state, self.env, self.window
+        w.add(metrics)
+        if st.step % self.cfg.log_every == 0 or st.finished:
+            avg = w.means()
+            if env.enabled:
+                keys = sorted(avg)
+                t = torch.tensor([avg[k] for k in keys], dtype=torch.float64, device=env.device)
+                dist.all_reduce(t)
+                avg = dict(zip(keys, (t / env.world_size).tolist()))
+            dt = time.perf_counter() - w.t0
+            row = {"step": st.step, "epoch": round(st.epoch, 4), "lr": lr, **avg, "precision": self.cfg.precision,
+                   "images_per_s": w.images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - st.t_start}
+            self.metrics.write(row)
+            st.last_metrics = row
+            shown = {**row, **self.last_probe}
+            self.bar.set_postfix({k: f"{shown[k]:.4g}" for k in ("loss", "acc", "mlm_acc", "knn_top1", "lr",
+                                                                 "images_per_s") if k in shown}, refresh=False)
+            self.window = _Window()
+        self.bar.update(1)
+
+    def eval_due(self) -> bool:
+        every, st = self.cfg.eval_every, self.state
+        return bool(every and st.step % every == 0) or (not every and st.end_of_epoch) or st.finished
+
+    def evaluate(self) -> None:
+        """The method's ``evaluate`` on the validation set (rank 0): ``val_*`` metrics, the ``best``
+        checkpoint when ``best_metric`` improved."""
+        if self.val_dataset is None:
+            return
+        if self.env.is_main:
+            micro = max(1, self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps)
+            vl = DataLoader(self.val_dataset, batch_size=micro * 2, shuffle=False,
+                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn)
+            self.method.eval()
+            with torch.no_grad(), autocast_context(self.env.device, self.cfg.precision):
+                res = self.hooks.evaluate(vl)
+            self.method.train()
+            if res:  # a method without validation metrics returns none
+                self._record_eval({k: float(v) for k, v in res.items()})
+        if self.env.enabled:
+            dist.barrier()
+
+    def _record_eval(self, res: dict[str, float]) -> None:
+        st, key = self.state, self.hooks.best_metric
+        st.last_eval = res
+        self.metrics.write({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in res.items()}})
+        if key and key in res and (st.best_value is None or res[key] > st.best_value):
+            st.best_value = res[key]
+            st.best_eval = dict(res, step=st.step)
+            ckpt.save_weights_dir(self.run_dir / ckpt.CKPT_DIR / "best", method_state(self.method),
+                                  {"step": st.step, **res, **self.hooks.saved_state()}, self.config_yaml)
+        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+
+    def probe_due(self) -> bool:
+        st = self.state
+        return self.probe is not None and (st.step % self.probe.every == 0 or st.finished)  # type: ignore[attr-defined]
+
+    def run_probe(self) -> None:
+        """Online kNN probe (pretraining), rank 0: eval mode, no gradients, no random draws, so the losses
+        are unchanged."""
+        if self.probe is None or not self.env.is_main:
+            return
+        st, t0 = self.state, time.perf_counter()
+        with autocast_context(self.env.device, self.cfg.precision):
+            self.last_probe = self.probe(unwrap(self.method), self.env.device)
+        self.metrics.write({"step": st.step, "epoch": round(st.epoch, 4), **self.last_probe,
+                            "probe_s": round(time.perf_counter() - t0, 3)})
+        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_probe.items()))
+
+    def should_stop(self, stop: _StopFlag) -> bool:
+        """A signal or the time limit, agreed by every process; sets the run's status."""
+        out_of_time = self.max_minutes > 0 and (time.perf_counter() - self.state.t_start) / 60 >= self.max_minutes
+        stop_now = stop.signal is not None or out_of_time
+        if self.env.enabled:
+            flag = torch.tensor([1.0 if stop_now else 0.0], device=self.env.device)
+            dist.all_reduce(flag)
+            stop_now = bool(flag.item() > 0)
+        if stop_now:
+            self.state.status = "interrupted" if stop.signal is not None else "time_limit"
+        return stop_now
+
+    def checkpoint_due(self) -> bool:
+        return self.state.step % self.cfg.ckpt_every == 0 or self.state.finished
+
+    def save(self) -> None:
+        """An atomic checkpoint of everything needed to resume exactly (rank 0 writes, all wait)."""
+        st = self.state
+        if self.env.is_main:
+            ckpt.save_checkpoint(self.run_dir, st.step, method_state(self.method), optimizer=self.optimizer,
+                                 scaler=self.scaler, config_yaml=self.config_yaml,
+                                 state={"best_value": st.best_value, "total_steps": st.total_steps,
+                                        **self.hooks.saved_state()})
+        if self.env.enabled:
+            dist.barrier()
+
+    def result(self) -> TrainResult:
+        st = self.state
+        return TrainResult(run_dir=self.run_dir, step=st.step, status=st.status, last_metrics=st.last_metrics,
+                           last_eval=st.last_eval, best_eval=st.best_eval)
+
+
 def train(
     method: nn.Module,
     dataset: Dataset,
@@ -369,229 +676,40 @@ def train(
     env: DistEnv | None = None,
     probe: Callable[..., dict] | None = None,
 ) -> TrainResult:
-    """Train ``method`` on ``dataset``; see the module docstring. Returns where and how it ended."""
-    env = env or setup_distributed(train_cfg.device)
-    run_dir = Path(run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    train_cfg, config_yaml, choice = precision_for_run(train_cfg, env.device, run_dir, resume, config_yaml)
-    if env.is_main:
-        log.info("precision: %s (%s)", choice.precision, choice.reason)
-    total_steps, steps_per_epoch = resolve_steps(train_cfg, len(dataset))  # type: ignore[arg-type]
-    micro_total = train_cfg.batch_size // env.world_size
-    if train_cfg.batch_size % (env.world_size * train_cfg.accum_steps):
-        raise TrainingError(
-            f"train.batch_size={train_cfg.batch_size} must be divisible by processes x accum_steps "
-            f"= {env.world_size} x {train_cfg.accum_steps}"
-        )
-    if train_cfg.precision == "fp16" and env.device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs CUDA; use auto, bf16 or fp32 on CPU")
-
-    existing = _existing_checkpoint(run_dir, resume, env.is_main)
-
-    method.to(env.device)
-    hooks = method_hooks(method)
-    optimizer = build_optimizer(hooks.param_groups(optim_cfg), optim_cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
-
-    start_step = 0
-    best_value: float | None = None
-    if resume and existing is not None:
-        model_state, state, tensors = ckpt.load_checkpoint(existing)
-        _load_resumed_weights(method, model_state, existing)
-        ckpt.restore_training_state(state, tensors, optimizer, scaler)
-        start_step = int(state["step"])
-        best_value = state.get("best_value")
-        if env.is_main:
-            log.info("resumed from %s at step %d", existing, start_step)
-        if start_step >= total_steps:
-            log.info("run already reached step %d >= %d: nothing to train (raise --steps to continue)",
-                     start_step, total_steps)
-    elif resume and env.is_main:
-        log.info("no checkpoint in %s: starting from scratch", run_dir)
-
-    metrics_out = MetricsWriter(run_dir, env.is_main, train_cfg.tensorboard)
-    if start_step:
-        metrics_out.truncate_after(start_step)
-    elif env.is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
-    if env.is_main and config_yaml is not None:
-        ckpt.write_text_atomically(run_dir / "config.yaml", config_yaml)
-
-    model: nn.Module = method
-    if env.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            find_unused_parameters=hooks.find_unused_parameters)
-    compiled_fallback = model
-    if train_cfg.compile:
-        try:
-            model = torch.compile(model)
-        except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
-            log.warning("torch.compile unavailable (%s): running eager", e)
-
-    sampler = StepBatchSampler(len(dataset), train_cfg.batch_size, train_cfg.seed, start_step,  # type: ignore[arg-type]
-                               total_steps, env.rank, env.world_size, train_cfg.accum_steps)
-    loader = DataLoader(SeededDataset(dataset, train_cfg.seed), batch_sampler=sampler,
-                        num_workers=train_cfg.num_workers, collate_fn=collate_fn,
-                        pin_memory=env.device.type == "cuda", persistent_workers=False,
-                        # its own generator: creating the iterator must not draw from the global RNG,
-                        # whose state is part of the checkpoint (exact resume)
-                        generator=torch.Generator().manual_seed(train_cfg.seed),
-                        multiprocessing_context="fork" if train_cfg.num_workers > 0 and os.name == "posix" else None)
-    batches = iter(loader)
-
+    """Train ``method`` on ``dataset``; see the module docstring. Returns where and how it ended.
+    ``probe(backbone_method, device) -> metrics``, with an ``every`` attribute (steps), runs at the start and
+    every ``probe.every`` steps (the online kNN probe of pretraining)."""
+    run = Trainer(method, dataset, train_cfg=train_cfg, optim_cfg=optim_cfg, run_dir=run_dir,
+                  config_yaml=config_yaml, val_dataset=val_dataset, collate_fn=collate_fn, desc=desc,
+                  max_minutes=max_minutes, env=env, probe=probe, resume=resume)
+    run.restore()
+    run.wrap()
+    batches = run.batches()
     method.train()
-    sums: dict[str, float] = {}
-    count = 0
-    images = 0
-    t_log = time.perf_counter()
-    t_start = time.perf_counter()
-    status = "done"
-    last_metrics: dict = {}
-    last_eval: dict = {}
-    best_eval: dict = {}
-    step = start_step
-    bar = _progress(total_steps, start_step, env.is_main, desc)
-    last_probe: dict = {}
-
-    def run_probe(step_: int) -> None:
-        # online kNN probe (pretraining): eval mode, no gradients, no random draws, so the losses are unchanged
-        nonlocal last_probe
-        if probe is not None and env.is_main:
-            t0 = time.perf_counter()
-            with autocast_context(env.device, train_cfg.precision):
-                last_probe = probe(unwrap(method), env.device)
-            metrics_out.write({"step": step_, "epoch": round(step_ / steps_per_epoch, 4), **last_probe,
-                               "probe_s": round(time.perf_counter() - t0, 3)})
-            bar.write(f"step {step_}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_probe.items()))
-
-    if start_step == 0:
-        run_probe(0)  # the curve starts from the initialisation
-
-    def save(step_: int) -> None:
-        if env.is_main:
-            ckpt.save_checkpoint(run_dir, step_, method_state(method), optimizer=optimizer, scaler=scaler,
-                                 state={"best_value": best_value, "total_steps": total_steps,
-                                        **hooks.saved_state()},
-                                 config_yaml=config_yaml)
-        if env.enabled:
-            dist.barrier()
-
-    def run_eval(step_: int) -> None:
-        nonlocal best_value, last_eval, best_eval
-        if val_dataset is None:
-            return
-        if env.is_main:
-            vl = DataLoader(val_dataset, batch_size=max(1, micro_total // train_cfg.accum_steps) * 2,
-                            shuffle=False, num_workers=train_cfg.num_workers, collate_fn=collate_fn)
-            method.eval()
-            with torch.no_grad(), autocast_context(env.device, train_cfg.precision):
-                res = hooks.evaluate(vl)
-            method.train()
-            if res:  # a method without validation metrics returns none
-                last_eval = {k: float(v) for k, v in res.items()}
-                metrics_out.write({"step": step_, "epoch": step_ / steps_per_epoch,
-                                   **{f"val_{k}": v for k, v in last_eval.items()}})
-                key = hooks.best_metric
-                if key and key in last_eval and (best_value is None or last_eval[key] > best_value):
-                    best_value = last_eval[key]
-                    best_eval = dict(last_eval, step=step_)
-                    ckpt.save_weights_dir(run_dir / ckpt.CKPT_DIR / "best", method_state(method),
-                                          {"step": step_, **last_eval, **hooks.saved_state()},
-                                          config_yaml)
-                bar.write(f"step {step_}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-        if env.enabled:
-            dist.barrier()
-
+    st = run.state
+    run.bar = _progress(st.total_steps, st.step, run.env.is_main, desc)
+    if st.step == 0:
+        run.run_probe()  # the curve starts from the initialisation
     with _StopFlag() as stop:
         try:
-            while step < total_steps:
-                lr = lr_at(step, total_steps, optim_cfg)
-                set_lr(optimizer, lr)
-                step_metrics: dict[str, float] = {}
-                loss_val = 0.0
-                for micro in range(train_cfg.accum_steps):
-                    batch = to_device(next_batch(batches), env.device)
-                    last_micro = micro == train_cfg.accum_steps - 1
-                    sync = contextlib.nullcontext() if (last_micro or not env.enabled) else model.no_sync()
-                    with sync:
-                        with autocast_context(env.device, train_cfg.precision):
-                            try:
-                                loss, metrics = model(batch)
-                            except Exception:
-                                if model is compiled_fallback or step > start_step:
-                                    raise
-                                log.warning("torch.compile failed on the first step: running eager")
-                                model = compiled_fallback
-                                loss, metrics = model(batch)
-                        scaler.scale(loss / train_cfg.accum_steps).backward()
-                    loss_val += float(loss.detach()) / train_cfg.accum_steps
-                    for k, v in metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / train_cfg.accum_steps
-                    images += batch_size_of(batch) * env.world_size
-                if not math.isfinite(loss_val):
-                    raise TrainingError(
-                        f"loss is {loss_val} at step {step + 1}: stopping without saving; the last good "
-                        f"checkpoint is kept ({ckpt.latest_checkpoint(run_dir) or 'none yet'}). Lower the "
-                        "learning rate, use fp32, or raise optim.clip_grad"
-                    )
-                if optim_cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], optim_cfg.clip_grad)
-                    step_metrics["grad_norm"] = float(grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                hooks.after_step(step, total_steps)
-
-                step_metrics["loss"] = loss_val
-                for k, v in step_metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                if step % train_cfg.log_every == 0 or step == total_steps:
-                    avg = {k: v / count for k, v in sums.items()}
-                    if env.enabled:
-                        keys = sorted(avg)
-                        t = torch.tensor([avg[k] for k in keys], dtype=torch.float64, device=env.device)
-                        dist.all_reduce(t)
-                        avg = dict(zip(keys, (t / env.world_size).tolist()))
-                    dt = time.perf_counter() - t_log
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **avg,
-                           "precision": train_cfg.precision,
-                           "images_per_s": images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start}
-                    metrics_out.write(row)
-                    last_metrics = row
-                    shown = {**row, **last_probe}
-                    bar.set_postfix({k: f"{shown[k]:.4g}" for k in ("loss", "acc", "mlm_acc", "knn_top1", "lr",
-                                                                     "images_per_s") if k in shown}, refresh=False)
-                    sums, count, images, t_log = {}, 0, 0, time.perf_counter()
-                bar.update(1)
-
-                end_of_epoch = step % steps_per_epoch == 0
-                if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or (
-                        not train_cfg.eval_every and end_of_epoch) or step == total_steps:
-                    run_eval(step)
-                if probe is not None and (step % probe.every == 0 or step == total_steps):  # type: ignore[attr-defined]
-                    run_probe(step)
-                out_of_time = max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes
-                stop_now = stop.signal is not None or out_of_time
-                if env.enabled:
-                    flag = torch.tensor([1.0 if stop_now else 0.0], device=env.device)
-                    dist.all_reduce(flag)
-                    stop_now = bool(flag.item() > 0)
-                if step % train_cfg.ckpt_every == 0 or step == total_steps or stop_now:
-                    save(step)
+            while not st.finished:
+                lr = lr_at(st.step, st.total_steps, optim_cfg)
+                set_lr(run.optimizer, lr)
+                metrics = run.optimizer_step(batches)
+                run.log(metrics, lr)
+                if run.eval_due():
+                    run.evaluate()
+                if run.probe_due():
+                    run.run_probe()
+                stop_now = run.should_stop(stop)
+                if run.checkpoint_due() or stop_now:
+                    run.save()
                 if stop_now:
-                    status = "interrupted" if stop.signal is not None else "time_limit"
-                    if env.is_main:
-                        log.warning("stopped at step %d (%s); resume with --resume", step, status)
+                    if run.env.is_main:
+                        log.warning("stopped at step %d (%s); resume with --resume", st.step, st.status)
                     break
         finally:
-            bar.close()
-            metrics_out.close()
+            run.bar.close()
+            run.metrics.close()
             del batches
-    return TrainResult(run_dir=run_dir, step=step, status=status, last_metrics=last_metrics,
-                       last_eval=last_eval, best_eval=best_eval)
+    return run.result()
