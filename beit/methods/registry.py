@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import ConfigError
 
-__all__ = ["MethodSpec", "build_method", "get", "methods", "presets", "register"]
+__all__ = ["MethodSpec", "build_method", "get", "methods", "presets", "register", "unregister"]
 
 Builder = Callable[[Any], tuple[Any, Callable, Any]]
 
@@ -53,6 +53,11 @@ def register(name: str, build: Builder, *, config: type | None = None, presets: 
     spec = MethodSpec(name, build, config, presets, default_preset)
     _METHODS[name] = spec
     return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a method again (a test that registered its own, a plugin being unloaded)."""
+    _METHODS.pop(name, None)
 
 
 def _discover() -> None:
