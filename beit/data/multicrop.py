@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2 as T
 
-from .views import IMAGENET_MEAN, IMAGENET_STD, _to_rgb_pil
+from .views import IMAGENET_MEAN, IMAGENET_STD, to_rgb_pil
 
 __all__ = ["MultiCropTransform", "blur_kernel_size"]
 
@@ -84,7 +84,7 @@ class MultiCropTransform:
         self.local = T.Compose([crop(local_size, local_scale), _photometric(local_size, 0.5, 0.0, mean, std)])
 
     def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        img = _to_rgb_pil(img)
+        img = to_rgb_pil(img)
         globals_ = [self.global1(img)] + [self.global2(img) for _ in range(self.n_global - 1)]
         locals_ = [self.local(img) for _ in range(self.n_local)]
         return torch.stack(globals_), (torch.stack(locals_) if locals_ else None)

@@ -20,12 +20,16 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 
+from ..config import ConfigError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BeitPretrainTransform",
     "TwoViewTransform",
+    "interpolation",
     "random_resized_crop_params",
+    "to_rgb_pil",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,11 +45,13 @@ _INTERP = {
 }
 
 
-def _interp(name: str) -> InterpolationMode:
-    try:
-        return _INTERP[name]
-    except KeyError:
-        raise ValueError(f"unknown interpolation {name!r} (known: {', '.join(_INTERP)})") from None
+def interpolation(name: str, key: str = "interpolation", allowed: Sequence[str] | None = None) -> InterpolationMode:
+    """The torchvision mode named ``name``; a name outside ``allowed`` (default: every known one) is a
+    ConfigError naming the config ``key``."""
+    allowed = list(allowed or _INTERP)
+    if name not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {name!r}")
+    return _INTERP[name]
 
 
 def _rand(generator: torch.Generator | None, n: int = 1) -> list[float]:
@@ -140,8 +146,8 @@ class TwoViewTransform:
             raise ValueError(f"hue jitter must lie in [0, 0.5], got {self.color_jitter[3]}")
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
-        self.patch_interp = _interp(patch_interp)
-        self.tokenizer_interp = _interp(tokenizer_interp)
+        self.patch_interp = interpolation(patch_interp, "patch_interp")
+        self.tokenizer_interp = interpolation(tokenizer_interp, "tokenizer_interp")
 
     def _jitter_ops(self, generator: torch.Generator | None) -> list[tuple[Callable, float]]:
         b, c, s, h = self.color_jitter
@@ -173,7 +179,7 @@ class TwoViewTransform:
     def __call__(
         self, img: Any, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        img = _to_rgb_pil(img)
+        img = to_rgb_pil(img)
         width, height = img.size
         box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
         flip = _rand(generator)[0] < self.hflip
@@ -193,7 +199,7 @@ class TwoViewTransform:
         )
 
 
-def _to_rgb_pil(img: Any) -> Image.Image:
+def to_rgb_pil(img: Any) -> Image.Image:
     if isinstance(img, Image.Image):
         return img if img.mode == "RGB" else img.convert("RGB")
     if isinstance(img, torch.Tensor):

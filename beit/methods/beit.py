@@ -32,6 +32,7 @@ from ..masking import MaskGenerator, MaskingConfig
 from ..models.presets import preset_dict
 from ..models.tokenizer import Tokenizer, load_tokenizer
 from .base import Method
+from .pixels import patchify, pixel_targets
 from .registry import register
 
 __all__ = ["BEiTConfig", "BEiTMethod", "build_pretrain_transform", "patchify"]
@@ -71,15 +72,6 @@ class BEiTConfig:
             kind=self.masking, ratio=self.mask_ratio, num_masked=self.num_masked, min_block=self.min_block,
             max_block=self.max_block, min_aspect=self.min_aspect,
         )
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, N, p*p*C)``, patches in row-major order, pixels ordered (row, col, channel)."""
-    B, C, H, W = images.shape
-    p = patch_size
-    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
-    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def build_pretrain_transform(
@@ -170,12 +162,7 @@ class BEiTMethod(Method):
         return ids.flatten(1).long()  # (B, N)
 
     def _pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
-        target = patchify(images.float(), self.patch_size)  # (B, N, p*p*3)
-        if self.cfg.norm_pix:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        return target
+        return pixel_targets(images, self.patch_size, self.cfg.norm_pix)  # (B, N, p*p*3)
 
     # ------------------------------------------------------------------------------------------ forward
 

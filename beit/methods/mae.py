@@ -19,7 +19,6 @@ The encoder is the backbone every downstream command loads (``state_prefix = "en
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..data.views import TwoViewTransform
 from ..models.presets import preset_dict
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
 from .base import Method
-from .beit import patchify
+from .pixels import patchify, pixel_targets, unpatchify
 from .registry import register
 
 __all__ = [
@@ -110,29 +109,6 @@ def shuffle(x: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
 def unshuffle(x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`shuffle` given ``ids_restore = argsort(ids_shuffle)``: ``(B, N, C)`` in patch order."""
     return x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """Inverse of :func:`beit.methods.beit.patchify`: ``(B, N, p*p*C) -> (B, C, H, W)`` (square grid)."""
-    B, N, _ = patches.shape
-    h = w = int(math.isqrt(N))
-    if h * w != N:
-        raise ValueError(f"unpatchify needs a square grid, got {N} patches")
-    p = patch_size
-    x = patches.reshape(B, h, w, p, p, channels)  # (B, h, w, p, p, C)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-    return x.reshape(B, channels, h * p, w * p)
-
-
-def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
-    """``(B, N, p*p*3)`` reconstruction targets: patch pixels, optionally normalised per patch (unbiased
-    variance + 1e-6, as the official ``forward_loss``)."""
-    target = patchify(images.float(), patch_size)  # (B, N, p*p*3)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
-    return target
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

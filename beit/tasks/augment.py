@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, interpolation
 
 __all__ = [
     "AugConfig",
@@ -70,14 +70,8 @@ class AugConfig:
             raise ConfigError(f"aug.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
 
 
-def _interp(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-             "nearest": InterpolationMode.NEAREST}
-    if name not in modes:
-        raise ConfigError(f"aug.interpolation must be one of {', '.join(modes)}, got {name!r}")
-    return modes[name]
+def _aug_interp(cfg: AugConfig):
+    return interpolation(cfg.interpolation, "aug.interpolation", allowed=("bicubic", "bilinear", "nearest"))
 
 
 def build_train_transform(cfg: AugConfig, img_size: int):
@@ -85,12 +79,12 @@ def build_train_transform(cfg: AugConfig, img_size: int):
     from torchvision import transforms as T
 
     ops = [
-        T.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale), interpolation=_interp(cfg.interpolation)),
+        T.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale), interpolation=_aug_interp(cfg)),
         T.RandomHorizontalFlip(cfg.hflip),
     ]
     if cfg.randaug_ops > 0:
         ops.append(T.RandAugment(num_ops=cfg.randaug_ops, magnitude=cfg.randaug_magnitude,
-                                 interpolation=_interp("bilinear")))
+                                 interpolation=interpolation("bilinear")))
     ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if cfg.reprob > 0:
         ops.append(T.RandomErasing(p=cfg.reprob, value="random"))
@@ -103,7 +97,7 @@ def build_eval_transform(cfg: AugConfig, img_size: int):
 
     resize = int(math.floor(img_size / cfg.eval_crop_pct + 1e-6))
     return T.Compose([
-        T.Resize(resize, interpolation=_interp(cfg.interpolation)),
+        T.Resize(resize, interpolation=_aug_interp(cfg)),
         T.CenterCrop(img_size),
         T.ToTensor(),
         T.Normalize(cfg.mean, cfg.std),

@@ -420,10 +420,11 @@ def palette(num_classes: int) -> np.ndarray:
     return pal
 
 
-def _denorm(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return ((x.cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+def _denorm(x: torch.Tensor) -> np.ndarray:
+    """A normalised ``(3, H, W)`` image -> ``(H, W, 3)`` uint8."""
+    from ..viz.images import unnormalize
+
+    return (unnormalize(x.cpu().float()[None])[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 @torch.no_grad()

@@ -18,49 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import image_hw
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD
+from .images import normalize, prepare_image
 
 log = logging.getLogger("beit")
 
-__all__ = ["cls_attention", "load_backbone", "prepare_image", "show_attention"]
-
-
-def prepare_image(image: Any, size: int | tuple[int, int]) -> torch.Tensor:
-    """A path, PIL image or ``(3, H, W)`` tensor -> ``(3, h, w)`` float in [0, 1] for ``size`` = ``h`` (square)
-    or ``(h, w)``: resized (bicubic) to the smallest size that covers ``(h, w)`` with the aspect ratio kept
-    (for a square: the short side to ``h``), then a center crop."""
-    import torchvision.transforms.v2.functional as TF
-    from PIL import Image
-    from torchvision.transforms.v2 import InterpolationMode
-
-    from ..data.folder import DataError, load_image
-
-    if isinstance(image, (str, Path)):
-        img = load_image(image)
-        if img is None:
-            raise DataError(f"cannot read the image {image}")
-        image = img
-    if isinstance(image, Image.Image):
-        x = TF.pil_to_tensor(image.convert("RGB"))
-    elif torch.is_tensor(image):
-        x = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    else:
-        raise TypeError(f"expected an image path, a PIL image or a tensor, got {type(image).__name__}")
-    h, w = image_hw(size)
-    if h == w:
-        x = TF.resize(x, h, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    else:
-        scale = max(h / x.shape[-2], w / x.shape[-1])
-        cover = [max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale))]
-        x = TF.resize(x, cover, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.center_crop(x, [h, w])
-    return x.float() / 255.0
-
-
-def normalize(x01: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x01.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x01.device).view(-1, 1, 1)
-    return (x01 - mean) / std
+__all__ = ["cls_attention", "load_backbone", "normalize", "prepare_image", "show_attention"]
 
 
 def load_backbone(init: Any, img_size: int | tuple[int, int] | None = None):

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ConfigError, from_dict
 from ..runs import RunDir
+from .images import masked_view, normalize, pixel_mask, prepare_image, unnormalize
 
 __all__ = ["load_mae_method", "mae_panels", "show_mae"]
 
@@ -34,36 +35,17 @@ def load_mae_method(run: str | Path):
     return method.eval()
 
 
-def _load_view(image: str | Path, size: int) -> torch.Tensor:
-    """``(1, 3, size, size)`` in [0, 1]: shorter side resized to ``size`` (bicubic), centre crop."""
-    import torchvision.transforms.v2.functional as F
-
-    from ..data.folder import DataError, load_image
-
-    img = load_image(image)
-    if img is None:
-        raise DataError(f"cannot read image {image}")
-    img = F.center_crop(F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True), [size, size])
-    return F.pil_to_tensor(img).float().div(255.0).unsqueeze(0)
-
-
 @torch.no_grad()
 def mae_panels(method, images01: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
     """``images01 (1, 3, H, W)`` in [0, 1] -> [original, masked, reconstruction, pasted], each (3, H, W)."""
-    from ..data.views import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = (images01 - mean) / std
+    x = normalize(images01)
     n = method.encoder.patch_embed.num_patches
     noise = torch.rand(1, n, generator=torch.Generator().manual_seed(seed))
     recon, mask = method.reconstruct(x, noise)  # (1, 3, H, W) normalised, (1, N) True = removed
-    recon01 = (recon * std + mean).clamp(0, 1)
-    p = method.patch_size
-    h, w = method.encoder.grid_size
-    pix_mask = mask.view(1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (1, 1, H, W)
-    masked = torch.where(pix_mask, torch.full_like(images01, 0.5), images01)
-    pasted = torch.where(pix_mask, recon01, images01)
+    recon01 = unnormalize(recon)
+    grid_mask = mask.view(1, *method.encoder.grid_size)  # (1, h, w)
+    masked = masked_view(images01, grid_mask)
+    pasted = torch.where(pixel_mask(grid_mask, images01.shape[-2:]), recon01, images01)
     return [t[0] for t in (images01, masked, recon01, pasted)]
 
 
@@ -73,7 +55,7 @@ def show_mae(run: str | Path, image: str | Path, out: str | Path, seed: int = 0,
     from PIL import Image, ImageDraw
 
     method = load_mae_method(run)
-    panels = mae_panels(method, _load_view(image, method.encoder.cfg.img_size), seed)
+    panels = mae_panels(method, prepare_image(image, method.encoder.cfg.img_size)[None], seed)
     titles = ["original", f"masked {method.cfg.mask_ratio:.0%}", "reconstruction", "+ visible"]
     pad, top = 6, 18
     sheet = Image.new("RGB", (4 * size + 5 * pad, size + top + pad), "white")

@@ -7,21 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD
-
-
-def unnormalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """``(B, 3, H, W)`` normalised -> ``[0, 1]``."""
-    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images * s + m).clamp(0, 1)
-
-
-def masked_view(images01: torch.Tensor, mask: torch.Tensor, shade: float = 0.5) -> torch.Tensor:
-    """Grey out the masked patches of ``images01`` (B, 3, H, W); ``mask`` (B, h, w) bool, True = masked."""
-    B, _, H, W = images01.shape
-    m = F.interpolate(mask.float().view(B, 1, *mask.shape[-2:]), size=(H, W), mode="nearest")  # (B, 1, H, W)
-    return images01 * (1 - m) + shade * m
+from .images import masked_view, unnormalize
 
 
 def save_mask_grid(dataset, path: str | Path, n: int = 8, seed: int = 0, upscale: int = 4) -> Path | None:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import load_backbone, normalize, prepare_image
+from .attention import load_backbone
+from .images import masked_view, normalize, prepare_image
 
 __all__ = ["mim_predict", "show_mim"]
 
@@ -88,16 +89,6 @@ def mim_predict(init: Any, tokenizer: Any, image: Any, seed: int = 0,
             "decoded_pred": decoded[0], "decoded_true": decoded[1], "accuracy": acc, "num_masked": n}
 
 
-def _masked_view(x01: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    S = x01.shape[-1]
-    h, w = mask.shape
-    up = mask.float()[None, None]
-    up = torch.nn.functional.interpolate(up, size=(S, S), mode="nearest")[0, 0].bool()  # (S, S)
-    img = x01.clone()
-    img[:, up] = 0.5
-    return img.permute(1, 2, 0).numpy()
-
-
 def show_mim(init: Any, tokenizer: Any, image: Any, out: str | Path, seed: int = 0, dpi: int = 120) -> dict:
     """Save the four-panel PNG (image | masked | decode(predicted at masked) | decode(true)); returns the
     numbers of :func:`mim_predict` without the tensors (``accuracy``, ``num_masked``) plus ``out``."""
@@ -109,7 +100,7 @@ def show_mim(init: Any, tokenizer: Any, image: Any, out: str | Path, seed: int =
     r = mim_predict(init, tokenizer, image, seed=seed)
     panels = [
         (r["image"].permute(1, 2, 0).numpy(), "image"),
-        (_masked_view(r["image"], r["mask"]), f"mask ({r['num_masked']} patches)"),
+        (masked_view(r["image"][None], r["mask"][None])[0].permute(1, 2, 0).numpy(), f"mask ({r['num_masked']} patches)"),
         (r["decoded_pred"].permute(1, 2, 0).numpy(), f"predicted ids (acc {100 * r['accuracy']:.0f}%)"),
         (r["decoded_true"].permute(1, 2, 0).numpy(), "true ids"),
     ]
