@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import time
@@ -293,7 +292,7 @@ class Demo:
     # ---- stages
 
     def tokenizer(self) -> None:
-        st = self._stage("tokenizer", "Visual tokenizer (dVAE)")
+        st = self._stage("tokenizer", "Visual tokenizer")
         t = time.perf_counter()
         e, run = self.embedded, self.p.runs / "tokenizer"
         base = ["--preset", TOKENIZER_PRESET, "--batch-size", str(self.plan.batch), *self.common]
@@ -346,7 +345,7 @@ class Demo:
         t = time.perf_counter()
         e = self.embedded
         init = "none" if scratch else str(self.p.runs / "pretrain")
-        lpc = 4 if self.plan.smoke else LABELS_PER_CLASS
+        lpc = self.labels_per_class
         run = self.p.runs / name.replace("_", "-")
         n_val = self.counts["val"]
         if scratch and getattr(self, "_ft_steps", None):
@@ -463,13 +462,23 @@ class Demo:
         self.total_seconds = time.perf_counter() - self.t0
         summary = self.summary()
         (self.p.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        path = write_demo_report(self, summary)
-        return path
+        from .viz.demo_report import write_demo_report
+
+        return write_demo_report(self, summary)
 
     # ---- results
 
     def stage(self, name: str) -> StageResult | None:
         return next((s for s in self.stages if s.name == name), None)
+
+    def result(self, name: str) -> StageResult:
+        """The stage's result, or an empty one marked "not run"."""
+        return self.stage(name) or StageResult(name, name, error="not run")
+
+    @property
+    def labels_per_class(self) -> int:
+        """Labelled images per class for fine-tuning."""
+        return 4 if self.plan.smoke else LABELS_PER_CLASS
 
     def summary(self) -> dict:
         """Numbers of every stage (``None`` where a stage failed), timings and the plan, as JSON."""
@@ -524,252 +533,6 @@ class Demo:
         ]
 
 
-# --------------------------------------------------------------------------------------------- report
-
-
-def summary_text(rows: list[list], total: float) -> str:
-    from .viz.report import format_cell
-
-    head = ["step", "metric", "value", "steps", "seconds"]
-    cells = [head] + [[format_cell(v)[0] for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.append(f"total: {total:.0f} s")
-    return "\n".join(lines)
-
-
-def _sample_grid(root: Path, out: Path, per_class: int = 6) -> Path | None:
-    """One column per class folder: its first ``per_class`` images (white where a class has fewer)."""
-    import numpy as np
-    from PIL import Image
-
-    from .data.folder import list_images
-
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    cols = []
-    for c in classes:
-        ims = [np.asarray(Image.open(f).convert("RGB")) for f in list_images(c)[:per_class]]
-        if not ims:
-            continue
-        s = ims[0].shape[0]
-        ims += [np.full((s, s, 3), 255, np.uint8)] * (per_class - len(ims))
-        cols.append(np.concatenate([np.pad(i, ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in ims], 0))
-    if not cols:
-        return None
-    Image.fromarray(np.concatenate(cols, 1)).save(out)
-    return out
-
-
-def _seg_examples(seg: Path, out: Path, n: int = 6) -> Path | None:
-    """Images above their masks (VOC palette: 0 black, 255 white) for the first ``n`` training canvases."""
-    import numpy as np
-    from PIL import Image
-
-    from .data.folder import list_images
-    from .tasks.segment import palette
-
-    files = list_images(seg / "images" / "train")[:n]
-    if not files:
-        return None
-    pal = palette(256)
-    tops = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    bottoms = [pal[np.asarray(Image.open(seg / "masks" / "train" / f.name))] for f in files]
-    pad = lambda a: np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)  # noqa: E731
-    grid = np.concatenate([np.concatenate([pad(a) for a in tops], 1), np.concatenate([pad(b) for b in bottoms], 1)], 0)
-    Image.fromarray(grid).save(out)
-    return out
-
-
-def _compare_curves(runs: dict[str, Path], out: Path) -> Path | None:
-    """Validation top-1 and training loss of the fine-tuning runs on shared axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .viz.curves import read_metrics
-
-    fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.0))
-    drawn = False
-    for label, run in runs.items():
-        rows = read_metrics(run / "metrics.jsonl")
-        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "images_per_s" in r]
-        va = [(r["step"], r["val_top1"]) for r in rows if "val_top1" in r]
-        if tr:
-            axes[0].plot(*zip(*tr), lw=1.3, label=label)
-            drawn = True
-        if va:
-            axes[1].plot(*zip(*va), marker="o", lw=1.3, label=label)
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax, title in zip(axes, ("training loss", "val top-1 %")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def write_demo_report(demo: Demo, summary: dict) -> Path:
-    from .data.embedded import CLASS_TITLES
-    from .viz.curves import plot_metrics
-    from .viz.report import Figure, Section, Table, write_report
-
-    runs, figs_dir = demo.p.runs, demo.p.out / "figures"
-    figs_dir.mkdir(parents=True, exist_ok=True)
-
-    def st(name: str) -> StageResult:
-        return demo.stage(name) or StageResult(name, name, error="not run")
-
-    def notes(s: StageResult) -> list[str]:
-        n = list(s.notes)
-        for o in s.outputs:
-            if isinstance(o, dict) and o.get("status") == "time_limit":
-                n.append(f"stopped by the demo's time limit at step {o.get('step')} of {s.steps} "
-                         "(the machine ran slower than in the timing run)")
-        if s.error:
-            n.insert(0, f"this step failed: {s.error}")
-        if s.steps:
-            n.append(f"{s.steps} training steps, {s.seconds:.0f} s")
-        elif s.seconds:
-            n.append(f"{s.seconds:.0f} s")
-        return n
-
-    sections = []
-    c = summary["data"]
-    data = st("data")
-    data_figs = []
-    if hasattr(demo, "embedded"):
-        grid = _safe(_sample_grid, demo.embedded.val, figs_dir / "samples.png")
-        if grid:
-            data_figs.append(Figure(grid, "one column per class: " + ", ".join(CLASS_TITLES), pixelated=True,
-                                    width=2 * 34 * 10))
-        segs = _safe(_seg_examples, demo.embedded.seg, figs_dir / "seg_examples.png")
-        if segs:
-            data_figs.append(Figure(segs, "segmentation canvases (top) and their masks (bottom)", pixelated=True,
-                                    width=2 * 68 * 6))
-    sections.append(Section(
-        "Data",
-        text="Fashion-MNIST test images shipped with beit (10 classes of 28 px grayscale garments, padded to "
-             "32 px, written as RGB PNG folders). The split is fixed by the package: pretraining never sees a "
-             "label, fine-tuning uses a few labels per class, and validation images are never trained on. "
-             "The segmentation set pastes 2 to 4 garments on a 64 px canvas; each mask pixel holds the "
-             "garment's class + 1 (0 is background, 255 marks faint edges, which are ignored).",
-        tables=[Table(["folder", "images"], [["unlabelled (pretraining)", c.get("unlabelled")],
-                                             ["labelled/train", c.get("train")], ["labelled/val", c.get("val")],
-                                             ["seg train", c.get("seg_train")], ["seg val", c.get("seg_val")]])],
-        figures=data_figs,
-        commands=["# your own data needs no preparation: any folder tree of images works for pretraining;",
-                  "# labelled data: MY_LABELLED/train/<class>/*.png and MY_LABELLED/val/<class>/*.png;",
-                  "# segmentation: MY_SEGMENTATION/images/{train,val}/x.png + MY_SEGMENTATION/masks/{train,val}/x.png",
-                  *data.commands],
-        notes=notes(data)))
-
-    tok = st("tokenizer")
-    t = summary["tokenizer"]
-    tok_curve = _safe(plot_metrics, runs / "tokenizer" / "metrics.jsonl", figs_dir / "tokenizer_curves.png",
-                      keys=("loss", "recon", "kl", "tau"), title="tokenizer training")
-    sections.append(Section(
-        "Visual tokenizer",
-        text="A discrete VAE (DALL-E style, Gumbel-softmax relaxation) learns to describe every 4x4 patch "
-             "with one of 512 visual words. BEiT's pretraining target is this code: the better the tokenizer "
-             "reconstructs images through it, the more the words mean.",
-        tables=[Table(["PSNR (dB)", "codebook usage", "perplexity"],
-                      [[t["psnr"], t["codebook_usage"], t["perplexity"]]], caption="held-out images")],
-        figures=[f for f in (Figure(tok_curve, "training curves") if tok_curve else None,
-                             Figure(runs / "tokenizer" / "eval_grid.png",
-                                    "held-out images (top) and their reconstructions through the code (bottom)",
-                                    pixelated=True, width=620)) if f is not None],
-        commands=tok.commands, notes=notes(tok)))
-
-    pre = st("pretrain")
-    p = summary["pretrain"]
-    sections.append(Section(
-        "BEiT pretraining",
-        text="Masked image modeling: about 40% of the patches are masked in blocks and the transformer "
-             "predicts their visual tokens from the rest (BEiT, arXiv 2106.08254). No labels are used.",
-        tables=[Table(["steps", "loss", "masked-token accuracy"], [[p["step"], p["loss"], p["mlm_acc"]]],
-                      caption="last logged training values")],
-        figures=[Figure(runs / "pretrain" / "loss.png", "pretraining curves"),
-                 Figure(runs / "pretrain" / "masks.png", "blockwise masks", pixelated=True)],
-        commands=pre.commands, notes=notes(pre)))
-
-    fb, fs = st("finetune_beit"), st("finetune_scratch")
-    f = summary["finetune"]
-    cmp_png = _safe(_compare_curves, {"from BEiT": runs / "finetune-beit", "from scratch": runs / "finetune-scratch"},
-                    figs_dir / "finetune_compare.png")
-    sections.append(Section(
-        "Fine-tuning with few labels",
-        text="The same recipe (layer-wise lr decay, Mixup/CutMix, RandAugment) and the same number of steps, "
-             "starting from the pretrained backbone or from random weights (`--init none`).",
-        tables=[Table(["initialisation", "labels per class", "top-1 %", "top-5 %"],
-                      [["BEiT pretraining", LABELS_PER_CLASS if not demo.plan.smoke else 4, f["beit"]["top1"],
-                        f["beit"]["top5"]],
-                       ["random (scratch)", LABELS_PER_CLASS if not demo.plan.smoke else 4, f["scratch"]["top1"],
-                        f["scratch"]["top5"]]], caption="best validation accuracy of each run")],
-        figures=[Figure(cmp_png, "both runs")] if cmp_png else [],
-        commands=fb.commands + fs.commands,
-        notes=[f"from BEiT: {n}" for n in notes(fb)] + [f"from scratch: {n}" for n in notes(fs)]))
-
-    pr = st("probe")
-    ps = summary["probe"]
-    sections.append(Section(
-        "Probes of the frozen backbone",
-        text="Without training the backbone: a linear classifier (BatchNorm + Linear) and a weighted k-NN "
-             "vote on the features of every block; the best block is reported.",
-        tables=[Table(["protocol", "best block", "top-1 %"],
-                      [["linear", ps["linear"]["layer"], ps["linear"]["top1"]],
-                       ["k-NN", ps["knn"]["layer"], ps["knn"]["top1"]]])],
-        commands=pr.commands, notes=notes(pr)))
-
-    sg = st("segment")
-    s = summary["segment"]
-    seg_curve = _safe(plot_metrics, runs / "segment" / "metrics.jsonl", figs_dir / "segment_curves.png",
-                      keys=("loss", "pixel_acc"), title="segmentation training")
-    sections.append(Section(
-        "Semantic segmentation",
-        text="An UperNet head on four blocks of the pretrained backbone labels every pixel with its garment class.",
-        tables=[Table(["mIoU %", "pixel accuracy %", "mean class accuracy %"],
-                      [[s["mIoU"], s["pixel_acc"], s["mAcc"]]], caption="validation canvases")],
-        figures=[f for f in (Figure(runs / "segment" / "predictions.png", "image | ground truth | prediction",
-                                    pixelated=True, width=384),
-                             Figure(seg_curve, "training curves") if seg_curve else None) if f is not None],
-        commands=sg.commands, notes=notes(sg)))
-
-    pc = st("pictures")
-    made = getattr(demo, "pictures_made", {"attention": [], "mim": []})
-    sections.append(Section(
-        "Inside the pretrained model",
-        text="Where the [CLS] token of the last block looks, per head; and what the model predicts for "
-             "masked patches, decoded into pixels by the tokenizer.",
-        figures=[Figure(x, "[CLS] attention") for x in made["attention"]]
-        + [Figure(x, "image | masked | predicted tokens decoded | true tokens decoded") for x in made["mim"]],
-        commands=pc.commands, notes=notes(pc)))
-
-    rows = demo.summary_rows(summary)
-    budget = f"{demo.plan.minutes:g} min budget" + (" (smoke test: tiny subsets, 2 steps per stage)"
-                                                    if demo.plan.smoke else "")
-    arch = "ViT 192 wide x 6 deep" if demo.plan.full_model else "ViT 96 wide x 4 deep (--full-model: 192 x 6)"
-    return write_report(
-        demo.p.out / "report.html", "beit demo: BEiT end to end on Fashion-MNIST",
-        sections,
-        subtitle=f"Tokenizer, pretraining, fine-tuning, probes and segmentation in one run: {budget}, "
-                 f"{summary['total_seconds']:.0f} s in all, {arch}, patch 4 on 32 px images.",
-        summary=Table(["step", "metric", "value", "steps", "seconds"], rows),
-        footer=[f"Machine: {summary['machine']}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.",
-                _precision_note(summary["precision"]),
-                "Images: Fashion-MNIST test set, Copyright 2017 Zalando SE, MIT licence "
-                "(beit/data/embedded/COPYRIGHT)."])
-
-
 def run_precisions(runs: Path) -> dict[str, str]:
     """``{run: precision}`` as each training run resolved it (``train.precision`` in its config.yaml)."""
     import yaml
@@ -780,23 +543,6 @@ def run_precisions(runs: Path) -> dict[str, str]:
         if "precision" in train:
             out[cfg.parent.name] = train["precision"]
     return out
-
-
-def _precision_note(precisions: dict[str, str]) -> str:
-    kinds = sorted(set(precisions.values()))
-    which = kinds[0] + " in every training run" if len(kinds) == 1 else ", ".join(
-        f"{k}: {v}" for k, v in precisions.items())
-    return (f"Precision: {which or 'none recorded'} (train.precision=auto: bf16 where this CPU measures a bf16 "
-            "matmul clearly faster than fp32, fp32 otherwise; bf16 on CUDA).")
-
-
-def _safe(fn, *args, **kwargs):
-    """A picture must never lose the report: on failure, log and return None."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        log.warning("could not draw %s: %s", getattr(fn, "__name__", fn), e)
-        return None
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -814,4 +560,4 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, *, full_model
     return report, json.loads((demo.p.out / "summary.json").read_text())
 
 
-__all__ = ["Demo", "Plan", "make_plan", "run_command", "run_demo", "summary_text"]
+__all__ = ["Demo", "Plan", "make_plan", "run_command", "run_demo", "run_precisions"]

@@ -96,6 +96,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(train_cfg: TrainConfig) -> DistEnv:
+    """The first step of every command that trains: join torchrun's process group (if any), seed every RNG."""
+    env = setup_distributed(train_cfg.device)
+    seed_everything(train_cfg.seed)
+    return env
+
+
+def finish_run(env: DistEnv, outputs: dict[str, Callable[[], Any]]) -> None:
+    """The last step of every command that trains: rank 0 writes each output (name -> how to write it:
+    pictures, summaries); a failure is logged, never raised, because a picture must never lose a finished run."""
+    if not env.is_main:
+        return
+    for name, make in outputs.items():
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.warning("could not write %s: %s", name, e)
+
+
 # --------------------------------------------------------------------------------------------- data order
 
 

@@ -6,7 +6,8 @@ import argparse
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import Demo, run_demo, summary_text
+    from ..demo import Demo, run_demo
+    from ..viz.demo_report import summary_text
 
     report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed)
     print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))

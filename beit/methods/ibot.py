@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,34 +169,6 @@ class _Net(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-
-
-def cls_token_any_size(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """[CLS] features ``(B, D)`` of images at the model's or another resolution (local crops).
-
-    Another resolution needs an absolute position table, which is resized bicubically to the crop's grid
-    (DINO's ``interpolate_pos_encoding``); relative position tables are tied to one grid and are refused.
-    """
-    if tuple(x.shape[-2:]) == backbone.patch_embed.img_hw:
-        return backbone.forward_features(x)[:, 0]
-    if backbone.rel_pos_index is not None:
-        raise ConfigError("local crops at another resolution need absolute positions: set "
-                          "model.use_shared_rel_pos_bias=false, model.use_rel_pos_bias=false and "
-                          "model.use_abs_pos_emb=true (or use_sincos_pos_emb=true)")
-    tokens = backbone.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, n, D)
-    B, n, D = tokens.shape
-    x = torch.cat((backbone.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens), dim=1)  # (B, 1+n, D)
-    if backbone.pos_embed is not None:
-        h, w = backbone.grid_size
-        side = int(math.isqrt(n))
-        grid = backbone.pos_embed[:, 1:].reshape(1, h, w, D).permute(0, 3, 1, 2)  # (1, D, h, w)
-        grid = F.interpolate(grid.float(), size=(side, side), mode="bicubic", align_corners=False)
-        pos = torch.cat((backbone.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n, D).to(x.dtype)), dim=1)
-        x = x + pos
-    x = backbone.pos_drop(x)
-    for blk in backbone.blocks:
-        x = blk(x)
-    return backbone.norm(x)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -369,7 +340,7 @@ class IBOTMethod(Method):
         local = batch.get("local_crops")
         if local is not None and local.shape[1] > 0:
             L = local.shape[1]
-            feats = cls_token_any_size(self.student.backbone, local.transpose(0, 1).flatten(0, 1))  # (L*B, D)
+            feats = self.student.backbone.forward_features(local.transpose(0, 1).flatten(0, 1), any_size=True)[:, 0]  # (L*B, D)
             student_cls += list(self.student.head(feats).view(L, B, -1).unbind(0))
 
         temp, patch_temp = self.temperatures()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.config import ModelConfig, image_hw
+from beit.config import ConfigError, ModelConfig, image_hw
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -185,8 +185,13 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_hw:
+    def forward(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, N, D)``; another ``(H, W)`` than the model's only with ``any_size``
+        (multiples of the patch size)."""
+        other = x.dim() == 4 and tuple(x.shape[-2:]) != self.img_hw
+        if any_size and other and all(s % self.patch_size == 0 for s in x.shape[-2:]):
+            other = False
+        if x.dim() != 4 or other:
             raise ValueError(
                 f"expected images (B, C, {self.img_hw[0]}, {self.img_hw[1]}), got {tuple(x.shape)}; "
                 "load the model at this resolution (beit.interop.load_any(path, img_size=...))"
@@ -428,14 +433,30 @@ class VisionTransformer(nn.Module):
         self.rel_pos_bias = None
         self.cfg = dataclasses.replace(self.cfg, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
 
+    def pos_embed_for(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The absolute position table ``(1, 1+h*w, D)`` for another patch grid ``(h, w)``: the patch part
+        resized bicubically (DINO's ``interpolate_pos_encoding``), [CLS]'s entry as it is."""
+        h, w = self.patch_embed.grid_size
+        D = self.pos_embed.shape[-1]
+        table = self.pos_embed[:, 1:].reshape(1, h, w, D).permute(0, 3, 1, 2)  # (1, D, h, w)
+        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)  # (1, D, h', w')
+        return torch.cat((self.pos_embed[:, :1], table.permute(0, 2, 3, 1).reshape(1, -1, D).to(dtype)), dim=1)
+
     def _embed(
         self,
         x: torch.Tensor,
         bool_masked_pos: torch.Tensor | None,
         ids_keep: torch.Tensor | None,
+        any_size: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Tokens ``(B, 1+L, D)`` ready for the blocks, the shared bias and the relative index to use."""
-        x = self.patch_embed(x)  # (B, N, D)
+        grid = (x.shape[-2] // self.patch_embed.patch_size, x.shape[-1] // self.patch_embed.patch_size)
+        resized = any_size and grid != self.patch_embed.grid_size
+        if resized and self.rel_pos_index is not None:
+            raise ConfigError("images at another resolution need absolute positions: set "
+                              "model.use_shared_rel_pos_bias=false, model.use_rel_pos_bias=false and "
+                              "model.use_abs_pos_emb=true (or use_sincos_pos_emb=true)")
+        x = self.patch_embed(x, any_size=any_size)  # (B, N, D)
         B, N, D = x.shape
         if bool_masked_pos is not None:
             if self.mask_token is None:
@@ -446,7 +467,7 @@ class VisionTransformer(nn.Module):
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)  # (B, 1+N, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            x = x + (self.pos_embed_for(grid, x.dtype) if resized else self.pos_embed)
         index = self.rel_pos_index  # (1+N, 1+N) or None
         if ids_keep is not None:  # MAE: the encoder sees only the kept patches
             keep = torch.cat((ids_keep.new_zeros(B, 1), ids_keep + 1), dim=1)  # (B, 1+L), [CLS] first
@@ -462,13 +483,16 @@ class VisionTransformer(nn.Module):
         x: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
+        any_size: bool = False,
     ) -> torch.Tensor:
         """``x (B, C, H, W)`` -> ``(B, 1+L, D)`` after the final ``norm``.
 
         ``bool_masked_pos`` ``(B, h, w)`` or ``(B, N)``, True = masked: those patches become [MASK].
         ``ids_keep`` ``(B, L)`` long: keep only these patches (MAE encoder); L = N when not given.
+        ``any_size``: ``(H, W)`` may differ from the model's (iBOT's local crops); the absolute position
+        table is resized to the grid (:meth:`pos_embed_for`); relative position tables are refused.
         """
-        x, shared, index = self._embed(x, bool_masked_pos, ids_keep)
+        x, shared, index = self._embed(x, bool_masked_pos, ids_keep, any_size)
         for blk in self.blocks:
             x = blk(x, shared, index)
         return self.norm(x)

@@ -37,12 +37,13 @@ from ..config import (
     to_dict,
 )
 from ..data.folder import DataError, ImageFolder
-from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..engine import TrainResult, finish_run, start_run, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
 from ..runs import adopt_architecture, build_backbone, resumed_model_config
+from ..viz.curves import run_curves
 from .augment import (
     AugConfig,
     Mixup,
@@ -254,8 +255,7 @@ def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tupl
 
 def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
     """Fine-tune as ``cfg`` says into run directory ``out``."""
-    env = setup_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    env = start_run(cfg.train)
     size = cfg.model.img_size
     tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size), build_eval_transform(cfg.aug, size),
                              labels_per_class=cfg.data.labels_per_class, label_fraction=cfg.data.label_fraction,
@@ -271,12 +271,6 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
         (Path(out) / "classes.txt").write_text("".join(c + "\n" for c in tr.classes))
     res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
                 resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env)
-    if env.is_main:
-        from ..viz.curves import plot_metrics
-
-        try:
-            plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "curves.png",
-                         keys=("loss", "acc", "val_top1", "val_loss", "lr"), title="fine-tuning")
-        except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
-            log.warning("could not draw curves.png: %s", e)
+    finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "acc", "val_top1", "val_loss", "lr"),
+                                              "fine-tuning")})
     return res

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, make_dataclass
+from functools import partial
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data.folder import ImageFolder
-from ..engine import TrainResult, seed_everything, setup_distributed, train
+from ..engine import TrainResult, finish_run, start_run, train
 from ..methods import registry
+from ..viz.curves import run_curves
+from ..viz.masks import save_mask_grid
 
 log = logging.getLogger("beit")
 
@@ -95,8 +98,7 @@ def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
 
 def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
     """Pretrain as ``cfg`` says into run directory ``out``."""
-    env = setup_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
     dataset = build_dataset(cfg.data, transform)
     if env.is_main:
@@ -114,15 +116,7 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0)
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
                 max_minutes=max_minutes, env=env, probe=probe)
-    if env.is_main:
-        from ..viz.curves import plot_metrics
-
-        plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "loss.png",
-                     keys=("loss", "mlm_acc", "acc", "knn_top1", "lr"), title=f"{cfg.method} pretraining")
-        from ..viz.masks import save_mask_grid
-
-        try:
-            save_mask_grid(dataset, Path(out) / "masks.png")
-        except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
-            log.warning("could not draw masks.png: %s", e)
+    finish_run(env, {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
+                                            f"{cfg.method} pretraining"),
+                     "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")})
     return res

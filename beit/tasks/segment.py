@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +57,13 @@ from ..config import (
 )
 from ..data.folder import DataError, default_max_pixels, list_images, load_image
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
-from ..engine import TrainResult, autocast_context, seed_everything, setup_distributed, train
+from ..engine import TrainResult, autocast_context, finish_run, start_run, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
 from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
+from ..viz.curves import run_curves
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
 from .segment_eval import (
     IGNORE_INDEX,
@@ -517,8 +519,7 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
 def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
     """Train a segmenter as ``cfg`` says into run directory ``out``; then score its best checkpoint on the
     validation and (if the data has one) test split (:func:`evaluate_run`)."""
-    env = setup_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    env = start_run(cfg.train)
     if not cfg.data.path:
         raise ConfigError("give the dataset: --data DIR (with images/{train,val}/ and masks/{train,val}/)")
     size = cfg.model.img_size
@@ -536,14 +537,8 @@ def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minute
                  len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")
     res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
                 resume=resume, val_dataset=va, desc="segment", max_minutes=max_minutes, env=env)
-    if env.is_main:
-        from ..viz.curves import plot_metrics
-
-        try:
-            save_predictions(task, va, Path(out) / "predictions.png")
-            plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "curves.png",
-                         keys=("loss", "pixel_acc", "val_mIoU", "val_pixel_acc", "lr"), title="segmentation")
-            evaluate_run(out)
-        except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
-            log.warning("could not draw the segmentation pictures or score the best checkpoint: %s", e)
+    finish_run(env, {"predictions.png": partial(save_predictions, task, va, Path(out) / "predictions.png"),
+                     "curves.png": run_curves(out, "curves.png", ("loss", "pixel_acc", "val_mIoU", "val_pixel_acc",
+                                                                  "lr"), "segmentation"),
+                     "eval.json (the best checkpoint scored)": partial(evaluate_run, out)})
     return res

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,14 @@ def build_dataset(data: str | Path | Dataset, img_size: int, train: bool, hflip:
 # --------------------------------------------------------------------------------------------- the run
 
 
+def _reconstructions(tok: Tokenizer, show: Dataset, path: Path) -> None:
+    """Up to 8 images of ``show`` above their reconstructions through the tokenizer's code."""
+    from .evaluate import reconstruction_grid
+
+    images = torch.stack([show[i] for i in range(min(8, len(show)))])  # type: ignore[arg-type]
+    reconstruction_grid(tok, images.to(next(tok.parameters()).device), path)
+
+
 def train_tokenizer(
     data_dir: str | Path | Dataset | None = None,
     out_dir: str | Path = "runs/tokenizer",
@@ -185,8 +194,9 @@ def train_tokenizer(
     """
     import json
 
-    from ..engine import seed_everything, setup_distributed, train
-    from .evaluate import evaluate_tokenizer, reconstruction_grid
+    from ..engine import finish_run, start_run, train
+    from ..viz.curves import run_curves
+    from .evaluate import evaluate_tokenizer
 
     if cfg is None:
         cfg = build_config(preset, config, overrides)
@@ -201,8 +211,7 @@ def train_tokenizer(
     if isinstance(val, (str, Path)):
         cfg.data.val_path = str(val)
 
-    env = setup_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    env = start_run(cfg.train)
     mc = cfg.model
     dataset = build_dataset(data, mc.img_size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
     val_ds = (build_dataset(val, mc.img_size, train=False, limit=cfg.data.val_limit)
@@ -220,20 +229,13 @@ def train_tokenizer(
     if env.is_main:
         tok.eval()
         save_tokenizer(tok, run_dir)
-        show = val_ds if val_ds is not None else build_dataset(data, mc.img_size, train=False,
-                                                               limit=cfg.data.limit)
-        images = torch.stack([show[i] for i in range(min(8, len(show)))])  # type: ignore[arg-type]
-        reconstruction_grid(tok, images.to(next(tok.parameters()).device), run_dir / "reconstructions.png")
         if val_ds is not None:
             ev = res.last_eval or evaluate_tokenizer(tok, val_ds)
             (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
-        try:
-            from ..viz.curves import plot_metrics
-
-            plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png",
-                         keys=("loss", "recon", "psnr", "perplexity"), title="tokenizer training")
-        except Exception as e:  # noqa: BLE001 - a picture must never lose a finished run
-            log.debug("no loss.png: %s", e)
+    show = val_ds if val_ds is not None else build_dataset(data, mc.img_size, train=False, limit=cfg.data.limit)
+    finish_run(env, {"reconstructions.png": partial(_reconstructions, tok, show, run_dir / "reconstructions.png"),
+                     "loss.png": run_curves(run_dir, "loss.png", ("loss", "recon", "psnr", "perplexity"),
+                                            "tokenizer training")})
     return run_dir
 
 

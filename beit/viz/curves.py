@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 log = logging.getLogger("beit")
@@ -15,6 +16,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def run_curves(run_dir: str | Path, png: str, keys: Sequence[str], title: str = "") -> Callable[[], Path | None]:
+    """Draws ``run_dir/png`` from ``run_dir/metrics.jsonl`` when called (an output of ``engine.finish_run``)."""
+    run_dir = Path(run_dir)
+    return partial(plot_metrics, run_dir / "metrics.jsonl", run_dir / png, keys=tuple(keys), title=title)
 
 
 def plot_metrics(metrics: str | Path, out: str | Path, keys: Sequence[str] = ("loss",), title: str = "") -> Path | None:

@@ -1,0 +1,371 @@
+"""The demo's report page (``OUT/report.html``) and its terminal summary, built from what ran.
+
+Every sentence that names a model, a method or a number is derived from the runs themselves: the
+tokenizer's quantizer, vocabulary and patch size from its ``config.yaml``, the pretraining method and its
+masking from the pretraining run's config, the curves from the keys its ``metrics.jsonl`` holds.
+:mod:`beit.demo` runs the stages; this module only reads their folders and results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .report import Figure, Section, Table, format_cell, write_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..demo import Demo, StageResult
+
+log = logging.getLogger("beit")
+
+__all__ = ["pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
+
+# Curves worth a panel, in this order, when the run logged them.
+TOKENIZER_CURVES = ("loss", "recon", "kl", "tau", "commitment", "perplexity", "psnr")
+
+_QUANTIZERS = {
+    "gumbel": "A discrete VAE (DALL-E style: a Gumbel-softmax relaxation of a categorical code)",
+    "vq": "A VQ-VAE (each encoder vector snaps to its nearest codebook entry, an EMA of the vectors it gets)",
+}
+_METHODS = {
+    "beit": "the transformer predicts the visual tokens of the masked patches from the rest (BEiT, arXiv 2106.08254)",
+    "mae": "the encoder sees only the visible patches and a light decoder regresses the pixels of the masked "
+           "ones (MAE, arXiv 2111.06377)",
+    "ibot": "a student matches an EMA teacher's distributions for [CLS] and for the masked patches, an online "
+            "tokenizer (iBOT, arXiv 2111.07832)",
+}
+
+
+def summary_text(rows: list[list], total: float) -> str:
+    """The summary table for the terminal: ``[stage, metric, value, steps, seconds]`` rows, then the total."""
+    head = ["step", "metric", "value", "steps", "seconds"]
+    cells = [head] + [[format_cell(v)[0] for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append(f"total: {total:.0f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- derived text
+
+
+def _config(run: Path) -> dict:
+    import yaml
+
+    path = run / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _logged_keys(run: Path) -> set[str]:
+    from .curves import read_metrics
+
+    path = run / "metrics.jsonl"
+    return {k for r in read_metrics(path) for k in r} if path.is_file() else set()
+
+
+def tokenizer_text(cfg: dict) -> str:
+    """What the tokenizer run trained, from its config (``model.quantizer``, vocabulary, token grid)."""
+    m = cfg.get("model") or {}
+    kind = _QUANTIZERS.get(m.get("quantizer", "gumbel"), f"A {m.get('quantizer')} tokenizer")
+    size, groups = m.get("img_size"), m.get("n_groups")
+    patch = f"{2 ** (groups - 1)}x{2 ** (groups - 1)} patch" if groups else "patch"
+    words = f"one of {m['vocab_size']} visual words" if m.get("vocab_size") else "a visual word"
+    return (f"{kind} learns to describe every {patch} of a {size} px image with {words}. The pretraining target "
+            "is this code: the better the tokenizer reconstructs images through it, the more the words mean.")
+
+
+def pretraining_text(cfg: dict) -> str:
+    """What the pretraining run did, from its config (method, masking, patch grid)."""
+    method = cfg.get("method", "beit")
+    m = cfg.get("model") or {}
+    n = (m["img_size"] // m["patch_size"]) ** 2 if isinstance(m.get("img_size"), int) and m.get("patch_size") else 0
+    sec = cfg.get(method) or {}
+    if method == "beit":
+        count = sec.get("num_masked") or (round(sec.get("mask_ratio", 0.4) * n) if n else None)
+        how = "in blocks" if sec.get("masking", "block") == "block" else "uniformly"
+        masked = f"{count} of the {n} patches are masked {how}" if count else f"patches are masked {how}"
+    elif "mask_ratio" in sec:
+        masked = f"{sec['mask_ratio']:.0%} of the patches are masked"
+    else:
+        masked = "patches are masked"
+    return f"{method.upper() if method != 'ibot' else 'iBOT'} pretraining: {masked}, and " \
+           f"{_METHODS.get(method, 'the model predicts them')}. No labels are used."
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+def _safe(fn, *args, **kwargs):
+    """A picture must never lose the report: on failure, log and return None."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not draw %s: %s", getattr(fn, "__name__", fn), e)
+        return None
+
+
+def _sample_grid(root: Path, out: Path, per_class: int = 6) -> Path | None:
+    """One column per class folder: its first ``per_class`` images (white where a class has fewer)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.folder import list_images
+
+    cols = []
+    for c in sorted(p for p in root.iterdir() if p.is_dir()):
+        ims = [np.asarray(Image.open(f).convert("RGB")) for f in list_images(c)[:per_class]]
+        if not ims:
+            continue
+        s = ims[0].shape[0]
+        ims += [np.full((s, s, 3), 255, np.uint8)] * (per_class - len(ims))
+        cols.append(np.concatenate([np.pad(i, ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in ims], 0))
+    if not cols:
+        return None
+    Image.fromarray(np.concatenate(cols, 1)).save(out)
+    return out
+
+
+def _seg_examples(seg: Path, out: Path, n: int = 6) -> Path | None:
+    """Images above their masks (VOC palette: 0 black, 255 white) for the first ``n`` training canvases."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.folder import list_images
+    from ..tasks.segment import palette
+
+    files = list_images(seg / "images" / "train")[:n]
+    if not files:
+        return None
+    pal = palette(256)
+    tops = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    bottoms = [pal[np.asarray(Image.open(seg / "masks" / "train" / f.name))] for f in files]
+
+    def pad(a):
+        return np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)
+
+    grid = np.concatenate([np.concatenate([pad(a) for a in tops], 1), np.concatenate([pad(b) for b in bottoms], 1)], 0)
+    Image.fromarray(grid).save(out)
+    return out
+
+
+def _compare_curves(runs: dict[str, Path], out: Path) -> Path | None:
+    """Validation top-1 and training loss of the fine-tuning runs on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .curves import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.0))
+    drawn = False
+    for label, run in runs.items():
+        rows = read_metrics(run / "metrics.jsonl")
+        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "images_per_s" in r]
+        va = [(r["step"], r["val_top1"]) for r in rows if "val_top1" in r]
+        if tr:
+            axes[0].plot(*zip(*tr), lw=1.3, label=label)
+            drawn = True
+        if va:
+            axes[1].plot(*zip(*va), marker="o", lw=1.3, label=label)
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(axes, ("training loss", "val top-1 %")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def _notes(s: StageResult) -> list[str]:
+    n = list(s.notes)
+    for o in s.outputs:
+        if isinstance(o, dict) and o.get("status") == "time_limit":
+            n.append(f"stopped by the demo's time limit at step {o.get('step')} of {s.steps} "
+                     "(the machine ran slower than in the timing run)")
+    if s.error:
+        n.insert(0, f"this step failed: {s.error}")
+    if s.steps:
+        n.append(f"{s.steps} training steps, {s.seconds:.0f} s")
+    elif s.seconds:
+        n.append(f"{s.seconds:.0f} s")
+    return n
+
+
+def _figures(*candidates: Figure | None) -> list[Figure]:
+    return [f for f in candidates if f is not None]
+
+
+def _data_section(demo: Demo, summary: dict, figs: Path) -> Section:
+    from ..data.embedded import CLASS_TITLES
+
+    c, st, found = summary["data"], demo.result("data"), []
+    if hasattr(demo, "embedded"):
+        grid = _safe(_sample_grid, demo.embedded.val, figs / "samples.png")
+        segs = _safe(_seg_examples, demo.embedded.seg, figs / "seg_examples.png")
+        found = _figures(
+            Figure(grid, "one column per class: " + ", ".join(CLASS_TITLES), pixelated=True, width=2 * 34 * 10)
+            if grid else None,
+            Figure(segs, "segmentation canvases (top) and their masks (bottom)", pixelated=True, width=2 * 68 * 6)
+            if segs else None)
+    return Section(
+        "Data",
+        text="Fashion-MNIST test images shipped with beit (10 classes of 28 px grayscale garments, padded to "
+             "32 px, written as RGB PNG folders). The split is fixed by the package: pretraining never sees a "
+             "label, fine-tuning uses a few labels per class, and validation images are never trained on. "
+             "The segmentation set pastes 2 to 4 garments on a 64 px canvas; each mask pixel holds the "
+             "garment's class + 1 (0 is background, 255 marks faint edges, which are ignored).",
+        tables=[Table(["folder", "images"], [["unlabelled (pretraining)", c.get("unlabelled")],
+                                             ["labelled/train", c.get("train")], ["labelled/val", c.get("val")],
+                                             ["seg train", c.get("seg_train")], ["seg val", c.get("seg_val")]])],
+        figures=found,
+        commands=["# your own data needs no preparation: any folder tree of images works for pretraining;",
+                  "# labelled data: MY_LABELLED/train/<class>/*.png and MY_LABELLED/val/<class>/*.png;",
+                  "# segmentation: MY_SEGMENTATION/images/{train,val}/x.png + MY_SEGMENTATION/masks/{train,val}/x.png",
+                  *st.commands],
+        notes=_notes(st))
+
+
+def _tokenizer_section(demo: Demo, summary: dict, figs: Path) -> Section:
+    from .curves import plot_metrics
+
+    run, st, t = demo.p.runs / "tokenizer", demo.result("tokenizer"), summary["tokenizer"]
+    keys = [k for k in TOKENIZER_CURVES if k in _logged_keys(run)]
+    curve = _safe(plot_metrics, run / "metrics.jsonl", figs / "tokenizer_curves.png", keys=keys,
+                  title="tokenizer training") if keys else None
+    return Section(
+        "Visual tokenizer", text=tokenizer_text(_config(run)),
+        tables=[Table(["PSNR (dB)", "codebook usage", "perplexity"],
+                      [[t["psnr"], t["codebook_usage"], t["perplexity"]]], caption="held-out images")],
+        figures=_figures(Figure(curve, "training curves: " + ", ".join(keys)) if curve else None,
+                         Figure(run / "eval_grid.png",
+                                "held-out images (top) and their reconstructions through the code (bottom)",
+                                pixelated=True, width=620)),
+        commands=st.commands, notes=_notes(st))
+
+
+def _pretrain_section(demo: Demo, summary: dict) -> Section:
+    run, st, p = demo.p.runs / "pretrain", demo.result("pretrain"), summary["pretrain"]
+    cfg = _config(run)
+    method = cfg.get("method", "beit")
+    cols = [k for k in ("loss", "mlm_acc") if p.get(k) is not None] or ["loss"]
+    names = {"loss": "loss", "mlm_acc": "masked-token accuracy"}
+    return Section(
+        f"{'iBOT' if method == 'ibot' else method.upper()} pretraining", text=pretraining_text(cfg),
+        tables=[Table(["steps", *(names[k] for k in cols)], [[p["step"], *(p[k] for k in cols)]],
+                      caption="last logged training values")],
+        figures=[Figure(run / "loss.png", "pretraining curves"),
+                 Figure(run / "masks.png", "the masks of the first training views", pixelated=True)],
+        commands=st.commands, notes=_notes(st))
+
+
+def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
+    fb, fs, f = demo.result("finetune_beit"), demo.result("finetune_scratch"), summary["finetune"]
+    runs = demo.p.runs
+    method = _config(runs / "pretrain").get("method", "beit").upper().replace("IBOT", "iBOT")
+    cmp_png = _safe(_compare_curves, {f"from {method}": runs / "finetune-beit", "from scratch": runs / "finetune-scratch"},
+                    figs / "finetune_compare.png")
+    lpc = demo.labels_per_class
+    return Section(
+        "Fine-tuning with few labels",
+        text="The same recipe (layer-wise lr decay, Mixup/CutMix, RandAugment) and the same number of steps, "
+             f"starting from the {method}-pretrained backbone or from random weights (`--init none`).",
+        tables=[Table(["initialisation", "labels per class", "top-1 %", "top-5 %"],
+                      [[f"{method} pretraining", lpc, f["beit"]["top1"], f["beit"]["top5"]],
+                       ["random (scratch)", lpc, f["scratch"]["top1"], f["scratch"]["top5"]]],
+                      caption="best validation accuracy of each run")],
+        figures=[Figure(cmp_png, "both runs")] if cmp_png else [],
+        commands=fb.commands + fs.commands,
+        notes=[f"from {method}: {n}" for n in _notes(fb)] + [f"from scratch: {n}" for n in _notes(fs)])
+
+
+def _probe_section(demo: Demo, summary: dict) -> Section:
+    st, ps = demo.result("probe"), summary["probe"]
+    return Section(
+        "Probes of the frozen backbone",
+        text="Without training the backbone: a linear classifier (BatchNorm + Linear) and a weighted k-NN "
+             "vote on the features of every block; the best block is reported.",
+        tables=[Table(["protocol", "best block", "top-1 %"],
+                      [["linear", ps["linear"]["layer"], ps["linear"]["top1"]],
+                       ["k-NN", ps["knn"]["layer"], ps["knn"]["top1"]]])],
+        commands=st.commands, notes=_notes(st))
+
+
+def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
+    from .curves import plot_metrics
+
+    run, st, s = demo.p.runs / "segment", demo.result("segment"), summary["segment"]
+    head = ((_config(run).get("head") or {}).get("kind") or "upernet")
+    head = {"upernet": "An UperNet head", "pup": "A SETR-PUP head"}.get(head, f"A {head} head")
+    keys = [k for k in ("loss", "pixel_acc") if k in _logged_keys(run)]
+    curve = _safe(plot_metrics, run / "metrics.jsonl", figs / "segment_curves.png", keys=keys,
+                  title="segmentation training") if keys else None
+    return Section(
+        "Semantic segmentation",
+        text=f"{head} on blocks of the pretrained backbone labels every pixel with its garment class.",
+        tables=[Table(["mIoU %", "pixel accuracy %", "mean class accuracy %"],
+                      [[s["mIoU"], s["pixel_acc"], s["mAcc"]]], caption="validation canvases")],
+        figures=_figures(Figure(run / "predictions.png", "image | ground truth | prediction", pixelated=True,
+                                width=384),
+                         Figure(curve, "training curves") if curve else None),
+        commands=st.commands, notes=_notes(st))
+
+
+def _pictures_section(demo: Demo) -> Section:
+    st = demo.result("pictures")
+    made: dict[str, Any] = getattr(demo, "pictures_made", {"attention": [], "mim": []})
+    return Section(
+        "Inside the pretrained model",
+        text="Where the [CLS] token of the last block looks, per head; and what the model predicts for "
+             "masked patches, decoded into pixels by the tokenizer.",
+        figures=[Figure(x, "[CLS] attention") for x in made["attention"]]
+        + [Figure(x, "image | masked | predicted tokens decoded | true tokens decoded") for x in made["mim"]],
+        commands=st.commands, notes=_notes(st))
+
+
+def precision_note(precisions: dict[str, str]) -> str:
+    kinds = sorted(set(precisions.values()))
+    which = kinds[0] + " in every training run" if len(kinds) == 1 else ", ".join(
+        f"{k}: {v}" for k, v in precisions.items())
+    return (f"Precision: {which or 'none recorded'} (train.precision=auto: bf16 where this CPU measures a bf16 "
+            "matmul clearly faster than fp32, fp32 otherwise; bf16 on CUDA).")
+
+
+def write_demo_report(demo: Demo, summary: dict) -> Path:
+    """``OUT/report.html``: one section per stage, the summary table, the machine."""
+    figs = demo.p.out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    sections = [_data_section(demo, summary, figs), _tokenizer_section(demo, summary, figs),
+                _pretrain_section(demo, summary), _finetune_section(demo, summary, figs),
+                _probe_section(demo, summary), _segment_section(demo, summary, figs), _pictures_section(demo)]
+    plan = demo.plan
+    budget = f"{plan.minutes:g} min budget" + (" (smoke test: tiny subsets, 2 steps per stage)" if plan.smoke else "")
+    arch = _config(demo.p.runs / "pretrain").get("model") or {}
+    arch = (f"ViT {arch['embed_dim']} wide x {arch['depth']} deep, patch {arch['patch_size']} on "
+            f"{arch['img_size']} px images" if {"embed_dim", "depth", "patch_size", "img_size"} <= set(arch)
+            else "ViT")
+    method = sections[2].title.replace(" pretraining", "")
+    return write_report(
+        demo.p.out / "report.html", f"beit demo: {method} end to end on Fashion-MNIST", sections,
+        subtitle=f"Tokenizer, pretraining, fine-tuning, probes and segmentation in one run: {budget}, "
+                 f"{summary['total_seconds']:.0f} s in all, {arch}.",
+        summary=Table(["step", "metric", "value", "steps", "seconds"], demo.summary_rows(summary)),
+        footer=[f"Machine: {summary['machine']}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.",
+                precision_note(summary["precision"]),
+                "Images: Fashion-MNIST test set, Copyright 2017 Zalando SE, MIT licence "
+                "(beit/data/embedded/COPYRIGHT)."])
