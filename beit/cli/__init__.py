@@ -11,6 +11,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, overrides, print_result, user_errors, with_paths
@@ -23,12 +25,13 @@ log = logging.getLogger("beit")
 COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.ArgumentParser:
+    """The ``beit`` parser with the commands of ``groups`` (modules with ``add_commands(subparsers)``)."""
     parser = argparse.ArgumentParser(
         prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in COMMAND_GROUPS:
+    for group in groups:
         group.add_commands(sub)
     return parser
 
@@ -37,8 +40,8 @@ def _load_extra_commands() -> None:
     """Kept for callers of the former plug-in loader; every command is registered in COMMAND_GROUPS."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_GROUPS) -> int:
+    parser = build_parser(groups)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO

@@ -199,6 +199,46 @@ def _first_per_class(indices: np.ndarray, labels: np.ndarray, k: int | None) -> 
     return np.sort(np.concatenate([indices[labels[indices] == c][:k] for c in range(NUM_CLASSES)]))
 
 
+def _already_written(root: Path, manifest: Path, params: dict) -> bool:
+    """True if ``root`` holds our folders written with ``params``; folders of ours written with other
+    params are removed; folders of someone else's are an error."""
+    ours = ("unlabelled", "labelled", "seg")
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("params") == params:
+            return True
+        manifest.unlink()
+        for name in ours:
+            if (root / name).exists():
+                shutil.rmtree(root / name)
+        return False
+    clash = [name for name in ours if (root / name).exists()]
+    if clash:
+        raise DataError(f"{root / clash[0]} exists and was not written by beit's embedded data: "
+                        "choose an empty or new folder")
+    return False
+
+
+def _write_segmentation(seg: Path, images: np.ndarray, labels: np.ndarray, split: dict, counts: dict[str, int],
+                        size: int, seed: int) -> dict[str, int]:
+    """``counts[part]`` canvases of 2 to 4 garments per part (train from the unlabelled and train images,
+    val from the val images), as ``seg/images/PART/j.png`` and ``seg/masks/PART/j.png``."""
+    rng = np.random.default_rng(seed)
+    pools = {"train": np.concatenate([split["unlabelled"], split["train"]]), "val": split["val"]}
+    for part, n in counts.items():
+        (seg / "images" / part).mkdir(parents=True, exist_ok=True)
+        (seg / "masks" / part).mkdir(parents=True, exist_ok=True)
+        for j in range(n):
+            pick = rng.choice(pools[part], size=int(rng.integers(2, 5)), replace=False)
+            img, mask = compose_canvas(images[pick], labels[pick], size, rng)
+            _save(np.repeat(img[..., None], 3, axis=2), seg / "images" / part / f"{j:05d}.png")
+            _save(mask, seg / "masks" / part / f"{j:05d}.png")
+    return {f"seg_{part}": n for part, n in counts.items()}
+
+
 def materialize(
     dest: str | Path,
     *,
@@ -238,23 +278,8 @@ def materialize(
         raise DataError(f"seg_size must be >= 28 px (one garment), got {seg_size}")
     data = EmbeddedData(root)
     manifest = root / _MANIFEST
-    ours = ("unlabelled", "labelled", "seg")
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("params") == params:
-            return data
-        manifest.unlink()
-        for name in ours:
-            if (root / name).exists():
-                shutil.rmtree(root / name)
-    else:
-        clash = [name for name in ours if (root / name).exists()]
-        if clash:
-            raise DataError(f"{root / clash[0]} exists and was not written by beit's embedded data: "
-                            "choose an empty or new folder")
+    if _already_written(root, manifest, params):
+        return data
 
     images, labels = load_arrays()
     split = split_indices(labels)
@@ -271,17 +296,8 @@ def materialize(
                                  _first_per_class(split["val"], labels, val_per_class), size),
     }
     if seg_train or seg_val:
-        rng = np.random.default_rng(seed)
-        pools = {"train": np.concatenate([split["unlabelled"], split["train"]]), "val": split["val"]}
-        for part, n in (("train", seg_train), ("val", seg_val)):
-            (data.seg / "images" / part).mkdir(parents=True, exist_ok=True)
-            (data.seg / "masks" / part).mkdir(parents=True, exist_ok=True)
-            for j in range(n):
-                pick = rng.choice(pools[part], size=int(rng.integers(2, 5)), replace=False)
-                img, mask = compose_canvas(images[pick], labels[pick], seg_size, rng)
-                _save(np.repeat(img[..., None], 3, axis=2), data.seg / "images" / part / f"{j:05d}.png")
-                _save(mask, data.seg / "masks" / part / f"{j:05d}.png")
-            counts[f"seg_{part}"] = n
+        counts.update(_write_segmentation(data.seg, images, labels, split, {"train": seg_train, "val": seg_val},
+                                          seg_size, seed))
     notice = resources.files("beit.data").joinpath("embedded", "COPYRIGHT").read_text()
     (root / "COPYRIGHT-fashion-mnist").write_text(notice)
     manifest.write_text(json.dumps({"params": params, "counts": counts, "classes": list(CLASSES)}, indent=1))
