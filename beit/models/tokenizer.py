@@ -378,9 +378,9 @@ class TokenizerFileError(CheckpointError, ValueError):
 
 def _not_a_tokenizer(path: Path) -> str:
     """Why folder ``path`` holds no tokenizer, in the user's terms (a backbone run, an unfinished run...)."""
-    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-        from ..runs import RunDir, describe_kind
+    from ..runs import RunDir, describe_kind
 
+    if RunDir.holds_run(path):
         try:
             kind = RunDir(path).kind()
         except CheckpointError:
