@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("beit")
 
-__all__ = ["pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
+__all__ = ["method_name", "pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
 
 # Curves worth a panel, in this order, when the run logged them.
 TOKENIZER_CURVES = ("loss", "recon", "kl", "tau", "commitment", "perplexity", "psnr")
@@ -37,6 +37,14 @@ _METHODS = {
     "ibot": "a student matches an EMA teacher's distributions for [CLS] and for the masked patches, an online "
             "tokenizer (iBOT, arXiv 2111.07832)",
 }
+
+
+_NAMES = {"beit": "BEiT", "mae": "MAE", "ibot": "iBOT"}
+
+
+def method_name(method: str) -> str:
+    """How the papers write a method's name (``ibot`` -> ``iBOT``)."""
+    return _NAMES.get(method, method.upper())
 
 
 def summary_text(rows: list[list], total: float) -> str:
@@ -95,8 +103,8 @@ def pretraining_text(cfg: dict) -> str:
         masked = f"{sec['mask_ratio']:.0%} of the patches are masked"
     else:
         masked = "patches are masked"
-    return f"{method.upper() if method != 'ibot' else 'iBOT'} pretraining: {masked}, and " \
-           f"{_METHODS.get(method, 'the model predicts them')}. No labels are used."
+    return f"{method_name(method)} pretraining: {masked}, and {_METHODS.get(method, 'the model predicts them')}. " \
+           "No labels are used."
 
 
 # --------------------------------------------------------------------------------------------- pictures
@@ -266,7 +274,7 @@ def _pretrain_section(demo: Demo, summary: dict) -> Section:
     cols = [k for k in ("loss", "mlm_acc") if p.get(k) is not None] or ["loss"]
     names = {"loss": "loss", "mlm_acc": "masked-token accuracy"}
     return Section(
-        f"{'iBOT' if method == 'ibot' else method.upper()} pretraining", text=pretraining_text(cfg),
+        f"{method_name(method)} pretraining", text=pretraining_text(cfg),
         tables=[Table(["steps", *(names[k] for k in cols)], [[p["step"], *(p[k] for k in cols)]],
                       caption="last logged training values")],
         figures=[Figure(run / "loss.png", "pretraining curves"),
@@ -277,7 +285,7 @@ def _pretrain_section(demo: Demo, summary: dict) -> Section:
 def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
     fb, fs, f = demo.result("finetune_beit"), demo.result("finetune_scratch"), summary["finetune"]
     runs = demo.p.runs
-    method = _config(runs / "pretrain").get("method", "beit").upper().replace("IBOT", "iBOT")
+    method = method_name(_config(runs / "pretrain").get("method", "beit"))
     cmp_png = _safe(_compare_curves, {f"from {method}": runs / "finetune-beit", "from scratch": runs / "finetune-scratch"},
                     figs / "finetune_compare.png")
     lpc = demo.labels_per_class
