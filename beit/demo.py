@@ -50,7 +50,7 @@ DEMO_TOKENIZER = ["model.n_hid=32"]
 LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"
 # Shares of the time budget (re-balanced over the stages still to run, so an overrun is absorbed).
 SHARES = {"tokenizer": 0.18, "pretrain": 0.37, "finetune_beit": 0.10, "finetune_scratch": 0.10,
-          "probe": 0.07, "segment": 0.13, "pictures": 0.05}
+          "probe": 0.07, "baselines": 0.02, "segment": 0.13, "pictures": 0.03}
 CALIBRATION_STEPS = 3
 SMOKE_MINUTES = 1.0  # below this: tiny subsets, 2 steps per stage, no timing runs
 
@@ -363,32 +363,49 @@ class Demo:
         st.steps, st.seconds = steps, time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class ({10 * lpc} in all); validation: {n_val} images")
 
-    def probe(self) -> None:
-        st = self._stage("probe", "Frozen-backbone probes")
-        t = time.perf_counter()
-        e = self.embedded
+    def _probe_labels_per_class(self, budget_s: float) -> int:
         if self.plan.smoke:
-            lpc = 4
-        else:
-            # feature extraction dominates: size the labelled set to the budget (forward ~ 3x a training step)
-            ft = [s for s in self.stages if s.name == "finetune_beit"]
-            rate = 3 * self.plan.batch * max(ft[0].steps, 1) / max(ft[0].seconds, 1e-3) if ft else 200.0
-            per_run = self.budget("probe") / 2
-            lpc = int(max(10, min(200, (per_run * rate - self.counts["val"]) / 10)))
+            return 4
+        # feature extraction dominates: size the labelled set to the budget (forward ~ 3x a training step)
+        ft = [s for s in self.stages if s.name == "finetune_beit" and not s.error]
+        rate = 3 * self.plan.batch * max(ft[0].steps, 1) / max(ft[0].seconds, 1e-3) if ft else 200.0
+        per_run = budget_s / 2
+        return int(max(10, min(200, (per_run * rate - self.counts["val"]) / 10)))
+
+    def _probes(self, st: StageResult, init: str, lpc: int, protocols=("linear", "knn"), tag: str = "") -> list:
+        e = self.embedded
         mapping = {str(e.root / "labelled"): PLACEHOLDERS["labelled"], str(self.p.runs): "runs"}
-        init = str(self.p.runs / "pretrain")
-        self.probes = {}
-        for protocol in ("linear", "knn"):
+        results = []
+        for protocol in protocols:
             argv = ["probe", protocol, "--data", str(e.root / "labelled"), "--init", init,
                     "--labels-per-class", str(lpc), "--seed", str(self.seed),
-                    "--out", str(self.p.runs / f"probe-{protocol}.json")]
+                    "--out", str(self.p.runs / f"probe-{protocol}{tag}.json")]
             if protocol == "knn":
                 argv += ["--k", str(min(20, 10 * lpc))]
             else:
                 argv += ["--steps", "50" if self.plan.smoke else "300"]
-            self.probes[protocol] = self._run(st, argv, mapping)
+            results.append(self._run(st, argv, mapping))
+        return results
+
+    def probe(self) -> None:
+        st = self._stage("probe", "Frozen-backbone probes")
+        t = time.perf_counter()
+        lpc = self._probe_lpc = self._probe_labels_per_class(self.budget("probe"))
+        self._probes(st, str(self.p.runs / "pretrain"), lpc)
         st.seconds = time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class for the probes; validation: {self.counts['val']} images")
+
+    def baselines(self) -> None:
+        """The no-learning floor on the same labels and validation images: linear and k-NN on the raw
+        pixels with the probes' labels, and k-NN on the raw pixels with the fine-tuning labels."""
+        st = self._stage("baselines", "Raw-pixel baselines")
+        t = time.perf_counter()
+        lpc = getattr(self, "_probe_lpc", None) or self._probe_labels_per_class(SHARES["probe"] * self.plan.minutes * 60)
+        self._probes(st, "pixels", lpc, tag="-pixels")
+        self._probes(st, "pixels", self.labels_per_class, ("knn",), tag=f"-pixels-{self.labels_per_class}")
+        st.seconds = time.perf_counter() - t
+        st.notes.append(f"flattened, normalised pixels: {lpc} labelled images per class (as the probes) and "
+                        f"{self.labels_per_class} (as the fine-tuning); validation: {self.counts['val']} images")
 
     def segment(self) -> None:
         st = self._stage("segment", "Semantic segmentation")
@@ -440,7 +457,8 @@ class Demo:
     def run(self) -> Path:
         steps = [("data", self.prepare_data), ("tokenizer", self.tokenizer), ("pretrain", self.pretrain),
                  ("finetune_beit", lambda: self.finetune("beit")), ("finetune_scratch", lambda: self.finetune("scratch")),
-                 ("probe", self.probe), ("segment", self.segment), ("pictures", self.pictures)]
+                 ("probe", self.probe), ("baselines", self.baselines), ("segment", self.segment),
+                 ("pictures", self.pictures)]
         needs = {"pretrain": {"tokenizer"}, "finetune_beit": {"pretrain"}, "probe": {"pretrain"},
                  "segment": {"pretrain"}, "pictures": {"pretrain", "tokenizer"}}
         failed: set[str] = set()
@@ -491,12 +509,16 @@ class Demo:
         pre = out("pretrain")
         ft = {w: (out(f"finetune_{w}").get("best") or {}) for w in ("beit", "scratch")}
         probes = {p: (out("probe", i).get("best") or {}) for i, p in enumerate(("linear", "knn"))}
+        pixels = {p: (out("baselines", i).get("best") or {}) for i, p in enumerate(("linear", "knn", "knn_ft"))}
         seg = out("segment").get("best") or {}
         return {
             "tokenizer": {k: tok.get(k) for k in ("psnr", "codebook_usage", "perplexity")},
             "pretrain": {k: pre.get(k) for k in ("loss", "mlm_acc", "step")},
             "finetune": {w: {"top1": ft[w].get("top1"), "top5": ft[w].get("top5")} for w in ft},
             "probe": {p: {"top1": probes[p].get("top1"), "layer": probes[p].get("layer")} for p in probes},
+            # the no-learning floor: raw-pixel probes with the probes' labels (linear, knn) and the
+            # fine-tuning's labels (knn_ft), same validation images
+            "pixels": {p: {"top1": pixels[p].get("top1"), "top5": pixels[p].get("top5")} for p in pixels},
             "segment": {k: seg.get(k) for k in ("mIoU", "pixel_acc", "mAcc")},
             "stages": [{"name": s.name, "seconds": round(s.seconds, 1), "steps": s.steps, "error": s.error}
                        for s in self.stages],
@@ -520,14 +542,18 @@ class Demo:
                     round(sec) if sec is not None else None]
 
         t, p, f, pr, sg = (summary[k] for k in ("tokenizer", "pretrain", "finetune", "probe", "segment"))
+        px = summary["pixels"]
         return [
             row("tokenizer", "tokenizer", "PSNR (dB), val", t["psnr"]),
             row("tokenizer", "tokenizer", "codebook usage", t["codebook_usage"]),
             row("pretrain", "BEiT pretraining", "masked-token accuracy (train)", p["mlm_acc"]),
             row("finetune_beit", "fine-tune from BEiT", "top-1 % (val)", f["beit"]["top1"]),
             row("finetune_scratch", "fine-tune from scratch", "top-1 % (val)", f["scratch"]["top1"]),
+            row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn_ft"]["top1"]),
             row("probe", "linear probe", "top-1 % (val)", pr["linear"]["top1"]),
+            row("baselines", "linear on raw pixels, same labels", "top-1 % (val)", px["linear"]["top1"]),
             row("probe", "k-NN probe", "top-1 % (val)", pr["knn"]["top1"]),
+            row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn"]["top1"]),
             row("segment", "segmentation", "mIoU % (val)", sg["mIoU"]),
             row("segment", "segmentation", "pixel accuracy % (val)", sg["pixel_acc"]),
         ]

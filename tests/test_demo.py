@@ -124,3 +124,24 @@ def test_hidden_flags_keep_the_command_parsable():
     assert args.max_minutes == 2.5 and args.overrides == ["model.n_hid=32", "train.log_every=1"]
     with pytest.raises(RuntimeError, match="not a valid command line"):
         demo.run_command(["tokenizer", "train", "--no-such-flag"])
+
+
+def test_demo_baselines_are_the_raw_pixel_probes(tmp_path):
+    """The demo's no-learning rows are `beit probe --init pixels` on the same labels and validation images."""
+    from beit.demo import Demo
+    from beit.tasks import probe
+
+    demo = Demo(tmp_path / "demo", minutes=0.3)
+    demo.prepare_data()
+    demo.baselines()
+    demo.total_seconds = 0.0  # set by Demo.run, which this test does not call
+    summary = demo.summary()
+    px = summary["pixels"]
+    assert set(px) == {"linear", "knn", "knn_ft"} and all(px[k]["top1"] is not None for k in px)
+    ref = probe.run(probe.build_config(overrides={
+        "protocol": "knn", "init": "pixels", "data.path": str(demo.embedded.root / "labelled"),
+        "data.labels_per_class": demo.labels_per_class, "k": min(20, 10 * demo.labels_per_class),
+        "num_workers": 0}))
+    assert px["knn_ft"]["top1"] == ref["best"]["top1"]
+    labels = [r[0] for r in Demo.summary_rows(summary)]
+    assert labels.count("k-NN on raw pixels, same labels") == 2 and "linear on raw pixels, same labels" in labels

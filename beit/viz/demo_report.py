@@ -284,6 +284,7 @@ def _pretrain_section(demo: Demo, summary: dict) -> Section:
 
 def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
     fb, fs, f = demo.result("finetune_beit"), demo.result("finetune_scratch"), summary["finetune"]
+    px = summary["pixels"]
     runs = demo.p.runs
     method = method_name(_config(runs / "pretrain").get("method", "beit"))
     cmp_png = _safe(_compare_curves, {f"from {method}": runs / "finetune-beit", "from scratch": runs / "finetune-scratch"},
@@ -295,23 +296,27 @@ def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
              f"starting from the {method}-pretrained backbone or from random weights (`--init none`).",
         tables=[Table(["initialisation", "labels per class", "top-1 %", "top-5 %"],
                       [[f"{method} pretraining", lpc, f["beit"]["top1"], f["beit"]["top5"]],
-                       ["random (scratch)", lpc, f["scratch"]["top1"], f["scratch"]["top5"]]],
-                      caption="best validation accuracy of each run")],
+                       ["random (scratch)", lpc, f["scratch"]["top1"], f["scratch"]["top5"]],
+                       ["none: k-NN on the raw pixels", lpc, px["knn_ft"]["top1"], px["knn_ft"]["top5"]]],
+                      caption="best validation accuracy of each run; the last row learns nothing (the floor)")],
         figures=[Figure(cmp_png, "both runs")] if cmp_png else [],
         commands=fb.commands + fs.commands,
         notes=[f"from {method}: {n}" for n in _notes(fb)] + [f"from scratch: {n}" for n in _notes(fs)])
 
 
 def _probe_section(demo: Demo, summary: dict) -> Section:
-    st, ps = demo.result("probe"), summary["probe"]
+    st, ps, px, bl = demo.result("probe"), summary["probe"], summary["pixels"], demo.result("baselines")
     return Section(
         "Probes of the frozen backbone",
         text="Without training the backbone: a linear classifier (BatchNorm + Linear) and a weighted k-NN "
              "vote on the features of every block; the best block is reported.",
-        tables=[Table(["protocol", "best block", "top-1 %"],
-                      [["linear", ps["linear"]["layer"], ps["linear"]["top1"]],
-                       ["k-NN", ps["knn"]["layer"], ps["knn"]["top1"]]])],
-        commands=st.commands, notes=_notes(st))
+        tables=[Table(["protocol", "features", "best block", "top-1 %"],
+                      [["linear", "pretrained backbone", ps["linear"]["layer"], ps["linear"]["top1"]],
+                       ["linear", "raw pixels (no learning)", "-", px["linear"]["top1"]],
+                       ["k-NN", "pretrained backbone", ps["knn"]["layer"], ps["knn"]["top1"]],
+                       ["k-NN", "raw pixels (no learning)", "-", px["knn"]["top1"]]],
+                      caption="same labelled images and validation images for both features")],
+        commands=st.commands + bl.commands, notes=_notes(st) + _notes(bl))
 
 
 def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
