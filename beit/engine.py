@@ -413,6 +413,7 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.images = 0
+        self.data_wait = 0.0  # seconds this process waited for batches
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict[str, float]) -> None:
@@ -546,7 +547,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         loss_val = 0.0
         for micro in range(accum):
+            t_wait = time.perf_counter()
             batch = to_device(next_batch(batches), env.device)
+            self.window.data_wait += time.perf_counter() - t_wait
             last_micro = micro == accum - 1
             with contextlib.nullcontext() if (last_micro or not env.enabled) else self.model.no_sync():
                 loss, step_metrics = self._forward(batch)
@@ -589,7 +592,9 @@ class Trainer:
                 avg = dict(zip(keys, (t / env.world_size).tolist()))
             dt = time.perf_counter() - w.t0
             row = {"step": st.step, "epoch": round(st.epoch, 4), "lr": lr, **avg, "precision": self.cfg.precision,
-                   "images_per_s": w.images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - st.t_start}
+                   "images_per_s": w.images / max(dt, 1e-9), "elapsed_s": time.perf_counter() - st.t_start,
+                   # per optimiser step: waiting for data vs everything else (which one limits the run)
+                   "data_time": w.data_wait / w.count, "step_time": (dt - w.data_wait) / w.count}
             self.metrics.write(row)
             st.last_metrics = row
             shown = {**row, **self.last_probe}

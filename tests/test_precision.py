@@ -99,6 +99,7 @@ def test_run_records_the_chosen_precision(tmp_path, monkeypatch, caplog, speedup
     rows, saved = _toy_run(tmp_path, monkeypatch, speedup, "run")
     assert saved["train"]["precision"] == expected
     assert {r["precision"] for r in rows if "loss" in r} == {expected}
+    assert all(r["data_time"] >= 0 and r["step_time"] > 0 for r in rows if "loss" in r)  # which one limits
     assert sum("precision: " + expected in r.message for r in caplog.records) == 1
 
 

@@ -138,3 +138,34 @@ def test_pretrain_transform_seeded_by_global_rng():
     assert not torch.equal(a["images"], c["images"])
     no_tok = BeitPretrainTransform(TwoViewTransform(32, None), MaskGenerator((8, 8)))(img)
     assert set(no_tok) == {"images", "mask"}
+
+
+def test_batched_collate_equals_per_sample_transform():
+    """The loader's path (uint8 samples, one batched finish) gives the per-sample path's numbers."""
+    views = TwoViewTransform(32, 16, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    t = BeitPretrainTransform(views, MaskGenerator((8, 8), MaskingConfig(num_masked=20)))
+    img = _quadrants()
+    torch.manual_seed(3)
+    single = [t(img) for _ in range(5)]
+    collate = t.batched()
+    torch.manual_seed(3)
+    batch = collate([t(img) for _ in range(5)])
+    for k in ("images", "tok_images", "mask"):
+        torch.testing.assert_close(batch[k], torch.stack([s[k] for s in single]), atol=1e-6, rtol=0)
+    assert set(batch) == {"images", "tok_images", "mask"}
+
+
+def test_color_jitter_matches_torchvision_kernels():
+    import torchvision.transforms.v2.functional as TF
+
+    from beit.data.views import color_jitter
+
+    x = torch.rand(2, 3, 8, 8, generator=_g(0))
+    params = torch.tensor([[2, 0, 3, 1, 1.3, 0.7, 1.5, 0.05], [1, 3, 2, 0, 0.8, 1.2, 0.6, -0.1]], dtype=torch.float64)
+    ops = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation, 3: TF.adjust_hue}
+    got = color_jitter(x.clone(), params)
+    for i in range(2):
+        ref = x[i]
+        for k in params[i, :4].long().tolist():
+            ref = ops[k](ref, float(params[i, 4 + k]))
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=0)

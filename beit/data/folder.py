@@ -230,6 +230,7 @@ class ImageFolder(Dataset):
                 f"no images found under {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
         self._bad: set[int] = set()  # per process: DataLoader workers each keep their own
+        self.cache = None  # a beit.data.cache.DecodeCache of self.paths (decode once), or None
 
     @property
     def paths(self) -> list[Path]:
@@ -250,7 +251,9 @@ class ImageFolder(Dataset):
             if i in self._bad:
                 continue
             path, target = self.samples[i]
-            img = load_image(path, self.max_pixels)  # warns once: the index is remembered as bad below
+            img = self.cache.get(i) if self.cache is not None else None  # None: changed file, not cached
+            if img is None:
+                img = load_image(path, self.max_pixels)  # warns once: the index is remembered as bad below
             if img is not None:
                 return img, target
             self._bad.add(i)

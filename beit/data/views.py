@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -60,6 +61,30 @@ def _rand(generator: torch.Generator | None, n: int = 1) -> list[float]:
 
 def _between(lo: float, hi: float, u: float) -> float:
     return lo + (hi - lo) * u
+
+
+_GRAY = torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601-2 luma, as torchvision
+
+
+def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """ColorJitter on a batch ``x (B, 3, H, W)`` in ``[0, 1]``, each image with its own order and factors
+    (``params (B, 8)``, see :meth:`TwoViewTransform._jitter_params`), as torchvision's tensor kernels:
+    brightness ``f x``; contrast: blend with the image's mean grey; saturation: blend with its grey image;
+    hue: shift in HSV. All in float (no rounding to 8 bits between the steps). Where an adjustment is not
+    at this position for an image, its factor is the identity, so each step is one batched blend."""
+    order, f = params[:, :4].long(), params[:, 4:].to(x.dtype)
+    gray_w = _GRAY.to(x.dtype)
+    for pos in range(4):
+        op = order[:, pos].view(-1, 1, 1, 1)  # which adjustment each image makes at this position
+        factor = f.gather(1, order[:, pos:pos + 1].clamp(max=2)).view(-1, 1, 1, 1)
+        factor = torch.where(op == 3, torch.ones_like(factor), factor)  # hue: below
+        if not bool((factor == 1).all()):
+            gray = (x * gray_w).sum(1, keepdim=True)  # (B, 1, H, W)
+            ref = torch.where(op == 2, gray, torch.where(op == 1, gray.mean((2, 3), keepdim=True), 0.0))
+            x = x.mul_(factor).add_(ref.mul_(1 - factor)).clamp_(0.0, 1.0)  # blend(x, ref, factor)
+        for i in torch.nonzero((order[:, pos] == 3) & (f[:, 3] != 0)).flatten().tolist():  # hue: rare
+            x[i] = F.adjust_hue(x[i], float(f[i, 3]))
+    return x
 
 
 def random_resized_crop_params(
@@ -146,50 +171,65 @@ class TwoViewTransform:
             raise ValueError(f"hue jitter must lie in [0, 0.5], got {self.color_jitter[3]}")
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
         self.patch_interp = interpolation(patch_interp, "patch_interp")
         self.tokenizer_interp = interpolation(tokenizer_interp, "tokenizer_interp")
 
-    def _jitter_ops(self, generator: torch.Generator | None) -> list[tuple[Callable, float]]:
+    def _jitter_params(self, generator: torch.Generator | None) -> torch.Tensor:
+        """``(8,)``: the order of the four adjustments (a permutation of 0..3, as torchvision's ColorJitter)
+        then the brightness, contrast, saturation and hue factors (identity for a disabled one)."""
         b, c, s, h = self.color_jitter
         if not (b or c or s or h):
-            return []
+            return torch.tensor([0, 1, 2, 3, 1.0, 1.0, 1.0, 0.0])
         order = torch.randperm(4, generator=generator).tolist()
         u = _rand(generator, 4)
-        ops: list[tuple[Callable, float]] = []
-        for k in order:  # random order of the four adjustments, as torchvision's ColorJitter
-            if k == 0 and b:
-                ops.append((F.adjust_brightness, _between(max(0.0, 1 - b), 1 + b, u[0])))
-            elif k == 1 and c:
-                ops.append((F.adjust_contrast, _between(max(0.0, 1 - c), 1 + c, u[1])))
-            elif k == 2 and s:
-                ops.append((F.adjust_saturation, _between(max(0.0, 1 - s), 1 + s, u[2])))
-            elif k == 3 and h:
-                ops.append((F.adjust_hue, _between(-h, h, u[3])))
-        return ops
+        factors = [_between(max(0.0, 1 - b), 1 + b, u[0]) if b else 1.0,
+                   _between(max(0.0, 1 - c), 1 + c, u[1]) if c else 1.0,
+                   _between(max(0.0, 1 - s), 1 + s, u[2]) if s else 1.0,
+                   _between(-h, h, u[3]) if h else 0.0]
+        return torch.tensor(order + factors, dtype=torch.float64)
 
-    def _view(self, img: Image.Image, box, size: int, interp, flip: bool, ops) -> torch.Tensor:
+    def _view(self, img: Image.Image, box, size: int, interp, flip: bool) -> torch.Tensor:
         top, left, h, w = box
         out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=interp, antialias=True)
         if flip:
             out = F.horizontal_flip(out)
-        for fn, factor in ops:
-            out = fn(out, factor)
-        return F.pil_to_tensor(out).float().div_(255.0)  # (3, size, size) in [0, 1]
+        # (size, size, 3) uint8 -> (3, size, size) uint8; numpy: far less overhead than pil_to_tensor
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def __call__(
-        self, img: Any, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def raw(self, img: Any, generator: torch.Generator | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The per-sample part: ``(patch uint8, tokenizer view uint8 or None, jitter parameters (8,))``;
+        :meth:`finish` turns a batch of them into the views (crop and flip here, jitter there)."""
         img = to_rgb_pil(img)
         width, height = img.size
         box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
         flip = _rand(generator)[0] < self.hflip
-        ops = self._jitter_ops(generator)
-        patch = self._view(img, box, self.img_size, self.patch_interp, flip, ops)
-        patch = F.normalize(patch, self.mean, self.std)
+        jitter = self._jitter_params(generator)
+        patch = self._view(img, box, self.img_size, self.patch_interp, flip)
         tok = None
         if self.tokenizer_size is not None:
-            tok = self._view(img, box, self.tokenizer_size, self.tokenizer_interp, flip, ops)
+            tok = self._view(img, box, self.tokenizer_size, self.tokenizer_interp, flip)
+        return patch, tok, jitter
+
+    def finish(self, patch: torch.Tensor, tok: torch.Tensor | None, jitter: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batched: uint8 ``(B, 3, S, S)`` views and ``(B, 8)`` jitter -> normalised patch view, ``[0, 1]``
+        tokenizer view (float32). The same factors act on both views."""
+        jittered = color_jitter if any(self.color_jitter) else (lambda x, _: x)
+        patch = jittered(patch.float().div_(255.0), jitter)
+        patch = patch.sub_(self._mean).div_(self._std)  # F.normalize, without its dispatch cost
+        if tok is not None:
+            tok = jittered(tok.float().div_(255.0), jitter)
         return patch, tok
+
+    def __call__(
+        self, img: Any, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        patch, tok, jitter = self.raw(img, generator)
+        patch, tok = self.finish(patch[None], None if tok is None else tok[None], jitter[None])
+        return patch[0], None if tok is None else tok[0]
 
     def __repr__(self) -> str:
         return (
@@ -216,20 +256,39 @@ class BeitPretrainTransform:
     single draw from torch's global RNG, so the engine's per-sample ``torch.manual_seed`` fixes the sample
     exactly (resume) while the transform never disturbs other users of the global RNG beyond that draw.
     ``tok_images`` is left out when the views have no tokenizer size.
+
+    :meth:`batched` splits the work for the DataLoader: each sample keeps its uint8 crops and jitter
+    parameters, and the returned collate function converts, jitters and normalises the whole batch in a
+    few tensor ops (same numbers as the per-sample path: the same parameters and :func:`color_jitter`).
     """
 
     def __init__(self, views: TwoViewTransform, mask_generator: Callable[[torch.Generator], torch.Tensor]):
         self.views = views
         self.mask_generator = mask_generator
+        self.deferred = False  # True after batched(): samples are uint8 + jitter parameters
 
     def __call__(self, img: Any) -> dict[str, torch.Tensor]:
         seed = int(torch.randint(0, 2**62, (1,)).item())
         g = torch.Generator().manual_seed(seed)
-        patch, tok = self.views(img, generator=g)
-        out = {"images": patch, "mask": self.mask_generator(g)}
+        patch, tok, jitter = self.views.raw(img, generator=g)
+        out = {"images": patch, "mask": self.mask_generator(g), "jitter": jitter}
         if tok is not None:
             out["tok_images"] = tok
-        return out
+        return out if self.deferred else self.collate([out], stack=False)
+
+    def batched(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """Defer the per-pixel work to the batch: returns the collate function for the DataLoader."""
+        self.deferred = True
+        return self.collate
+
+    def collate(self, samples: list[dict[str, torch.Tensor]], stack: bool = True) -> dict[str, torch.Tensor]:
+        """uint8 samples -> finished batch (``stack=False``: one sample in, one finished sample out)."""
+        b = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        patch, tok = self.views.finish(b["images"], b.get("tok_images"), b.pop("jitter"))
+        b["images"] = patch
+        if tok is not None:
+            b["tok_images"] = tok
+        return b if stack else {k: v[0] for k, v in b.items()}
 
     def __repr__(self) -> str:
         return f"BeitPretrainTransform(views={self.views!r}, mask_generator={self.mask_generator!r})"

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
+from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
 from ..engine import TrainResult, finish_run, start_run, train
 from ..methods import registry
@@ -26,9 +27,14 @@ log = logging.getLogger("beit")
 class DataConfig:
     path: str = ""  # a folder tree of images (labels, if any, are ignored)
     limit: int = 0  # use only the first N images in sorted order (0: all), for budgets and quick studies
+    # decode each image once into OUT/decode_cache (uint8, memory-mapped; rebuilt when a file changes):
+    # auto = when the decoded images fit in 4 GB (small images, the CPU presets) | on | off
+    decode_cache: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"limit": "count"})
+        if self.decode_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"data.decode_cache must be auto, on or off, got {self.decode_cache!r}")
 
 
 @dataclass
@@ -101,6 +107,7 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0)
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
     dataset = build_dataset(cfg.data, transform)
+    decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
                  f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
@@ -113,9 +120,12 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0)
                                k=cfg.probe.k, temperature=cfg.probe.temperature, seed=cfg.train.seed)
         log.info("online kNN probe every %d steps: %d bank / %d query images from %s", probe.every,
                  len(probe.bank_y), len(probe.query_y), cfg.probe.data)
+    batched = getattr(transform, "batched", None)  # per-pixel work once per batch, in the loader workers
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
-                max_minutes=max_minutes, env=env, probe=probe)
+                max_minutes=max_minutes, env=env, probe=probe, collate_fn=batched() if batched else None)
+    if batched:
+        transform.deferred = False  # the pictures below take finished samples
     finish_run(env, {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
                                             f"{cfg.method} pretraining"),
                      "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")})
