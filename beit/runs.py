@@ -281,8 +281,8 @@ def adopt_architecture(cfg: ModelConfig, init: str) -> ModelConfig:
     if changed:
         log.info("architecture from %s: %s", init, ", ".join(f"{k}={v}" for k, v in changed.items()))
     if ck.img_size != cfg.img_size:
-        log.info("checkpoint trained at %d px, fine-tuning at %d px: position tables are resized",
-                 ck.img_size, cfg.img_size)
+        log.info("checkpoint trained at %dx%d px (height x width), used at %dx%d px: position tables are "
+                 "resized from its %dx%d patch grid", *ck.img_hw, *cfg.img_hw, *ck.grid_size)
     return from_dict(ModelConfig, {**to_dict(cfg), **changed}, prefix="model.")
 
 

@@ -1,36 +1,27 @@
 """mIoU of the constant prediction (every pixel = the most frequent training class) on a segmentation
-folder (``DIR/masks/{train,val}``): the floor a trained segmenter must clear. Usage:
+folder (``DIR/masks/{train,val[,test]}``): the floor a trained segmenter must clear. Usage:
 
-    python scripts/constant_baseline.py DIR NUM_CLASSES
+    python scripts/constant_baseline.py DIR [NUM_CLASSES]
+
+(``NUM_CLASSES`` is accepted for old command lines; classes absent from truth and prediction never count.)
+Prints the validation metrics at the top level and each other split under its name; see
+:func:`beit.tasks.segment.constant_baseline`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from beit.tasks.segment import IGNORE_INDEX, confusion_matrix, segmentation_metrics
-
-
-def masks(folder: Path) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.array(Image.open(p))).long() for p in sorted(folder.glob("*.png"))]
+from beit.tasks.segment import constant_baseline
 
 
 def main() -> None:
-    root, num_classes = Path(sys.argv[1]), int(sys.argv[2])
-    train = torch.cat([m.flatten() for m in masks(root / "masks" / "train")])
-    train = train[train != IGNORE_INDEX]
-    majority = int(torch.bincount(train, minlength=num_classes).argmax())
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for m in masks(root / "masks" / "val"):
-        conf += confusion_matrix(torch.full_like(m, majority), m, num_classes)
-    res = segmentation_metrics(conf)
-    print(json.dumps({"majority_class": majority, **{k: round(v, 2) for k, v in res.items() if not k.startswith("iou_")}}))
+    res = constant_baseline(sys.argv[1])
+    out = {"majority_class": res.pop("class")}
+    out.update({k: round(v, 2) for k, v in res.pop("val", {}).items()})
+    out.update({split: {k: round(v, 2) for k, v in m.items()} for split, m in res.items()})
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -265,3 +265,18 @@ def test_segment_cli_scores_best_checkpoint_on_val_and_test(tmp_path):
     assert conf.shape == (3, 3) and int(conf.sum()) == 2 * 15 * 32  # the top row of each mask is ignored
     for name in ("confusion_val.png", "confusion_test.png", "predictions_test.png"):
         assert (run / name).is_file()
+
+
+def test_constant_baseline_by_hand(tmp_path):
+    from beit.tasks.segment import constant_baseline, load_mask
+
+    data = make_shapes_dataset(tmp_path / "data", n_train=3, size=16, width=24, splits=("train", "val", "test"))
+    res = constant_baseline(data)
+    assert res["class"] == 0  # grey covers most of every image
+    masks = np.stack([load_mask(p) for p in sorted((data / "masks" / "test").glob("*.png"))])
+    labelled = masks != 255
+    grey = (masks == 0).sum() / labelled.sum()
+    present = len(set(np.unique(masks[labelled]).tolist()))  # classes with union > 0: those in the truth
+    assert res["test"]["pixel_acc"] == pytest.approx(100 * grey)
+    assert res["test"]["mIoU"] == pytest.approx(100 * grey / present)  # IoU_0 = grey share, others 0
+    assert res["test"]["mAcc"] == pytest.approx(100 / present)

@@ -87,6 +87,7 @@ __all__ = [
     "SegmentationTask",
     "build_config",
     "confusion_matrix",
+    "constant_baseline",
     "evaluate_run",
     "load_segmenter",
     "palette",
@@ -477,6 +478,29 @@ def load_segmenter(path: str | Path) -> SegmentationTask:
     ck = run.checkpoint()
     task.load_state_dict(load_weights(ck / "model.safetensors")[0], strict=True)
     return task.eval()
+
+
+def constant_baseline(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict:
+    """Metrics (%) of predicting the training set's most frequent class everywhere, on every split of ``path``
+    that exists: the floor any segmenter must beat. ``{"class": c, split: {"mIoU", "mAcc", "pixel_acc"}}``."""
+    root = Path(path)
+    counts = torch.zeros(256, dtype=torch.long)
+    for _, mp in SegmentationFolder(root, "train").samples:
+        counts += torch.bincount(torch.from_numpy(load_mask(mp)).flatten().long(), minlength=256)
+    counts[IGNORE_INDEX] = 0
+    cls = int(counts.argmax())
+    num_classes = int(torch.nonzero(counts).max()) + 1
+    out: dict = {"class": cls}
+    for split in splits:
+        if not (root / "images" / split).is_dir():
+            continue
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for _, mp in SegmentationFolder(root, split).samples:
+            m = torch.from_numpy(load_mask(mp)).long()
+            conf += confusion_matrix(torch.full_like(m, cls), m, num_classes)
+        met = segmentation_metrics(conf)
+        out[split] = {k: met[k] for k in ("mIoU", "mAcc", "pixel_acc")}
+    return out
 
 
 def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data: str | None = None,
