@@ -61,8 +61,8 @@ def check_fields(cfg: Any, section: str, rules: dict[str, str]) -> None:
 
 def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
     """``(height, width)`` of an image size given as one side (square) or as ``(height, width)``."""
-    if isinstance(size, int):
-        return (size, size)
+    if not isinstance(size, (list, tuple)):
+        return (int(size), int(size))
     h, w = size
     return (int(h), int(w))
 

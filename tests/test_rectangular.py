@@ -196,3 +196,31 @@ def test_show_attention_on_a_rectangle(tmp_path, capsys):
                str(tmp_path / "a.png"), "--out", str(tmp_path / "att.png"), "--img-size", "24x40"])
     assert rc == 0 and (tmp_path / "att.png").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(tmp_path / "att.png")
+
+
+def test_pretraining_views_and_mae_on_a_rectangle():
+    from beit.data.views import TwoViewTransform
+    from beit.methods.mae import MAEConfig, MAEMethod, build_mae_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 200, 3), dtype=np.uint8))
+    # a square given as (s, s) draws and produces exactly what s does
+    a = TwoViewTransform(32, 16)(img, generator=torch.Generator().manual_seed(5))
+    b = TwoViewTransform((32, 32), (16, 16))(img, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    patch, tok = TwoViewTransform((24, 40), (12, 20))(img, generator=torch.Generator().manual_seed(5))
+    assert patch.shape == (3, 24, 40) and tok.shape == (3, 12, 20)
+    cfg = ModelConfig(img_size=(24, 40), patch_size=8, embed_dim=32, depth=2, num_heads=2, use_sincos_pos_emb=True,
+                      use_shared_rel_pos_bias=False, layer_scale_init=0.0)
+    mcfg = MAEConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    item = build_mae_transform(mcfg, cfg)(img)
+    assert item["images"].shape == (3, 24, 40) and item["noise"].shape == (15,)
+    mae = MAEMethod(VisionTransformer(cfg), mcfg)
+    batch = {"images": torch.stack([item["images"]] * 2), "noise": torch.stack([item["noise"]] * 2)}
+    loss, _ = mae(batch)
+    assert torch.isfinite(loss)
+    recon, mask = mae.reconstruct(batch["images"], batch["noise"])
+    assert recon.shape == (2, 3, 24, 40) and mask.shape == (2, 15)
+    from beit.methods.pixels import patchify, unpatchify
+
+    x = torch.randn(2, 3, 24, 40)
+    assert torch.equal(unpatchify(patchify(x, 8), 8, 3, (3, 5)), x)

@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 
-from ..config import ConfigError
+from ..config import ConfigError, image_hw
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -124,9 +124,10 @@ def random_resized_crop_params(
 class TwoViewTransform:
     """One crop, two resolutions: ``image -> (patch_view, tokenizer_view)``.
 
-    - ``patch_view``: ``(3, img_size, img_size)`` float32, normalised with ``mean``/``std``
-      (``patch_interp``, bicubic as in BEiT).
-    - ``tokenizer_view``: ``(3, tokenizer_size, tokenizer_size)`` float32 in ``[0, 1]``
+    - ``patch_view``: ``(3, img_size, img_size)`` float32 (``img_size`` may be ``(height, width)``: a
+      rectangle, the crop's aspect-ratio range then centred on ``width / height``), normalised with
+      ``mean``/``std`` (``patch_interp``, bicubic as in BEiT).
+    - ``tokenizer_view``: ``(3, tokenizer_size, tokenizer_size)`` (or ``(height, width)``) float32 in ``[0, 1]``
       (``tokenizer_interp``, Lanczos as the official ``second_interpolation``); ``None`` when
       ``tokenizer_size`` is ``None`` (methods without a tokenizer).
 
@@ -153,10 +154,12 @@ class TwoViewTransform:
         patch_interp: str = "bicubic",
         tokenizer_interp: str = "lanczos",
     ) -> None:
-        self.img_size = int(img_size)
-        self.tokenizer_size = None if tokenizer_size is None else int(tokenizer_size)
+        self.img_size, self.tokenizer_size = img_size, tokenizer_size
+        self.img_hw = image_hw(img_size)  # (height, width): rectangles too
+        self.tok_hw = None if tokenizer_size is None else image_hw(tokenizer_size)
         self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
+        aspect = self.img_hw[1] / self.img_hw[0]  # crops keep the views' aspect ratio on average
+        self.ratio = (float(ratio[0]) * aspect, float(ratio[1]) * aspect)
         self.hflip = float(hflip)
         if isinstance(color_jitter, (int, float)):
             cj = float(color_jitter)
@@ -190,12 +193,12 @@ class TwoViewTransform:
                    _between(-h, h, u[3]) if h else 0.0]
         return torch.tensor(order + factors, dtype=torch.float64)
 
-    def _view(self, img: Image.Image, box, size: int, interp, flip: bool) -> torch.Tensor:
+    def _view(self, img: Image.Image, box, size: tuple[int, int], interp, flip: bool) -> torch.Tensor:
         top, left, h, w = box
-        out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=interp, antialias=True)
+        out = F.resized_crop(img, top, left, h, w, list(size), interpolation=interp, antialias=True)
         if flip:
             out = F.horizontal_flip(out)
-        # (size, size, 3) uint8 -> (3, size, size) uint8; numpy: far less overhead than pil_to_tensor
+        # (H, W, 3) uint8 -> (3, H, W) uint8; numpy: far less overhead than pil_to_tensor
         return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def raw(self, img: Any, generator: torch.Generator | None = None
@@ -207,10 +210,10 @@ class TwoViewTransform:
         box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
         flip = _rand(generator)[0] < self.hflip
         jitter = self._jitter_params(generator)
-        patch = self._view(img, box, self.img_size, self.patch_interp, flip)
+        patch = self._view(img, box, self.img_hw, self.patch_interp, flip)
         tok = None
-        if self.tokenizer_size is not None:
-            tok = self._view(img, box, self.tokenizer_size, self.tokenizer_interp, flip)
+        if self.tok_hw is not None:
+            tok = self._view(img, box, self.tok_hw, self.tokenizer_interp, flip)
         return patch, tok, jitter
 
     def finish(self, patch: torch.Tensor, tok: torch.Tensor | None, jitter: torch.Tensor

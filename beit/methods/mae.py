@@ -239,7 +239,8 @@ class MAEMethod(Method):
             raw = patchify(images.float(), self.patch_size)
             mean, var = raw.mean(-1, keepdim=True), raw.var(-1, keepdim=True)
             pred = pred * (var + 1e-6).sqrt() + mean
-        return unpatchify(pred, self.patch_size, images.shape[1]), mask
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return unpatchify(pred, self.patch_size, images.shape[1], grid), mask
 
 
 # --------------------------------------------------------------------------------------------- data

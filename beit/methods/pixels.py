@@ -19,12 +19,14 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``(B, N, p*p*C) -> (B, C, H, W)`` (square grid)."""
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3,
+               grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, N, p*p*C) -> (B, C, H, W)`` on the ``(h, w)`` patch ``grid``
+    (default: square)."""
     B, N, _ = patches.shape
-    h = w = int(math.isqrt(N))
+    h, w = grid if grid is not None else (int(math.isqrt(N)),) * 2
     if h * w != N:
-        raise ValueError(f"unpatchify needs a square grid, got {N} patches")
+        raise ValueError(f"unpatchify: {N} patches do not fill a {h}x{w} grid (pass grid= for a rectangle)")
     p = patch_size
     x = patches.reshape(B, h, w, p, p, channels)  # (B, h, w, p, p, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
