@@ -136,8 +136,8 @@ def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool 
         scaler.update()
         return float(loss.detach())
 
-    def tok_encode() -> None:
-        with autocast(dtype):
+    def tok_encode() -> None:  # as BEiTMethod.visual_tokens: fp32 whatever the step's precision (exact ids)
+        with torch.autocast(device.type, enabled=False):
             tok.encode(batch["tok_images"])
 
     def flops(model_step_forward) -> float:

@@ -257,3 +257,21 @@ def test_with_the_dvae_tokenizer():
     loss, metrics = m(batch)
     assert abs(loss.item() - math.log(tok.vocab_size)) < 1.0  # near-uniform predictions at init
     assert not any(k.startswith("tokenizer") for k in m.state_dict())
+
+
+def test_visual_tokens_are_fp32_ids_under_bf16_autocast():
+    """The targets must not depend on the step's precision: the tokenizer runs in fp32 (and channels-last,
+    which must not change the ids of the plain NCHW computation)."""
+    from beit.models.tokenizer import Tokenizer, get_tokenizer_preset
+
+    torch.manual_seed(0)
+    tok = Tokenizer(get_tokenizer_preset("dvae_32")).eval()  # random weights: ids spread over the vocabulary
+    m = BEiTMethod.build(from_dict(ModelConfig, {**TINY, "img_size": 32}), tok, BEiTConfig(min_block=4))
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = tok.encode_logits(x).argmax(1).flatten(1)  # fp32, NCHW
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids = m.visual_tokens(x)
+            bf16 = tok.encode_logits(x).argmax(1).flatten(1)
+    assert torch.equal(ids, reference)
+    assert not torch.equal(bf16, reference)  # bf16 would have changed some ids: the test can fail

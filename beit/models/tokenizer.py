@@ -295,8 +295,11 @@ class Tokenizer(nn.Module):
                 f"tokenizer expects pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
                 "(were the images normalised with a mean/std?)"
             )
+        # channels-last: oneDNN's fast convolution layout on CPU (measured 2-2.6x faster encode in bf16 and
+        # fp32 for vq_32 and dalle_112, docs/results.md); the ids are the same computation
         return torch.cat(
-            [self.encode_logits(chunk).argmax(1) for chunk in images.split(batch_size)]
+            [self.encode_logits(chunk.contiguous(memory_format=torch.channels_last)).argmax(1)
+             for chunk in images.split(batch_size)]
         )
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
