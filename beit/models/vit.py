@@ -98,9 +98,11 @@ def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return emb.float().unsqueeze(0)
 
 
-# FlexAttention (torch >= 2.7: gradients of captured tensors) on CUDA for attention with a bias; set
-# BEIT_FLEX_ATTENTION=0 to use SDPA everywhere.
-USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "1") != "0"
+# FlexAttention (torch >= 2.7: gradients of captured tensors) on CUDA for attention with a bias, opt-in with
+# BEIT_FLEX_ATTENTION=1. Off by default: on an H100 (docs/results.md, GPU check) it matched SDPA in fp32 on the
+# kernel test but missed the tests' tolerances in bf16 and in the fp32 model test, so SDPA (exact, proven
+# there) stays the default until a GPU run shows why.
+USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "0") == "1"
 _flex_state: dict = {}
 
 
