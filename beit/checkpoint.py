@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,9 @@ def require_checkpoint(run_dir: str | Path) -> Path:
     raise CheckpointError(f"{run_dir}: the run has no complete checkpoint yet")
 
 
+_CACHE_TMP = re.compile(r"\.tmp(\d+)(\.|$)")  # beit.data.cache writes NAME.tmpPID.npy, then renames
+
+
 def _writer_alive(name: str) -> bool:
     """Whether the process whose pid ends a leftover's name (``.tmp-NAME-PID``) still runs (on this host)."""
     pid = name.rsplit("-", 1)[-1]
@@ -334,16 +338,20 @@ def _writer_alive(name: str) -> bool:
 
 
 def remove_stale(run_dir: str | Path, *, keep_live: bool = True) -> list[Path]:
-    """Remove what interrupted writers left in ``RUN`` and ``RUN/checkpoints`` (``.tmp-*`` files and
-    folders); an ``.old-*`` folder whose replacement never arrived is put back. ``keep_live``: leave those
-    of writers that still run (pass False under the run's lock, where no other writer can exist)."""
+    """Remove what interrupted writers left in ``RUN``, ``RUN/checkpoints`` and ``RUN/decode_cache``
+    (``.tmp-*`` files and folders, the cache's ``*.tmpPID.*``); an ``.old-*`` folder whose replacement never
+    arrived is put back. ``keep_live``: leave those of writers that still run (pass False under the run's
+    lock, where no other writer can exist)."""
     run_dir = Path(run_dir)
     removed = []
-    for folder in (run_dir, run_dir / CKPT_DIR):
+    for folder in (run_dir, run_dir / CKPT_DIR, run_dir / "decode_cache"):
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
-            if not p.name.startswith((TMP_PREFIX, OLD_PREFIX)) or (keep_live and _writer_alive(p.name)):
+            cache_tmp = _CACHE_TMP.search(p.name)
+            if not (p.name.startswith((TMP_PREFIX, OLD_PREFIX)) or cache_tmp):
+                continue
+            if keep_live and _writer_alive(cache_tmp.group(1) if cache_tmp else p.name):
                 continue
             target = folder / p.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
             if p.name.startswith(OLD_PREFIX) and not target.exists():

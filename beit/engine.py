@@ -316,6 +316,35 @@ def next_batch(batches: Iterator) -> Any:
         raise unwrap_worker_error(e) from None
 
 
+def claim_run(env: DistEnv, run_dir: str | Path, kind: str | None, resume: bool) -> None:
+    """Rank 0 claims the run folder (:meth:`beit.runs.RunDir.claim`: lock, kind, leftovers); the other
+    ranks wait until it has, so none of them writes into a folder that is not yet (or never) the run's."""
+    if env.is_main:
+        from .runs import RunDir
+
+        RunDir(run_dir).claim(kind, resume)
+    if env.enabled:
+        dist.barrier()
+
+
+def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | None,
+                 inputs: dict[str, str] | None, anyway: bool) -> Path | None:
+    """Claim the run folder, find the checkpoint to resume from (rank 0 first: it drops damaged ones, then
+    every rank agrees), check the resume against the saved config."""
+    import yaml
+
+    from .runs import RunDir, run_kind
+
+    kind = run_kind(yaml.safe_load(config_yaml) or {}) if config_yaml else "unknown"
+    claim_run(env, run_dir, None if kind == "unknown" else kind, resume)
+    existing = _existing_checkpoint(run_dir, resume, env.is_main) if env.is_main else None
+    if env.is_main:
+        RunDir(run_dir).check_resume(existing, config_yaml, inputs, anyway)
+    if env.enabled:
+        dist.barrier()
+    return existing if env.is_main else _existing_checkpoint(run_dir, resume, False)
+
+
 def _existing_checkpoint(run_dir: Path, resume: bool, is_main: bool) -> Path | None:
     """The intact checkpoint to resume from (None: start fresh); leftovers of interrupted writes removed.
     A fresh start refuses a folder with checkpoints; a resume refuses one whose checkpoints are all damaged."""
@@ -432,13 +461,13 @@ class Trainer:
     def __init__(self, method: nn.Module, dataset: Dataset, *, train_cfg: TrainConfig, optim_cfg: OptimConfig,
                  run_dir: str | Path, config_yaml: str | None = None, val_dataset: Dataset | None = None,
                  collate_fn: Callable | None = None, desc: str = "train", max_minutes: float = 0.0,
-                 env: DistEnv | None = None, probe: Callable[..., dict] | None = None, resume: bool = False) -> None:
+                 env: DistEnv | None = None, probe: Callable[..., dict] | None = None, resume: bool = False,
+                 resume_anyway: bool = False, inputs: dict[str, str] | None = None) -> None:
         self.env = env or setup_distributed(train_cfg.device)
         self.dataset, self.val_dataset, self.collate_fn = dataset, val_dataset, collate_fn
         self.probe, self.last_probe = probe, {}
         self.run_dir, self.desc, self.resume = Path(run_dir), desc, resume
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_anyway, self.inputs = resume_anyway, inputs
         train_cfg, self.config_yaml, choice = precision_for_run(train_cfg, self.env.device, self.run_dir, resume,
                                                                 config_yaml)
         if self.env.is_main:
@@ -469,10 +498,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ set-up
 
     def restore(self) -> None:
-        """Optimiser, then the latest checkpoint when resuming (weights, optimiser, RNG, step); a run folder
-        that holds checkpoints is never overwritten without ``resume``. Starts ``metrics.jsonl``."""
+        """Claim the run folder (:meth:`beit.runs.RunDir.claim`: lock, kind, leftovers); optimiser, then the
+        newest intact checkpoint when resuming (weights, optimiser, RNG, step), after checking the resume
+        against the saved config and the content of ``inputs`` (unless ``resume_anyway``); a run folder that
+        holds checkpoints is never overwritten without ``resume``. Starts ``metrics.jsonl``."""
         resume = self.resume
-        existing = _existing_checkpoint(self.run_dir, resume, self.env.is_main)
+        existing = _prepare_run(self.run_dir, resume, self.env, self.config_yaml, self.inputs,
+                                self.resume_anyway)
         self.method.to(self.env.device)
         self.optimizer = build_optimizer(self.hooks.param_groups(self.optim_cfg), self.optim_cfg)
         if resume and existing is not None:
@@ -699,13 +731,18 @@ def train(
     max_minutes: float = 0.0,
     env: DistEnv | None = None,
     probe: Callable[..., dict] | None = None,
+    resume_anyway: bool = False,
+    inputs: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``dataset``; see the module docstring. Returns where and how it ended.
     ``probe(backbone_method, device) -> metrics``, with an ``every`` attribute (steps), runs at the start and
-    every ``probe.every`` steps (the online kNN probe of pretraining)."""
+    every ``probe.every`` steps (the online kNN probe of pretraining). ``run_dir`` is claimed first (lock,
+    kind, leftovers); a resume is checked against the saved config and the content of ``inputs`` (config key
+    -> file, e.g. the tokenizer) unless ``resume_anyway``."""
     run = Trainer(method, dataset, train_cfg=train_cfg, optim_cfg=optim_cfg, run_dir=run_dir,
                   config_yaml=config_yaml, val_dataset=val_dataset, collate_fn=collate_fn, desc=desc,
-                  max_minutes=max_minutes, env=env, probe=probe, resume=resume)
+                  max_minutes=max_minutes, env=env, probe=probe, resume=resume, resume_anyway=resume_anyway,
+                  inputs=inputs)
     run.restore()
     run.wrap()
     batches = run.batches()

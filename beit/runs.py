@@ -16,15 +16,29 @@ checkpoint, its metrics?"; the functions below load or adopt the backbone of a r
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from . import interop
-from .checkpoint import CKPT_DIR, CheckpointError, latest_checkpoint, require_checkpoint, verify_checkpoint
-from .checkpoint_io import load_weights, read_json
+from .checkpoint import (
+    CKPT_DIR,
+    TMP_PREFIX,
+    CheckpointError,
+    latest_checkpoint,
+    remove_stale,
+    require_checkpoint,
+    verify_checkpoint,
+    write_text_atomically,
+)
+from .checkpoint_io import file_digest, load_weights, read_json
 from .config import ConfigError, ModelConfig, from_dict, to_dict
 from .models.vit import VisionTransformer
 
@@ -32,6 +46,7 @@ log = logging.getLogger("beit")
 
 __all__ = [
     "RunDir",
+    "RunError",
     "adopt_architecture",
     "describe_kind",
     "backbone_state",
@@ -74,6 +89,119 @@ class RunDir:
     @property
     def checkpoints_path(self) -> Path:
         return self.path / CKPT_DIR
+
+    # ----------------------------------------------------------------------------------------- writing a run
+
+    def claim(self, kind: str | None, resume: bool) -> RunDir:
+        """Make this folder the run of this process: take its lock (held until the process ends; a second
+        writer gets a one-line :class:`RunError` naming the holder), check that it is new, empty or a run
+        of the same ``kind`` (a folder of the user's is never written into), record ``run.json`` and remove
+        what interrupted writers left. Idempotent within one process."""
+        self._create()
+        self._check_kind(kind)  # before the lock file is made: a folder of the user's stays untouched
+        self.lock()
+        recorded = self._check_kind(kind)  # again, now that no other writer can change it
+        if recorded is None or (recorded == "unknown" and kind):
+            self.write_manifest(kind=kind or "unknown", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname())
+        remove_stale(self.path, keep_live=False)
+        return self
+
+    def _check_kind(self, kind: str | None) -> str | None:
+        recorded = self.manifest().get("kind")
+        if recorded is None:
+            self._check_adoptable(kind)
+        elif kind and recorded not in (kind, "unknown"):
+            raise RunError(f"--out {self.path} is {describe_kind(recorded)}; this command writes "
+                           f"{describe_kind(kind)}: choose another --out")
+        return recorded
+
+    def check_resume(self, ckpt: Path | None, config_yaml: str | None, inputs: dict[str, str] | None = None,
+                     anyway: bool = False) -> None:
+        """Before training into this run: record the content hashes of ``inputs`` (config key -> file, e.g.
+        the tokenizer) on a fresh start; on a resume from ``ckpt``, refuse (unless ``anyway``) every change
+        that alters what is trained, as one line listing them: the saved config against ``config_yaml``
+        (:data:`RESUME_FREE` keys excepted; ``train.steps`` may grow) and the inputs by content."""
+        hashes = {name: input_digest(path) for name, path in (inputs or {}).items() if path}
+        recorded = self.manifest().get("inputs") or {}
+        diffs = [f"{name}: a file with other content (sha256 {recorded[name][:12]} -> {h[:12]})"
+                 for name, h in hashes.items() if ckpt is not None and recorded.get(name, h) != h]
+        if ckpt is not None and config_yaml and (ckpt / self.CONFIG).is_file():
+            same_content = {name for name in hashes if name in recorded}
+            diffs += config_differences(read_config(ckpt / self.CONFIG), yaml.safe_load(config_yaml) or {},
+                                        ignore=same_content)
+        if diffs and not anyway:
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            raise RunError(f"--resume {self.path} with changes to what is trained: {shown}. Resume with the "
+                           "saved config, choose another --out, or pass --resume-anyway")
+        if diffs:
+            log.warning("resuming anyway with changes: %s", "; ".join(diffs))
+        if hashes and (ckpt is None or diffs or any(n not in recorded for n in hashes)):
+            self.write_manifest(inputs={**recorded, **hashes})
+
+    def _create(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create --out {self.path}: {e.strerror or e}") from None
+
+    def _check_adoptable(self, kind: str | None) -> None:
+        """A folder without ``run.json`` is written into only when it is empty (but for our own leftovers)
+        or a run of the same kind made before run manifests existed."""
+        held = sorted(p.name for p in self.path.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX))
+        if not held:
+            return
+        legacy = None
+        if self.config_path.is_file() and (self.checkpoints_path.is_dir() or self.metrics_path.is_file()):
+            try:
+                legacy = run_kind(read_config(self.config_path))
+            except CheckpointError:
+                legacy = None
+        if legacy is None or legacy == "unknown":
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise RunError(f"--out {self.path} is not empty and is not a beit run (holds {shown}): nothing of "
+                           "yours is replaced; choose a new or empty folder")
+        if kind and legacy != kind:
+            raise RunError(f"--out {self.path} is {describe_kind(legacy)}; this command writes "
+                           f"{describe_kind(kind)}: choose another --out")
+
+    def lock(self) -> None:
+        """Take the run's exclusive OS lock (``fcntl.flock`` on ``RUN/.lock``) for the rest of this process's
+        life; the OS releases it when the process ends, however it ends. Re-entrant within the process."""
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"--out {self.path} is in use by {holder}: one process writes a run at a time "
+                           "(wait for it to end, or choose another --out)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        _HELD[key] = fd
+
+    def release(self) -> None:
+        """Give the lock back before the process ends (tests; long-lived processes that write many runs)."""
+        fd = _HELD.pop(str(self.path.resolve()), None)
+        if fd is not None:
+            os.close(fd)
+
+    def manifest(self) -> dict:
+        """``run.json`` (kind, creation, content hashes of inputs), or {} for a folder without one."""
+        path = self.path / MANIFEST
+        if not path.is_file():
+            return {}
+        data = read_json(path)
+        return data if isinstance(data, dict) else {}
+
+    def write_manifest(self, **changes) -> None:
+        write_text_atomically(self.path / MANIFEST, json.dumps({**self.manifest(), **changes}, indent=1) + "\n")
+
+    # ----------------------------------------------------------------------------------------- reading a run
 
     def latest(self) -> Path | None:
         """The newest intact checkpoint directory (damaged or incomplete newer ones skipped), or None."""
@@ -126,6 +254,13 @@ class RunDir:
 
 
 _BACKBONE_HINT = "give a pretraining or fine-tuning run, or a model file"
+MANIFEST = "run.json"  # what the run is (kind), when and where it was made, content hashes of its inputs
+LOCK = ".lock"  # flock'ed by the process writing the run; holds "pid N on host H"
+_HELD: dict[str, int] = {}  # run folders this process has locked -> file descriptor (kept open)
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (in use, not a run, another kind, config changed on resume)."""
 
 
 def read_config(path: Path) -> dict:
@@ -137,6 +272,44 @@ def read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a run config (a mapping was expected)")
     return data
+
+
+# Keys that change how a run executes or reports, not what it trains: free to change on --resume.
+RESUME_FREE = frozenset({
+    "train.num_workers", "train.log_every", "train.ckpt_every", "train.eval_every", "train.device",
+    "train.tensorboard", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
+    "data.val_path", "data.val_limit"})
+RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training
+RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be extended
+
+
+def config_differences(saved: dict, new: dict, ignore: set[str] | frozenset = frozenset()) -> list[str]:
+    """``key old -> new`` for every setting that differs between two resolved configs and changes what is
+    trained (not in :data:`RESUME_FREE` or ``ignore``; a longer schedule is not a difference)."""
+    from .config import flatten
+
+    a, b = flatten(saved), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        old, cur = a.get(key, "(unset)"), b.get(key, "(unset)")
+        if old == cur or key in RESUME_FREE or key in ignore or key.startswith(RESUME_FREE_SECTIONS):
+            continue
+        if key in RESUME_GROWS and isinstance(old, (int, float)) and isinstance(cur, (int, float)) and cur >= old:
+            continue
+        out.append(f"{key} {old} -> {cur}")
+    return out
+
+
+def input_digest(path: str | Path) -> str:
+    """SHA-256 of an input file (a tokenizer folder counts as its ``tokenizer.safetensors``)."""
+    from .models.tokenizer import TOKENIZER_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return file_digest(p)
 
 
 def run_kind(cfg: dict) -> str:

@@ -124,11 +124,14 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path):
     dead = _dead_pid()
     (ckdir / f".tmp-step_00000010-{dead}").mkdir()
     (tmp_path / f".tmp-config.yaml-{dead}").write_text("x")
+    (tmp_path / "decode_cache").mkdir()
+    (tmp_path / "decode_cache" / f"images.u8.tmp{dead}").write_text("x")  # beit.data.cache's temporary
     os.replace(ck, ckdir / f".old-step_00000005-{dead}")  # killed between the two renames
     live = ckdir / f".tmp-step_00000011-{os.getppid()}"
     live.mkdir()
     removed = remove_stale(tmp_path)
-    assert sorted(p.name for p in removed) == [f".tmp-config.yaml-{dead}", f".tmp-step_00000010-{dead}"]
+    assert sorted(p.name for p in removed) == [f".tmp-config.yaml-{dead}", f".tmp-step_00000010-{dead}",
+                                               f"images.u8.tmp{dead}"]
     assert ck.is_dir() and live.is_dir()  # the interrupted replacement was undone; a live writer's kept
     remove_stale(tmp_path, keep_live=False)
     assert not live.exists()

@@ -9,6 +9,7 @@ needed); one base run is trained per module and copied for each case that change
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -71,8 +72,14 @@ def assert_user_error(code: int, err: str, *needles: str) -> str:
     return errors[0]
 
 
-def pretrain(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["pretrain", "--data", data, "--out", out, "--steps", str(steps), *TINY_MAE, *extra]
+def pretrain(data: Path, out: Path, steps: int, *extra: str) -> list:
+    """``beit pretrain`` of the tiny MAE; ``extra`` flags go before the ``key=value`` overrides (argparse
+    takes the overrides as one trailing group)."""
+    pairs = [a for a in extra if "=" in a and not a.startswith("-")]
+    flags = [a for a in extra if a not in pairs]
+    tiny_flags = [a for a in TINY_MAE if "=" not in a]
+    return ["pretrain", "--data", data, "--out", out, "--steps", str(steps), *flags, *tiny_flags,
+            *[a for a in TINY_MAE if "=" in a], *pairs]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +147,6 @@ def test_resume_from_older_checkpoint_rewrites_the_damaged_one(base, run, cli):
 
 
 def rows(run: Path) -> list[dict]:
-    import json
-
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
@@ -281,3 +286,198 @@ def test_huge_image_is_skipped_or_downscaled(base, tmp_path, monkeypatch, cli):
     assert code == 0, err
     assert f"skipping huge image {data / 'big.png'}: 200x150" in err
     assert f"downscaled huge image {data / 'big.jpg'} from 400x300 to" in err
+
+
+# --------------------------------------------------------------------------------------------- run folders
+
+
+def mine(root: Path) -> dict[str, str]:
+    """:func:`snapshot` without the lock file (a refused command may open it; it holds no data)."""
+    return {k: v for k, v in snapshot(root).items() if k != ".lock"}
+
+
+def test_out_holding_the_users_files_is_refused(base, tmp_path, cli):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("my: own\n")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    before = snapshot(out)
+    code, err = cli(pretrain(base["data"], out, 2))
+    assert_user_error(code, err, "is not empty and is not a beit run", "config.yaml, metrics.jsonl")
+    assert snapshot(out) == before  # not even a lock file added
+
+
+def test_out_of_another_kind_is_refused(base, tmp_path, cli):
+    from synthetic import make_colour_dataset
+
+    data = make_colour_dataset(tmp_path / "cls", n_train=2, n_val=1)
+    tok = Path(shutil.copytree(base["tok"], tmp_path / "tok"))
+    before = mine(tok)
+    code, err = cli(["finetune", "--data", data, "--init", "none", "--out", tok, "--steps", "1", "--batch-size", "3",
+                     "--precision", "fp32", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                     "model.img_size=16", "train.num_workers=0"])
+    assert_user_error(code, err, f"--out {tok} is a tokenizer run; this command writes a fine-tuning run")
+    assert mine(tok) == before
+
+
+def test_out_that_is_a_file_or_cannot_be_made(base, tmp_path, cli):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_user_error(*cli(pretrain(base["data"], f, 2)), "is a file, not a folder")
+    assert f.read_text() == "x"
+    code, err = cli(pretrain(base["data"], Path("/sys/beit-faults/run"), 2))  # not writable, even for root
+    assert_user_error(code, err, "cannot create --out /sys/beit-faults/run")
+
+
+def test_export_refuses_a_non_empty_target_unless_overwrite(run, tmp_path, cli):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    assert_user_error(*cli(["export", run, "--format", "hf", "--out", out]), "is not empty", "--overwrite")
+    assert snapshot(out) == before
+    code, err = cli(["export", run, "--format", "hf", "--out", out, "--overwrite"])
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and beit.load(out).cfg.embed_dim == 32
+    assert_user_error(*cli(["export", run, "--format", "hf", "--out", out / "notes.txt"]), "is a file")
+
+
+def test_stray_positional_argument_and_debug(base, tmp_path, cli):
+    assert_user_error(*cli([*pretrain(base["data"], tmp_path / "r", 2), "oops"]), "unexpected argument 'oops'")
+    from beit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.lr"):  # --debug: the exception itself, with its traceback
+        main(["--debug", *map(str, pretrain(base["data"], tmp_path / "r", 2, "optim.lr=nan"))])
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("model.drop_path_rate=0.2", "model.drop_path_rate 0.0 -> 0.2"),
+    ("model.embed_dim=64", "model.embed_dim 32 -> 64"),  # another width: before, a size-mismatch traceback
+    ("mae.mask_ratio=0.5", "mae.mask_ratio 0.75 -> 0.5"),
+    ("train.batch_size=8", "train.batch_size 4 -> 8"),
+    ("train.seed=3", "train.seed 0 -> 3"),
+    ("train.steps=3", "train.steps 4 -> 3"),  # the schedule may grow, not shrink
+])
+def test_resume_refuses_changes_to_what_is_trained(base, run, cli, change, needle):
+    before = mine(run)
+    code, err = cli(pretrain(base["data"], run, 4, "--resume", change))
+    assert_user_error(code, err, f"--resume {run} with changes to what is trained", needle, "--resume-anyway")
+    assert mine(run) == before
+
+
+def test_resume_may_extend_and_anyway_accepts_changes(base, run, tmp_path, cli):
+    data = Path(shutil.copytree(base["data"], tmp_path / "moved"))
+    assert_user_error(*cli(pretrain(data, run, 6, "--resume")), f"data.path {base['data']} -> {data}")
+    code, err = cli(pretrain(base["data"], run, 6, "--resume", "train.num_workers=1", "train.log_every=2"))
+    assert code == 0, err
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 6]
+    code, err = cli(pretrain(data, run, 8, "--resume", "--resume-anyway", "optim.lr=0.01"))
+    assert code == 0 and "resuming anyway with changes" in err and "optim.lr 0.0015 -> 0.01" in err
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 6, 7, 8]
+
+
+def test_resume_compares_the_tokenizer_by_content(base, tmp_path, cli):
+    from beit.models.tokenizer import load_tokenizer, save_tokenizer
+
+    tok, same, other = (Path(shutil.copytree(base["tok"], tmp_path / n)) for n in ("tok", "same", "other"))
+    t = load_tokenizer(other)
+    with torch.no_grad():
+        next(t.parameters()).add_(0.01)
+    save_tokenizer(t, other)
+    beit_args = ["--batch-size", "4", "--precision", "fp32", "model.depth=2", "model.embed_dim=32",
+                 "model.num_heads=2", "beit.min_block=4", "train.num_workers=0", "train.ckpt_every=2"]
+    out = tmp_path / "beit"
+
+    def go(tokenizer: Path, steps: int, *extra: str) -> tuple[int, str]:
+        return cli(["pretrain", "--data", base["data"], "--tokenizer", tokenizer, "--out", out, "--steps", steps,
+                    *beit_args, *extra])
+
+    assert go(tok, 2)[0] == 0
+    code, err = go(same, 4, "--resume")  # another path, same content: the same run
+    assert code == 0, err
+    before = mine(out)
+    code, err = go(other, 6, "--resume")
+    assert_user_error(code, err, "tokenizer: a file with other content (sha256")
+    assert mine(out) == before
+
+
+def _beit(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "beit", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_second_writer_is_refused_naming_the_holder(base, run):
+    import socket
+
+    from beit.runs import RunDir
+
+    RunDir(run).lock()  # this process plays the running writer
+    try:
+        before = mine(run)
+        p = _beit(*pretrain(base["data"], run, 8, "--resume"))
+        assert_user_error(p.returncode, p.stderr, f"is in use by pid {os.getpid()} on host {socket.gethostname()}")
+        assert mine(run) == before
+    finally:
+        RunDir(run).release()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["two-writers", "two-resumes"])
+def test_concurrent_commands_on_one_folder(base, run, tmp_path, resume):
+    """Started together: one trains, the other is refused (or, if it came after, finds nothing to do);
+    either way every step is logged once."""
+    out = run if resume else tmp_path / "fresh"
+    args = pretrain(base["data"], out, 16, *(["--resume"] if resume else []))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "beit", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes[0] == 0, results
+    for code, err in results:
+        if code:
+            assert_user_error(code, err)
+            assert "is in use by pid" in err or "already holds checkpoints" in err
+    assert [r["step"] for r in rows(out)] == list(range(1, 17))
+
+
+@pytest.mark.parametrize("command", ["tokenizer", "finetune", "segment"])
+def test_every_training_command_takes_the_lock(base, tmp_path, cli, command):
+    import fcntl
+
+    from synthetic import make_colour_dataset
+    from test_segment import make_shapes_dataset
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # another writer: its own open file, its own lock
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"pid 4242 on host elsewhere\n")
+    tiny = ["--steps", "1", "--batch-size", "3", "--precision", "fp32", "--workers", "0"]
+    model = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.img_size=16", "model.patch_size=4"]
+    args = {
+        "tokenizer": ["tokenizer", "train", "--data", base["data"], "--out", out, *TINY_TOK],
+        "finetune": ["finetune", "--data", make_colour_dataset(tmp_path / "cls", n_train=2, n_val=1), "--init",
+                     "none", "--out", out, *tiny, *model],
+        "segment": ["segment", "--data", make_shapes_dataset(tmp_path / "seg"), "--init", "none", "--out", out,
+                    *tiny, *model, "head.channels=16", "head.aux_channels=8"],
+    }[command]
+    try:
+        code, err = cli(args)
+        assert_user_error(code, err, f"--out {out} is in use by pid 4242 on host elsewhere")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        os.close(fd)
+
+
+def test_sigkill_at_random_points_then_resume():
+    """Killed three times (mid-line, mid-checkpoint, after a random step: seed 13), then resumed
+    to the end: each step logged once, nothing left behind (``scripts/sigkill_resume.py --kills 10`` is the
+    long version, which also compares the losses with a run never killed)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "sigkill_resume.py"), "--kills", "3", "--steps", "12",
+                        "--seed", "13", "--no-reference"], env=env, capture_output=True, text=True, timeout=600)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 0 and result["ok"], result

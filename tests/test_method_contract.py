@@ -121,7 +121,8 @@ def test_toy_method_trains_checkpoints_resumes_and_loads(tmp_path, make_image_fo
     assert main([*base, "--out", str(tmp_path / "cut"), "toy.sigterm_at=5"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "interrupted"
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step_00000005"
-    assert main([*base, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    # the same config as the interrupted run (a resume that changes it is refused); step 5 is not met again
+    assert main([*base, "--out", str(tmp_path / "cut"), "--resume", "toy.sigterm_at=5"]) == 0
 
     full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert sorted(full) == sorted(cut) == list(range(1, 9))

@@ -91,7 +91,8 @@ class BrightnessTask(Method):
         return {"acc": 100.0 * hit / max(n, 1)}
 
 
-def run(cfg: ToyTaskConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
+def run(cfg: ToyTaskConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
+        resume_anyway: bool = False) -> TrainResult:
     env = start_run(cfg.train)
     size = cfg.model.img_size
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
@@ -103,7 +104,7 @@ def run(cfg: ToyTaskConfig, out: str | Path, *, resume: bool = False, max_minute
     cfg = dataclasses.replace(cfg, model=model.cfg)
     res = train(BrightnessTask(model), tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, val_dataset=va, desc="toy", max_minutes=max_minutes,
-                env=env)
+                env=env, resume_anyway=resume_anyway)
     finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "val_acc"), "toy task")})
     return res
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
-from .common import TRAIN_FLAGS, add_train_flags, overrides, print_result, user_errors, with_paths
+from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 
 __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "main", "overrides",
            "print_result", "user_errors", "with_paths"]
@@ -25,11 +25,22 @@ log = logging.getLogger("beit")
 COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ``beit: error: ...`` (exit status 2) like every other error."""
+
+    def error(self, message: str):
+        hint = f"see `{self.prog} --help`"
+        if message.startswith("unrecognized arguments") and "=" in message:
+            hint = "key=value overrides go together at the end, after every --flag"
+        self.exit(2, f"beit: error: {message} ({hint})\n")
+
+
 def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.ArgumentParser:
     """The ``beit`` parser with the commands of ``groups`` (modules with ``add_commands(subparsers)``)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in groups:
         group.add_commands(sub)
@@ -49,7 +60,9 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     try:
         return int(args.func(args) or 0)
     except user_errors() as e:
-        print(f"beit: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"beit: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

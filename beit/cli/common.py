@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import json
 
-__all__ = ["TRAIN_FLAGS", "add_train_flags", "overrides", "print_result", "user_errors", "with_paths"]
+__all__ = ["TRAIN_FLAGS", "add_train_flags", "one_line", "overrides", "print_result", "run_options", "user_errors",
+           "with_paths"]
 
 # flag -> config key, shared by every training command
 TRAIN_FLAGS = {
@@ -44,6 +45,8 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
     g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--device", help="auto | cpu | cuda (train.device)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume: accept changes to what is trained (each is logged) instead of refusing")
     g.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop (with a checkpoint) after this many minutes of training; 0 = no limit")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
@@ -73,9 +76,16 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
         out.append(f"{TRAIN_FLAGS[other]}=0")
     for item in args.overrides or []:
         if "=" not in item:
-            raise SystemExit(f"beit: error: unexpected argument {item!r} (overrides are key=value)")
+            from ..config import ConfigError
+
+            raise ConfigError(f"unexpected argument {item!r} (overrides are key=value)")
         out.append(item)
     return out
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments every training run takes from the shared flags (resume, time limit)."""
+    return {"resume": args.resume, "resume_anyway": args.resume_anyway, "max_minutes": args.max_minutes}
 
 
 def with_paths(cfg, init: str | None, data: str | None):
@@ -105,6 +115,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data.folder import DataError
     from ..engine import TrainingError
+    from ..runs import RunError
     from ..tokenizers.dalle import ConversionError
 
-    return (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, ConversionError)
+    return (ConfigError, DataError, TrainingError, CheckpointError, RunError, ConversionError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line: a DataLoader worker's wrapper removed, an OS error as
+    ``path: reason``, line breaks joined."""
+    from ..data.folder import unwrap_worker_error
+
+    e = unwrap_worker_error(e)
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror and len(e.args) > 1:  # raised by the OS, not with our message
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_train_flags, overrides, print_result, with_paths
+from .common import add_train_flags, overrides, print_result, run_options, with_paths
 
 
 def default_preset(args: argparse.Namespace) -> str | None:
@@ -16,7 +16,7 @@ def train_task(task, args: argparse.Namespace, flags: dict[str, str]) -> int:
     """finetune / segment: config from preset + flags, paths from --init/--data, then the task's run."""
     cfg = task.build_config(default_preset(args), args.config, overrides(args, flags))
     cfg = with_paths(cfg, args.init, args.data)
-    print_result(task.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes))
+    print_result(task.run(cfg, args.out, **run_options(args)))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..methods import registry
-from .common import add_train_flags, overrides, print_result
+from .common import add_train_flags, overrides, print_result, run_options
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     ov = overrides(args, {"method": "method", "data": "data.path", "tokenizer": "tokenizer", "limit": "data.limit",
                        "probe_data": "probe.data"})
     cfg = pretrain.build_config(args.preset or default_preset(args), args.config, ov)
-    print_result(pretrain.run(cfg, args.out, resume=args.resume, max_minutes=args.max_minutes))
+    print_result(pretrain.run(cfg, args.out, **run_options(args)))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_train_flags, overrides
+from .common import add_train_flags, overrides, run_options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ov = overrides(args, {"limit": "data.limit", "val_data": "data.val_path"})
     preset = args.preset or (None if args.config else "vq_32")
     res = train_tokenizer(args.data, args.out, preset=preset, config=args.config, overrides=ov,
-                          resume=args.resume, max_minutes=args.max_minutes)
+                          **run_options(args))
     print(json.dumps(res if isinstance(res, dict) else {"run": str(res)}))
     return 0
 

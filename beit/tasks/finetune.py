@@ -42,7 +42,7 @@ from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from ..runs import adopt_architecture, build_backbone, resumed_model_config
+from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
 from ..viz.curves import run_curves
 from .augment import (
     AugConfig,
@@ -253,8 +253,9 @@ def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tupl
     return ClassificationTask(model, cfg.aug), cfg
 
 
-def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
-    """Fine-tune as ``cfg`` says into run directory ``out``."""
+def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
+        resume_anyway: bool = False) -> TrainResult:
+    """Fine-tune as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
     env = start_run(cfg.train)
     size = cfg.model.img_size
     tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size), build_eval_transform(cfg.aug, size),
@@ -267,10 +268,11 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
     if env.is_main:
         log.info("fine-tuning on %d images, %d classes (val: %d) from %s; init: %s", len(tr), len(tr.classes),
                  len(va), cfg.data.path, cfg.init or "none")
-        Path(out).mkdir(parents=True, exist_ok=True)
+        RunDir(out).claim("finetune", resume)  # before classes.txt: never written into a folder of the user's
         (Path(out) / "classes.txt").write_text("".join(c + "\n" for c in tr.classes))
     res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
-                resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env)
+                resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env,
+                resume_anyway=resume_anyway)
     finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "acc", "val_top1", "val_loss", "lr"),
                                               "fine-tuning")})
     return res

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
-from ..engine import TrainResult, finish_run, start_run, train
+from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
 from ..viz.masks import save_mask_grid
@@ -102,11 +102,13 @@ def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
     return ds
 
 
-def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
-    """Pretrain as ``cfg`` says into run directory ``out``."""
+def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
+        resume_anyway: bool = False) -> TrainResult:
+    """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
     dataset = build_dataset(cfg.data, transform)
+    claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
     decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
@@ -123,7 +125,8 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0)
     batched = getattr(transform, "batched", None)  # per-pixel work once per batch, in the loader workers
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
-                max_minutes=max_minutes, env=env, probe=probe, collate_fn=batched() if batched else None)
+                max_minutes=max_minutes, env=env, probe=probe, collate_fn=batched() if batched else None,
+                resume_anyway=resume_anyway, inputs={"tokenizer": cfg.tokenizer} if cfg.tokenizer else None)
     if batched:
         transform.deferred = False  # the pictures below take finished samples
     finish_run(env, {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),

@@ -540,7 +540,8 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
     return results
 
 
-def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0) -> TrainResult:
+def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
+        resume_anyway: bool = False) -> TrainResult:
     """Train a segmenter as ``cfg`` says into run directory ``out``; then score its best checkpoint on the
     validation and (if the data has one) test split (:func:`evaluate_run`)."""
     env = start_run(cfg.train)
@@ -560,7 +561,8 @@ def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minute
         log.info("segmentation (%s head) on %d images, %d classes (val: %d), blocks %s; init: %s", cfg.head.kind,
                  len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")
     res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
-                resume=resume, val_dataset=va, desc="segment", max_minutes=max_minutes, env=env)
+                resume=resume, val_dataset=va, desc="segment", max_minutes=max_minutes, env=env,
+                resume_anyway=resume_anyway)
     finish_run(env, {"predictions.png": partial(save_predictions, task, va, Path(out) / "predictions.png"),
                      "curves.png": run_curves(out, "curves.png", ("loss", "pixel_acc", "val_mIoU", "val_pixel_acc",
                                                                   "lr"), "segmentation"),

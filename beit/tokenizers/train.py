@@ -184,6 +184,7 @@ def train_tokenizer(
     resume: bool = False,
     max_minutes: float = 0.0,
     cfg: TokenizerTrainConfig | None = None,
+    resume_anyway: bool = False,
 ) -> Path:
     """Train a tokenizer with the shared engine; returns the run directory.
 
@@ -224,7 +225,7 @@ def train_tokenizer(
                  mc.quantizer, n_params / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size, len(dataset))  # type: ignore[arg-type]
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
                 config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc=f"tokenizer {mc.quantizer}",
-                max_minutes=max_minutes, env=env)
+                max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
     run_dir = Path(res.run_dir)
     if env.is_main:
         tok.eval()
