@@ -74,9 +74,10 @@ def _discover() -> None:
 
 
 def methods() -> dict[str, MethodSpec]:
-    """Every registered method, by name."""
+    """Every registered method, by name, in name order (not import order: a module imported early, e.g. by a
+    test, must not reorder ``--method`` choices or the preset list)."""
     _discover()
-    return dict(_METHODS)
+    return dict(sorted(_METHODS.items()))
 
 
 def get(name: str) -> MethodSpec:
