@@ -226,6 +226,14 @@ def method_state(method: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unwrap(method).state_dict().items()}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Loader workers leave SIGTERM / Ctrl-C to the main process, which saves and then shuts them down: a
+    signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, a batch scheduler) must not kill
+    a worker first and turn a clean stop into a "worker exited unexpectedly" error."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _StopFlag:
     """SIGTERM / Ctrl-C ask the loop to save and stop after the current step."""
 
@@ -556,6 +564,7 @@ class Trainer:
                             # its own generator: creating the iterator must not draw from the global RNG,
                             # whose state is part of the checkpoint (exact resume)
                             generator=torch.Generator().manual_seed(cfg.seed),
+                            worker_init_fn=_ignore_stop_signals,
                             multiprocessing_context="fork" if cfg.num_workers > 0 and os.name == "posix" else None)
         return iter(loader)
 
@@ -647,7 +656,8 @@ class Trainer:
         if self.env.is_main:
             micro = max(1, self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps)
             vl = DataLoader(self.val_dataset, batch_size=micro * 2, shuffle=False,
-                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn)
+                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
+                            worker_init_fn=_ignore_stop_signals)
             self.method.eval()
             with torch.no_grad(), autocast_context(self.env.device, self.cfg.precision):
                 res = self.hooks.evaluate(vl)

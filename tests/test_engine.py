@@ -83,6 +83,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert step == max(losses(run))
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
+    """`timeout`, Ctrl-C and schedulers signal every process of the group: the loader workers must leave the
+    stop to the main process (before, a worker died first and the run ended with an error, no checkpoint)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*TOY, str(run), "--steps", "100000", "--ckpt-every", "100000", "--workers", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "status=interrupted" in out
+    last = ckpt.latest_checkpoint(run)
+    assert last is not None and int(last.name.split("_")[1]) == max(losses(run))
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     out = run_toy(run, "--steps", "20", "--nan-at", "8", check=False)
