@@ -1,10 +1,11 @@
 """SIGKILL a real ``beit pretrain`` at random points, again and again, then let ``--resume`` finish it.
 
-    python scripts/sigkill_resume.py [--kills 10] [--seed 0] [--steps 60] [--keep DIR] [--no-reference]
+    python scripts/sigkill_resume.py [--kills 10] [--seed 0] [--steps 200] [--keep DIR] [--no-reference]
 
 Each round resumes the run (``--resume``) and kills it at a random point: right after a random optimiser
 step (a few past the last one logged), in the middle of a checkpoint write (between its files), in the
-middle of a line of metrics.jsonl, or after a random wall-clock delay (3-12 s: loading or training). A last ``--resume`` runs to the end. The run must then hold every step
+middle of a line of metrics.jsonl, or after a random wall-clock delay (1 s to 60% of the time the rest of
+the run takes: loading or training). A last ``--resume`` runs to the end. The run must then hold every step
 exactly once in metrics.jsonl, no ``.tmp-*``/``.old-*`` leftovers, and the same losses as an uninterrupted
 run (exact resume), with every round killed. Prints one JSON object; exit status 0 when everything holds.
 """
@@ -61,7 +62,7 @@ def steps_logged(out: Path) -> list[int]:
     return steps
 
 
-def one_round(data: Path, out: Path, steps: int, rng: random.Random, env: dict) -> dict:
+def one_round(data: Path, out: Path, steps: int, rng: random.Random, env: dict, t_full: float) -> dict:
     """Resume the run and kill it at a random point; returns what happened."""
     done = min(max([s for s in steps_logged(out) if s > 0], default=0), steps - 1)
     mode = rng.choice(["step", "save", "line", "timer"])
@@ -69,7 +70,8 @@ def one_round(data: Path, out: Path, steps: int, rng: random.Random, env: dict) 
             "line": f"line:{rng.randint(1, 8)}", "timer": "0"}[mode]
     p = subprocess.Popen(command(data, out, steps, when), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if mode == "timer":
-        delay = rng.uniform(3.0, 12.0)
+        # loading or training, within 60% of what is left of the run (never past its end)
+        delay = rng.uniform(1.0, max(2.0, 0.6 * t_full * (steps - done) / steps))
         try:
             p.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     ap.add_argument("--no-reference", action="store_true", help="skip the uninterrupted run (and the loss check)")
     a = ap.parse_args(argv)
@@ -92,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(a.seed)
     data, ref, out = make_data(work / "data"), work / "reference", work / "run"
     t0 = time.perf_counter()
+    t_full = 10.0
     if not a.no_reference:
         subprocess.run(command(data, ref, a.steps, "0"), env=env, check=True, capture_output=True)
-    rounds = [one_round(data, out, a.steps, rng, env) for _ in range(a.kills)]
+        t_full = time.perf_counter() - t0  # how long a whole run takes here: timer kills land within it
+    rounds = [one_round(data, out, a.steps, rng, env, t_full) for _ in range(a.kills)]
     final = subprocess.run(command(data, out, a.steps, "0"), env=env, capture_output=True, text=True)
     logged = steps_logged(out)
     losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
