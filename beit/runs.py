@@ -302,11 +302,9 @@ def config_differences(saved: dict, new: dict, ignore: set[str] | frozenset = fr
 
 def input_digest(path: str | Path) -> str:
     """SHA-256 of an input file (a tokenizer folder counts as its ``tokenizer.safetensors``)."""
-    from .models.tokenizer import TOKENIZER_FILE
+    from .models.tokenizer import tokenizer_file
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / TOKENIZER_FILE
+    p = tokenizer_file(path)
     if not p.is_file():
         raise CheckpointError(f"{path}: no such file")
     return file_digest(p)

@@ -359,13 +359,17 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     return path
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer file ``path`` names: ``path`` itself, or ``path/tokenizer.safetensors`` for a folder."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
 def is_tokenizer_file(path: str | Path) -> bool:
     """True if ``path`` (a file or a folder holding tokenizer.safetensors) is a tokenizer written here."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
+    path = tokenizer_file(path)
     if not path.is_file():
         return False
     try:
@@ -398,10 +402,9 @@ def _not_a_tokenizer(path: Path) -> str:
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion)."""
     path = Path(path)
-    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+    if path.is_dir() and not tokenizer_file(path).is_file():
         raise TokenizerFileError(_not_a_tokenizer(path))
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
+    path = tokenizer_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
     try:

@@ -302,8 +302,9 @@ class OnlineKNNProbe:
     or ``path/<class>/`` (split per class). A fixed, seeded, class-balanced subset of ``bank_per_class`` +
     ``queries_per_class`` images is decoded once, to uint8 at the backbone's input size, so a probe costs one
     forward pass over them in eval mode, without gradients and without drawing from any random generator,
-    so probing does not change the training run. Features: mean of the last block's patch tokens,
-    centred kNN as in :func:`knn_predict`.
+    so probing does not change the training run. Features: the backbone's output (``forward_features``, after
+    its final LayerNorm), mean of the patch tokens; centred kNN as in :func:`knn_predict`. (``beit probe``
+    instead reads each block before the final LayerNorm and reports the best block.)
     """
 
     def __init__(self, path: str | Path, img_size: int, *, every: int = 500, bank_per_class: int = 100,
