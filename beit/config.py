@@ -186,11 +186,15 @@ class TrainConfig:
     ckpt_every: int = 200  # steps; the last step always saves
     eval_every: int = 0  # steps; 0: once per epoch for tasks that evaluate
     probe_every: int = 500  # steps between online kNN probes (pretraining with --probe-data)
-    compile: bool = False  # torch.compile, falling back to eager on failure
+    # torch.compile: true | false | auto (compile when the rest of the run wins the compile time back,
+    # decided after the first steps: beit/compiling.py); a failing compile falls back to eager
+    compile: bool | str = "auto"
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         check_fields(self, "train", {"batch_size accum_steps log_every ckpt_every probe_every": "size",

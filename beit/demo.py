@@ -51,7 +51,8 @@ LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"
 # Shares of the time budget (re-balanced over the stages still to run, so an overrun is absorbed).
 SHARES = {"tokenizer": 0.18, "pretrain": 0.37, "finetune_beit": 0.10, "finetune_scratch": 0.10,
           "probe": 0.07, "baselines": 0.02, "segment": 0.13, "pictures": 0.03}
-CALIBRATION_STEPS = 3
+CALIBRATION_STEPS = 6  # the first steps of a run can be slow (allocator, kernel selection): the rate is read
+CALIBRATION_WARMUP = 2  # from the steps after these
 SMOKE_MINUTES = 1.0  # below this: tiny subsets, 2 steps per stage, no timing runs
 
 # The user's folders in the reproduce commands
@@ -69,6 +70,7 @@ class StageResult:
     outputs: list[Any] = field(default_factory=list)  # what each command printed (parsed JSON)
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    planned_step_s: float = 0.0  # seconds per step the timing run predicted (0: no timing run)
 
 
 @dataclass
@@ -168,12 +170,13 @@ def _rows(metrics: Path) -> list[dict]:
     return read_metrics(metrics)
 
 
-def _step_seconds(run_dir: Path, batch: int, wall: float) -> float:
-    """Seconds per optimiser step from a timing run's metrics (the first row holds the start-up)."""
-    rows = [r for r in _rows(run_dir / "metrics.jsonl") if "images_per_s" in r]
-    later = [batch / r["images_per_s"] for r in rows[1:] if r["images_per_s"] > 0]
+def _step_seconds(run_dir: Path, batch: int, wall: float, warmup: int = CALIBRATION_WARMUP) -> float:
+    """Seconds per optimiser step from a run's metrics: the median over the logged rows after the first
+    ``warmup`` (start-up and the first slow steps), the whole wall clock over the steps without them."""
+    rows = [r for r in _rows(run_dir / "metrics.jsonl") if r.get("images_per_s", 0) > 0]
+    later = sorted(batch / r["images_per_s"] for r in rows[warmup:])
     if later:
-        return sorted(later)[len(later) // 2]
+        return later[len(later) // 2]
     return wall / CALIBRATION_STEPS
 
 
@@ -223,7 +226,23 @@ class Demo:
         self._limit_s = max(budget - wall, 0.0)
         stage.notes.append(f"{how}: {step_s:.2f} s per step of {batch} images, {fixed:.0f} s start-up; "
                            f"budget {budget:.0f} s")
+        stage.planned_step_s = step_s
         return max(min_steps, steps)
+
+    def check_plan(self, stage: StageResult, run_dir: Path, batch: int) -> None:
+        """Note in the report when the run's own pace differs from its timing run's by more than 1.5x
+        (a busy machine during the timing run gives a stage fewer steps than its budget allows)."""
+        if not stage.planned_step_s or not (run_dir / "metrics.jsonl").exists():
+            return
+        real = _step_seconds(run_dir, batch, 0.0, warmup=1)
+        ratio = stage.planned_step_s / real if real > 0 else 1.0
+        if ratio > 1.5:
+            stage.notes.append(f"the timing run predicted {stage.planned_step_s:.2f} s per step, the run took "
+                               f"{real:.2f}: it got ~{ratio:.1f}x fewer steps than its budget allowed (was the "
+                               "machine busy?)")
+        elif ratio < 1 / 1.5:
+            stage.notes.append(f"the run took {real:.2f} s per step, its timing run predicted "
+                               f"{stage.planned_step_s:.2f}: the wall-clock limit may have cut it short")
 
     def hidden(self, steps: int, time_limit: bool = True) -> list[str]:
         """Flags the demo adds to a training command and does not show: a log row every ~1/25 of the run
@@ -309,6 +328,7 @@ class Demo:
         mapping = {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(e.val): PLACEHOLDERS["val_images"],
                    str(self.p.runs): "runs"}
         self._run(st, argv(run, e.unlabelled, steps, e.val), mapping, self.hidden(steps))
+        self.check_plan(st, run, self.plan.batch)
         self.tok_eval = self._run(st, ["tokenizer", "eval", "--tokenizer", str(run), "--data", str(e.val),
                                        "--grid", str(run / "eval_grid.png")], mapping)
         st.steps, st.seconds = steps, time.perf_counter() - t
@@ -330,6 +350,7 @@ class Demo:
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
                                  {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
                                  self.hidden(steps))
+        self.check_plan(st, run, self.plan.batch)
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def _finetune_argv(self, out: Path, data: Path, init: str, steps: int, lpc: int, extra=()) -> list[str]:

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
+from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .methods.base import hooks as method_hooks
 from .optim import build_optimizer, lr_at, set_lr
@@ -487,6 +488,9 @@ class Trainer:
         self.hooks = method_hooks(method)
         self.model: nn.Module = method  # what runs forward: DDP- and compile-wrapped by :meth:`wrap`
         self.eager: nn.Module = method  # the same without torch.compile (fallback)
+        self.compiled_at = 0  # the step at which torch.compile was swapped in (its first step may fall back)
+        self.compile_decided = False  # train.compile=auto: decided after the first timed eager steps
+        self.step_times: list[float] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
         self.metrics: MetricsWriter | None = None
@@ -547,11 +551,40 @@ class Trainer:
                 self.method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 find_unused_parameters=self.hooks.find_unused_parameters)
         self.eager = self.model
-        if self.cfg.compile:
-            try:
-                self.model = torch.compile(self.model)
-            except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
-                log.warning("torch.compile unavailable (%s): running eager", e)
+        if self.cfg.compile is True:
+            self.compile_now("train.compile=true")
+
+    def compile_now(self, reason: str) -> None:
+        """Swap in ``torch.compile`` of the eager module (the eager one stays as the fallback)."""
+        if self.env.is_main:
+            log.info("torch.compile: %s", reason)
+        try:
+            self.model = torch.compile(self.eager)
+            self.compiled_at = self.state.step
+        except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
+            log.warning("torch.compile unavailable (%s): running eager", e)
+
+    def auto_compile(self, step_seconds: float) -> None:
+        """``train.compile=auto``: time the first eager steps, then compile if the rest of the run wins the
+        compile time back (:mod:`beit.compiling`); every process takes rank 0's decision."""
+        if self.cfg.compile != "auto" or self.compile_decided:
+            return
+        self.step_times.append(step_seconds)
+        if len(self.step_times) < AUTO_EAGER_STEPS and not self.state.finished:
+            return
+        self.compile_decided = True
+        later = sorted(self.step_times[1:]) or self.step_times
+        choice = decide("auto", self.env.device.type, later[len(later) // 2],
+                        self.state.total_steps - self.state.step)
+        on = choice.compile
+        if self.env.enabled:
+            flag = torch.tensor([1.0 if on else 0.0], device=self.env.device)
+            dist.broadcast(flag, 0)
+            on = bool(flag.item() > 0)
+        if on and not self.state.finished:
+            self.compile_now(choice.reason)
+        elif self.env.is_main:
+            log.info("torch.compile: %s", choice.reason)
 
     def batches(self) -> Iterator:
         """This rank's micro-batches from the current step to the end, in the seeded order (exact resume)."""
@@ -575,7 +608,7 @@ class Trainer:
             try:
                 return self.model(batch)
             except Exception:
-                if self.model is self.eager or self.state.step > self.state.start_step:
+                if self.model is self.eager or self.state.step > self.compiled_at:
                     raise
                 log.warning("torch.compile failed on the first step: running eager")
                 self.model = self.eager
@@ -766,7 +799,9 @@ def train(
             while not st.finished:
                 lr = lr_at(st.step, st.total_steps, optim_cfg)
                 set_lr(run.optimizer, lr)
+                t_step = time.perf_counter()
                 metrics = run.optimizer_step(batches)
+                run.auto_compile(time.perf_counter() - t_step)
                 run.log(metrics, lr)
                 if run.eval_due():
                     run.evaluate()

@@ -36,3 +36,20 @@ def test_cpu_attention_is_sdpa_with_gradients():
     gb, = torch.autograd.grad(out.square().sum(), bias)
     gb_ref, = torch.autograd.grad(ref.square().sum(), bias)
     torch.testing.assert_close(gb, gb_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_explicit_cpu_attention_equals_sdpa_with_gradients(with_bias):
+    """The written-out formula the backbone uses on CPU (bf16, or with a bias) is SDPA's computation:
+    outputs and the gradients of q, k, v and the bias agree in fp32."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 17, 17, generator=g, requires_grad=True) if with_bias else None
+    ours = vit._explicit_attention(q, k, v, bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    leaves = [q, k, v] + ([bias] if with_bias else [])
+    g_ours = torch.autograd.grad(ours.square().sum(), leaves)
+    g_ref = torch.autograd.grad(ref.square().sum(), leaves)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -145,3 +145,29 @@ def test_demo_baselines_are_the_raw_pixel_probes(tmp_path):
     assert px["knn_ft"]["top1"] == ref["best"]["top1"]
     labels = [r[0] for r in Demo.summary_rows(summary)]
     assert labels.count("k-NN on raw pixels, same labels") == 2 and "linear on raw pixels, same labels" in labels
+
+
+def _metrics(run, seconds_per_step, batch=32):
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "metrics.jsonl", "w") as f:
+        for i, s in enumerate(seconds_per_step, 1):
+            f.write(json.dumps({"step": i, "images_per_s": batch / s}) + "\n")
+
+
+def test_step_seconds_skips_a_slow_start(tmp_path):
+    """A timing run whose first steps are slow (the cause of the demo's 50-step tokenizer) is read from the
+    steps after the warm-up, and the run's own pace is compared with the plan in the report notes."""
+    from beit.demo import CALIBRATION_STEPS, Demo, StageResult, _step_seconds
+
+    _metrics(tmp_path / "calib", [4.0, 3.0, 0.2, 0.25, 0.2, 0.3][:CALIBRATION_STEPS])
+    assert _step_seconds(tmp_path / "calib", 32, wall=9.0) == pytest.approx(0.25)
+    assert _step_seconds(tmp_path / "none", 32, wall=6.0) == pytest.approx(6.0 / CALIBRATION_STEPS)
+
+    demo = Demo(tmp_path / "demo", minutes=10)
+    _metrics(tmp_path / "run", [1.0] + [0.2] * 10)
+    st = StageResult("tokenizer", "t", planned_step_s=2.0)
+    demo.check_plan(st, tmp_path / "run", 32)
+    assert len(st.notes) == 1 and "10.0x fewer steps" in st.notes[0]
+    ok = StageResult("tokenizer", "t", planned_step_s=0.22)
+    demo.check_plan(ok, tmp_path / "run", 32)
+    assert ok.notes == []

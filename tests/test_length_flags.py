@@ -36,7 +36,7 @@ def test_epochs_flag_overrides_a_preset_counted_in_steps(n_samples):
 
 
 def test_steps_flag_overrides_a_preset_counted_in_epochs():
-    assert finetune.PRESETS["beit_tiny_patch4_32"]["train"]["epochs"] == 100  # the preset counts epochs
+    assert finetune.PRESETS["beit_tiny_patch4_32"]["train"]["epochs"] == 160  # the preset counts epochs
     cfg = _config(finetune, ["finetune", "--data", "d", "--init", "none", "--out", "o",
                              "--preset", "beit_tiny_patch4_32", "--steps", "7"])
     assert resolve_steps(cfg.train, 1000) == (7, 1000 // cfg.train.batch_size)
