@@ -42,11 +42,10 @@ class CompileChoice:
     reason: str
 
 
-def decide(setting: bool | str, device_type: str, step_seconds: float, steps_left: int,
+def decide(device_type: str, step_seconds: float, steps_left: int,
            estimates: dict[str, Estimate] | None = None) -> CompileChoice:
-    """``train.compile`` -> whether to compile now, with a one-line reason for the log."""
-    if setting is True or setting is False:
-        return CompileChoice(bool(setting), f"train.compile={str(setting).lower()}")
+    """``train.compile=auto``: whether to compile now, with a one-line reason for the log (``true`` and
+    ``false`` never get here: the engine applies them as they are)."""
     est = (estimates or ESTIMATES).get(device_type)
     if est is None:
         return CompileChoice(False, f"auto: no compile estimate for device {device_type!r}")

@@ -43,6 +43,7 @@ from .config import OptimConfig, TrainConfig
 from .methods.base import hooks as method_hooks
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
+from .precision import rank0_value
 
 log = logging.getLogger("beit")
 
@@ -574,14 +575,9 @@ class Trainer:
             return
         self.compile_decided = True
         later = sorted(self.step_times[1:]) or self.step_times
-        choice = decide("auto", self.env.device.type, later[len(later) // 2],
-                        self.state.total_steps - self.state.step)
-        on = choice.compile
-        if self.env.enabled:
-            flag = torch.tensor([1.0 if on else 0.0], device=self.env.device)
-            dist.broadcast(flag, 0)
-            on = bool(flag.item() > 0)
-        if on and not self.state.finished:
+        step_s = rank0_value(later[len(later) // 2], self.env.device)
+        choice = decide(self.env.device.type, step_s, self.state.total_steps - self.state.step)
+        if choice.compile and not self.state.finished:
             self.compile_now(choice.reason)
         elif self.env.is_main:
             log.info("torch.compile: %s", choice.reason)

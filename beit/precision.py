@@ -104,17 +104,20 @@ def resolve(requested: str, device: torch.device | str, timer: Callable[[], floa
     if device.type == "cuda":
         return decide("cuda", cuda_bf16=torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        return decide("cpu", cpu_speedup=_agreed(measured_cpu_bf16_speedup(timer)))
+        return decide("cpu", cpu_speedup=rank0_value(measured_cpu_bf16_speedup(timer)))
     return decide(device.type)
 
 
-def _agreed(speedup: float) -> float:
-    """Under torchrun every process must compute alike: all take rank 0's measurement."""
+def rank0_value(value: float, device: torch.device | None = None) -> float:
+    """Under torchrun every process must decide alike: all take rank 0's ``value`` (a timing), broadcast
+    through a tensor on ``device`` (CPU by default; a CPU tensor cannot travel over nccl, where the value is
+    returned unchanged: pass the CUDA device when it differs between processes)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "nccl":
-        return speedup
-    t = torch.tensor([speedup], dtype=torch.float64)
+    device = device or torch.device("cpu")
+    if not (dist.is_available() and dist.is_initialized()) or (dist.get_backend() == "nccl" and device.type != "cuda"):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return float(t.item())
 
@@ -147,5 +150,5 @@ def _previous_precision(path: Path) -> str | None:
     return value if value in ("fp32", "bf16", "fp16") else None
 
 
-__all__ = ["Choice", "MIN_BF16_SPEEDUP", "PRECISIONS", "cpu_bf16_speedup", "decide", "for_run",
+__all__ = ["Choice", "MIN_BF16_SPEEDUP", "PRECISIONS", "cpu_bf16_speedup", "decide", "for_run", "rank0_value",
            "measured_cpu_bf16_speedup", "resolve"]

@@ -18,18 +18,13 @@ from toy_train import NoisyPoints, ToyMethod  # noqa: E402
 EST = {"cpu": Estimate(compile_seconds=100.0, speedup=1.25, measured=True)}
 
 
-def test_decide_explicit_settings_win():
-    assert decide(True, "cpu", 0.001, 1, EST).compile is True
-    assert decide(False, "cpu", 10.0, 10**6, EST).compile is False
-
-
 def test_decide_auto_compiles_only_when_the_rest_of_the_run_pays():
     # saving = steps x t x (1 - 1/1.25) = steps x t x 0.2; it must reach 1.5 x 100 s = 150 s
-    assert decide("auto", "cpu", 0.5, 1490, EST).compile is False  # 149 s
-    on = decide("auto", "cpu", 0.5, 1510, EST)  # 151 s
+    assert decide("cpu", 0.5, 1490, EST).compile is False  # 149 s
+    on = decide("cpu", 0.5, 1510, EST)  # 151 s
     assert on.compile is True and on.reason.startswith("auto: on") and "100 s" in on.reason
-    assert decide("auto", "cpu", 0.05, 1500, EST).compile is False  # a fast step: 10x the steps needed
-    assert decide("auto", "mps", 1.0, 10**6, EST).compile is False  # no estimate for this device
+    assert decide("cpu", 0.05, 1500, EST).compile is False  # a fast step: 10x the steps needed
+    assert decide("mps", 1.0, 10**6, EST).compile is False  # no estimate for this device
 
 
 def test_config_accepts_true_false_auto_only():
@@ -52,8 +47,8 @@ def test_engine_auto_compiles_after_timing_the_first_steps(tmp_path, monkeypatch
         calls.append(module)
         return module
 
-    def fake_decide(setting, device_type, step_seconds, steps_left):
-        asked.append((setting, device_type, step_seconds, steps_left))
+    def fake_decide(device_type, step_seconds, steps_left):
+        asked.append((device_type, step_seconds, steps_left))
         return compiling.CompileChoice(steps_left > 100, "stub")
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -63,14 +58,20 @@ def test_engine_auto_compiles_after_timing_the_first_steps(tmp_path, monkeypatch
                        optim_cfg=OptimConfig(), run_dir=tmp_path / "run")
     assert res.step == steps
     assert len(asked) == 1
-    setting, device_type, step_seconds, left = asked[0]
-    assert (setting, device_type, left) == ("auto", "cpu", steps - compiling.AUTO_EAGER_STEPS)
+    device_type, step_seconds, left = asked[0]
+    assert (device_type, left) == ("cpu", steps - compiling.AUTO_EAGER_STEPS)
     assert step_seconds > 0
     assert bool(calls) is expect
 
 
-def test_engine_compile_false_never_asks(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "decide", lambda *a: pytest.fail("decide called with train.compile=false"))
+@pytest.mark.parametrize("setting", [False, True])
+def test_engine_explicit_setting_wins_without_asking(tmp_path, monkeypatch, setting):
+    """``train.compile=true|false`` is applied as given (true: compiled before the first step); ``decide``
+    is never consulted."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or module)
+    monkeypatch.setattr(engine, "decide", lambda *a: pytest.fail(f"decide called with train.compile={setting}"))
     engine.train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=TrainConfig(steps=10, batch_size=8, num_workers=0,
-                                                                            compile=False),
+                                                                            compile=setting),
                  optim_cfg=OptimConfig(), run_dir=tmp_path / "run")
+    assert len(calls) == int(setting)

@@ -296,12 +296,16 @@ def mine(root: Path) -> dict[str, str]:
     return {k: v for k, v in snapshot(root).items() if k != ".lock"}
 
 
+def users_folder(path: Path, **files: str) -> tuple[Path, dict[str, str]]:
+    """A folder of the user's own files (name -> text), and its :func:`snapshot` before a command runs."""
+    path.mkdir()
+    for name, text in files.items():
+        (path / name.replace("_", ".")).write_text(text)
+    return path, snapshot(path)
+
+
 def test_out_holding_the_users_files_is_refused(base, tmp_path, cli):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "config.yaml").write_text("my: own\n")
-    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
-    before = snapshot(out)
+    out, before = users_folder(tmp_path / "mine", config_yaml="my: own\n", metrics_jsonl='{"mine": 1}\n')
     code, err = cli(pretrain(base["data"], out, 2))
     assert_user_error(code, err, "is not empty and is not a beit run", "config.yaml, metrics.jsonl")
     assert snapshot(out) == before  # not even a lock file added
@@ -330,11 +334,7 @@ def test_out_that_is_a_file_or_cannot_be_made(base, tmp_path, cli):
 
 
 def test_export_refuses_a_non_empty_target_unless_overwrite(run, tmp_path, cli):
-    out = tmp_path / "exp"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "notes.txt").write_text("mine")
-    before = snapshot(out)
+    out, before = users_folder(tmp_path / "exp", config_json="{}", notes_txt="mine")
     assert_user_error(*cli(["export", run, "--format", "hf", "--out", out]), "is not empty", "--overwrite")
     assert snapshot(out) == before
     code, err = cli(["export", run, "--format", "hf", "--out", out, "--overwrite"])
