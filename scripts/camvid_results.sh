@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CamVid segmentation experiment of docs/results.md (issue 14), in order. Usage:
 #   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar segment table (or `all`)
-# Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 50; MAE: 60),
-# each segmentation 30 min with the same head, schedule and steps. All runs sequential, one at a time.
+# Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 46; MAE: 43 on CamVid,
+# 45 on CIFAR-10), each segmentation <= 30 min with the same head, schedule and steps (1,800 steps of 8, ~22 min).
+# docs/results.md section 9 ran two of these at a time, one thread each (OMP_NUM_THREADS=1).
 # SMOKE=1 runs every command for a few steps only (checks the pipeline in minutes; numbers meaningless).
 # Data: ../shared/data/camvid-160x120.tar.gz (and cifar10-png.tar.gz for the CIFAR-10 backbone).
 set -euo pipefail
@@ -14,16 +15,19 @@ BEIT=${BEIT:-.venv/bin/beit}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$RUNS"
 
-# budgets: minutes (the binding limit on a busy machine) and steps (the schedule's length). Size the steps so the
-# schedule ends inside the minutes (check images_per_s in a short run first): a run cut by --max-minutes
-# stops with its learning rate still high.
+# budgets: steps (the schedule's length) sized from short timing runs on a 2-core Xeon with AMX, one thread per
+# run, two runs side by side (tokenizer 0.67 s/step of 32; BEiT 0.65 s/step; MAE at 120x160 1.0 s/step and at
+# 64 px 0.24 s/step of 64; segmentation 0.65 s/step of 8), and minutes as a guard: a run cut by --max-minutes
+# stops with its learning rate still high, so on a slower machine lower the steps rather than trust the guard.
 if [ "${SMOKE:-0}" = 1 ]; then
-  TOK=(--steps 4); PRE=(--steps 4); PRE_MAE=(--steps 4); SEG=(--steps 4 train.eval_every=4 train.ckpt_every=4)
+  TOK=(--steps 4); PRE=(--steps 4); PRE_MAE=(--steps 4); PRE_CIFAR=(--steps 4)
+  SEG=(--steps 4 train.eval_every=4 train.ckpt_every=4)
 else
-  TOK=(--steps 1500 --max-minutes 10)
-  PRE=(--steps 1500 --max-minutes 50)       # BEiT: + its 10-minute tokenizer = 60 minutes (steps: a guess, see above)
-  PRE_MAE=(--steps 2000 --max-minutes 60)   # MAE needs no tokenizer: all 60 minutes (~35 images/s measured)
-  SEG=(--max-minutes 30)   # the preset: 800 steps of 8 images (~17 epochs), eval every 200 steps
+  TOK=(--steps 850 --max-minutes 10)
+  PRE=(--steps 3600 --max-minutes 46)       # BEiT: + its 10-minute tokenizer <= 60 minutes
+  PRE_MAE=(--steps 2500 --max-minutes 60)   # MAE needs no tokenizer: 500 epochs of the 367 frames, ~43 minutes
+  PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images
+  SEG=(--steps 1800 --max-minutes 30)       # ~39 epochs of the 367 frames, eval every 200 steps
 fi
 PX64=(model.img_size=64 model.patch_size=8)   # 64 px squares in 8 px patches: the 8x8 grid of the tokenizer
 
@@ -34,25 +38,25 @@ step() {
     [ -d "$CIFAR/train" ] || { mkdir -p "$CIFAR"; tar -xzf "$SHARED/cifar10-png.tar.gz" -C "$CIFAR"; } ;;
   baseline)    # constant prediction (the most frequent training class, road) on val and test
     $PY scripts/constant_baseline.py "$CAMVID" | tee "$RUNS/constant.json" ;;
-  tokenizer)   # VQ tokenizer on CamVid train images (no labels), 64 px -> 8x8 ids
+  tokenizer)   # VQ tokenizer on CamVid train images (no labels), 64 px -> 8x8 ids; n_hid 32: 4x cheaper (the demo's)
     $BEIT tokenizer train --data "$CAMVID/images/train" --val-data "$CAMVID/images/val" --out "$RUNS/tok64_vq" \
-      --preset vq_32 "${TOK[@]}" model.img_size=64 model.n_groups=4 train.log_every=25 ;;
-  pretrain)    # BEiT and MAE on CamVid train images without labels (random 64 px crops of the 160x120 frames)
+      --preset vq_32 "${TOK[@]}" --batch-size 32 model.img_size=64 model.n_groups=4 model.n_hid=32 train.log_every=25 ;;
+  pretrain)    # on CamVid train images without labels: BEiT on random 64 px crops (8x8 grid, the tokenizer's),
+               # MAE on whole 120x160 frames (the segmenter's 15x20 grid; MAE's encoder sees only a quarter of it)
     $BEIT pretrain --method beit --data "$CAMVID/images/train" --tokenizer "$RUNS/tok64_vq" --out "$RUNS/pre_beit" \
-      --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=10 train.ckpt_every=250
+      --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=25 train.ckpt_every=300
     $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" \
-      --preset mae_tiny_patch4_32 "${PRE_MAE[@]}" "${PX64[@]}" train.log_every=10 train.ckpt_every=250 ;;
-  cifar)       # the same BEiT recipe on CIFAR-10 train (32 px images upsampled to 64), its own tokenizer
-    $BEIT tokenizer train --data "$CIFAR/train" --out "$RUNS/tok64_vq_cifar" --preset vq_32 "${TOK[@]}" \
-      model.img_size=64 model.n_groups=4 train.log_every=25
-    $BEIT pretrain --method beit --data "$CIFAR/train" --tokenizer "$RUNS/tok64_vq_cifar" --out "$RUNS/pre_beit_cifar" \
-      --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=10 train.ckpt_every=250 ;;
+      --preset mae_tiny_patch4_32 "${PRE_MAE[@]}" "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 \
+      train.ckpt_every=250 ;;
+  cifar)       # MAE (the best method on CIFAR-10, section 8.1) on CIFAR-10 train, 32 px images upsampled to 64
+    $BEIT pretrain --method mae --data "$CIFAR/train" --out "$RUNS/pre_mae_cifar" \
+      --preset mae_tiny_patch4_32 "${PRE_CIFAR[@]}" "${PX64[@]}" train.log_every=50 train.ckpt_every=1000 ;;
   segment)     # same head, schedule and budget from every backbone; eval.json holds val/test of the best val mIoU
-    for init in scratch:none beit:"$RUNS/pre_beit" mae:"$RUNS/pre_mae" beit_cifar:"$RUNS/pre_beit_cifar"; do
+    for init in scratch:none beit:"$RUNS/pre_beit" mae:"$RUNS/pre_mae" mae_cifar:"$RUNS/pre_mae_cifar"; do
       name=${init%%:*}; path=${init#*:}
       [ "$path" = none ] || [ -d "$path" ] || { echo "skip $name: no $path"; continue; }
       $BEIT segment --data "$CAMVID" --init "$path" --out "$RUNS/seg_$name" --preset camvid_tiny_patch8_120x160 \
-        "${SEG[@]}" train.log_every=10
+        "${SEG[@]}" train.log_every=25
     done ;;
   table)       # markdown rows: mIoU val / test, mAcc test, per-class test IoU of every segmentation run
     $PY - "$RUNS" <<'EOF'

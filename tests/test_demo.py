@@ -70,7 +70,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     from beit import cli, demo
 
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--out", str(out), "--minutes", "0.3"])
+    rc = cli.main(["demo", "--method", "beit", "--out", str(out), "--minutes", "0.3"])
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert [s["error"] for s in summary["stages"]] == [""] * len(summary["stages"]), summary["stages"]
@@ -78,7 +78,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert "fine-tune from BEiT" in printed and "report:" in printed
     for key in ("psnr", "codebook_usage"):
         assert isinstance(summary["tokenizer"][key], float)
-    for w in ("beit", "scratch"):
+    for w in ("pretrained", "scratch"):
         assert 0 <= summary["finetune"][w]["top1"] <= 100
     assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
 
@@ -113,6 +113,31 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         found = browser_check(binary, out / "report.html", tmp_path)
         assert found["images"] and all(im["w"] > 0 for im in found["images"]), found["images"]
         assert all(t["numbers"] > 0 for t in found["tables"]), found["tables"]
+
+
+def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
+    """`beit demo` (MAE, the default): no tokenizer stage (its share goes to pretraining and fine-tuning), MAE's
+    rows and pictures."""
+    from beit import cli
+    from beit.demo import SHARES, Demo
+
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--out", str(out), "--minutes", "0.3"])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0 and summary["method"] == "mae"
+    assert [s["name"] for s in summary["stages"]] == ["data", "pretrain", "finetune_pretrained", "finetune_scratch",
+                                                      "probe", "baselines", "segment", "pictures"]
+    assert "fine-tune from MAE" in printed and "tokenizer" not in printed
+    assert not (out / "runs" / "tokenizer").exists()
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "Visual tokenizer" not in report and "MAE pretraining" in report
+    assert "reconstruction + visible patches" in report and "picture not available" not in report
+    assert len(list((out / "runs" / "pictures").glob("masked-*.png"))) == 3
+
+    shares = Demo(tmp_path / "x", minutes=10, method="mae").shares
+    assert "tokenizer" not in shares and abs(sum(shares.values()) - 1.0) < 1e-9
+    assert shares["pretrain"] > SHARES["pretrain"] and shares["finetune_pretrained"] > SHARES["finetune_pretrained"]
 
 
 def test_hidden_flags_keep_the_command_parsable():

@@ -9,7 +9,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import Demo, run_demo
     from ..viz.demo_report import summary_text
 
-    report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed)
+    report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed,
+                               method=args.method)
     print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))
     print(f"report: {report}")
     failed = [s["name"] for s in summary["stages"] if s["error"]]
@@ -20,10 +21,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
+    from ..demo import DEFAULT_METHOD, METHODS
+
     p = sub.add_parser(
         "demo", help="the whole pipeline on the shipped Fashion-MNIST images, with an HTML report",
-        description="Tokenizer -> BEiT pretraining -> fine-tuning (pretrained vs scratch) -> probes -> "
-                    "segmentation -> attention and masked-prediction pictures, on images shipped with beit, "
+        description="MAE pretraining (or, with --method beit, tokenizer -> BEiT pretraining) -> fine-tuning "
+                    "(pretrained vs scratch) -> probes -> raw-pixel baselines -> segmentation -> attention and "
+                    "masked-prediction pictures, on images shipped with beit, "
                     "within a time budget. Writes OUT/report.html with every number, picture and the "
                     "commands to run each step on your own images. Example: beit demo --out runs/demo --minutes 10")
     p.add_argument("--out", default="runs/demo", help="output folder (data, runs, report.html; default runs/demo)")
@@ -31,5 +35,8 @@ def add_commands(sub) -> None:
                    help="time budget on this machine (default 10); below 1: a smoke test with tiny subsets")
     p.add_argument("--full-model", action="store_true",
                    help="train the preset's full ViT (192 x 6) instead of the demo's 96 x 4")
+    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                   help=f"pretraining method (default {DEFAULT_METHOD}: better than beit at this scale, "
+                        "docs/results.md section 6); beit first trains the tokenizer")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
     p.set_defaults(func=cmd_demo)

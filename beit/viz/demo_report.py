@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("beit")
 
-__all__ = ["method_name", "pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
+__all__ = ["finetune_recipe", "method_name", "pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
 
 # Curves worth a panel, in this order, when the run logged them.
 TOKENIZER_CURVES = ("loss", "recon", "kl", "tau", "commitment", "perplexity", "psnr")
@@ -87,6 +87,21 @@ def tokenizer_text(cfg: dict) -> str:
     words = f"one of {m['vocab_size']} visual words" if m.get("vocab_size") else "a visual word"
     return (f"{kind} learns to describe every {patch} of a {size} px image with {words}. The pretraining target "
             "is this code: the better the tokenizer reconstructs images through it, the more the words mean.")
+
+
+def finetune_recipe(cfg: dict) -> str:
+    """The fine-tuning run's recipe in a few words, from its config (what is on, what is off)."""
+    o, a = cfg.get("optim") or {}, cfg.get("aug") or {}
+    parts = [f"AdamW lr {o['lr']:g}" if "lr" in o else "AdamW"]
+    if o.get("layer_decay", 1.0) < 1.0:
+        parts.append(f"layer-wise lr decay {o['layer_decay']:g}")
+    if a.get("randaug_ops"):
+        parts.append(f"RandAugment {a['randaug_ops']}/{a.get('randaug_magnitude')}")
+    mix = [n for n in ("mixup", "cutmix") if a.get(n)]
+    parts.append(" and ".join(m.capitalize() for m in mix) if mix else "no Mixup/CutMix")
+    if a.get("label_smoothing"):
+        parts.append(f"label smoothing {a['label_smoothing']:g}")
+    return ", ".join(parts)
 
 
 def pretraining_text(cfg: dict) -> str:
@@ -277,25 +292,27 @@ def _pretrain_section(demo: Demo, summary: dict) -> Section:
         f"{method_name(method)} pretraining", text=pretraining_text(cfg),
         tables=[Table(["steps", *(names[k] for k in cols)], [[p["step"], *(p[k] for k in cols)]],
                       caption="last logged training values")],
-        figures=[Figure(run / "loss.png", "pretraining curves"),
-                 Figure(run / "masks.png", "the masks of the first training views", pixelated=True)],
+        # MAE draws its masks inside the model (no masks.png): its masked views are in the pictures section
+        figures=_figures(Figure(run / "loss.png", "pretraining curves"),
+                         Figure(run / "masks.png", "the masks of the first training views", pixelated=True)
+                         if method != "mae" else None),
         commands=st.commands, notes=_notes(st))
 
 
 def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
-    fb, fs, f = demo.result("finetune_beit"), demo.result("finetune_scratch"), summary["finetune"]
+    fb, fs, f = demo.result("finetune_pretrained"), demo.result("finetune_scratch"), summary["finetune"]
     px = summary["pixels"]
     runs = demo.p.runs
     method = method_name(_config(runs / "pretrain").get("method", "beit"))
-    cmp_png = _safe(_compare_curves, {f"from {method}": runs / "finetune-beit", "from scratch": runs / "finetune-scratch"},
-                    figs / "finetune_compare.png")
+    cmp_png = _safe(_compare_curves, {f"from {method}": runs / "finetune-pretrained",
+                                      "from scratch": runs / "finetune-scratch"}, figs / "finetune_compare.png")
     lpc = demo.labels_per_class
     return Section(
         "Fine-tuning with few labels",
-        text="The same recipe (layer-wise lr decay, Mixup/CutMix, RandAugment) and the same number of steps, "
-             f"starting from the {method}-pretrained backbone or from random weights (`--init none`).",
+        text=f"The same recipe ({finetune_recipe(_config(runs / 'finetune-scratch'))}) and the same number of "
+             f"steps, starting from the {method}-pretrained backbone or from random weights (`--init none`).",
         tables=[Table(["initialisation", "labels per class", "top-1 %", "top-5 %"],
-                      [[f"{method} pretraining", lpc, f["beit"]["top1"], f["beit"]["top5"]],
+                      [[f"{method} pretraining", lpc, f["pretrained"]["top1"], f["pretrained"]["top5"]],
                        ["random (scratch)", lpc, f["scratch"]["top1"], f["scratch"]["top5"]],
                        ["none: k-NN on the raw pixels", lpc, px["knn_ft"]["top1"], px["knn_ft"]["top5"]]],
                       caption="best validation accuracy of each run; the last row learns nothing (the floor)")],
@@ -341,13 +358,17 @@ def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
 
 def _pictures_section(demo: Demo) -> Section:
     st = demo.result("pictures")
-    made: dict[str, Any] = getattr(demo, "pictures_made", {"attention": [], "mim": []})
+    made: dict[str, Any] = getattr(demo, "pictures_made", {"attention": [], "masked": []})
+    if demo.uses_tokenizer:
+        what, caption = "decoded into pixels by the tokenizer", "image | masked | predicted tokens decoded | true tokens decoded"
+    else:
+        what, caption = "as pixels", "original | masked | reconstruction | reconstruction + visible patches"
     return Section(
         "Inside the pretrained model",
-        text="Where the [CLS] token of the last block looks, per head; and what the model predicts for "
-             "masked patches, decoded into pixels by the tokenizer.",
+        text=f"Where the [CLS] token of the last block looks, per head; and what the model predicts for "
+             f"masked patches, {what}.",
         figures=[Figure(x, "[CLS] attention") for x in made["attention"]]
-        + [Figure(x, "image | masked | predicted tokens decoded | true tokens decoded") for x in made["mim"]],
+        + [Figure(x, caption) for x in made["masked"]],
         commands=st.commands, notes=_notes(st))
 
 
@@ -363,8 +384,9 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
     """``OUT/report.html``: one section per stage, the summary table, the machine."""
     figs = demo.p.out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    sections = [_data_section(demo, summary, figs), _tokenizer_section(demo, summary, figs),
-                _pretrain_section(demo, summary), _finetune_section(demo, summary, figs),
+    tokenizer = [_tokenizer_section(demo, summary, figs)] if demo.uses_tokenizer else []
+    pretrain = _pretrain_section(demo, summary)
+    sections = [_data_section(demo, summary, figs), *tokenizer, pretrain, _finetune_section(demo, summary, figs),
                 _probe_section(demo, summary), _segment_section(demo, summary, figs), _pictures_section(demo)]
     plan = demo.plan
     budget = f"{plan.minutes:g} min budget" + (" (smoke test: tiny subsets, 2 steps per stage)" if plan.smoke else "")
@@ -372,10 +394,11 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
     arch = (f"ViT {arch['embed_dim']} wide x {arch['depth']} deep, patch {arch['patch_size']} on "
             f"{arch['img_size']} px images" if {"embed_dim", "depth", "patch_size", "img_size"} <= set(arch)
             else "ViT")
-    method = sections[2].title.replace(" pretraining", "")
+    method = pretrain.title.replace(" pretraining", "")
     return write_report(
         demo.p.out / "report.html", f"beit demo: {method} end to end on Fashion-MNIST", sections,
-        subtitle=f"Tokenizer, pretraining, fine-tuning, probes and segmentation in one run: {budget}, "
+        subtitle=f"{'Tokenizer, p' if demo.uses_tokenizer else 'P'}retraining, fine-tuning, probes and "
+                 f"segmentation in one run: {budget}, "
                  f"{summary['total_seconds']:.0f} s in all, {arch}.",
         summary=Table(["step", "metric", "value", "steps", "seconds"], demo.summary_rows(summary)),
         footer=[f"Machine: {summary['machine']}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.",
