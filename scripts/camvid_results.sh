@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CamVid segmentation experiment of docs/results.md (issue 14), in order. Usage:
-#   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar segment table (or `all`)
+#   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar segment table figure (or `all`)
 # Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 46; MAE: 43 on CamVid,
 # 45 on CIFAR-10), each segmentation <= 30 min with the same head, schedule and steps (1,800 steps of 8, ~22 min).
 # docs/results.md section 9 ran two of these at a time, one thread each (OMP_NUM_THREADS=1).
@@ -27,7 +27,7 @@ else
   PRE=(--steps 3600 --max-minutes 46)       # BEiT: + its 10-minute tokenizer <= 60 minutes
   PRE_MAE=(--steps 2500 --max-minutes 60)   # MAE needs no tokenizer: 500 epochs of the 367 frames, ~43 minutes
   PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images
-  SEG=(--steps 1800 --max-minutes 30)       # ~39 epochs of the 367 frames, eval every 200 steps
+  SEG=(--max-minutes 30)                    # the preset: 1,800 steps of 8 (~39 epochs of the 367 frames), ~22 min
 fi
 PX64=(model.img_size=64 model.patch_size=8)   # 64 px squares in 8 px patches: the 8x8 grid of the tokenizer
 
@@ -69,12 +69,28 @@ for ev in sorted(runs.glob("seg_*/eval.json")):
           + ", ".join(f"{k} {v:.1f}" for k, v in r["test"]["iou"].items()) + " |")
 EOF
     ;;
+  figure)      # test scenes: image | truth | prediction of each segmentation run (from their predictions_test.png)
+    $PY - "$RUNS" <<'EOF'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+runs = Path(sys.argv[1])
+sheets = {p.parent.name[4:]: np.asarray(Image.open(p).convert("RGB")) for p in sorted(runs.glob("seg_*/predictions_test.png"))}
+if sheets:
+    first = next(iter(sheets.values()))
+    w = first.shape[1] // 3  # each sheet: image | truth | prediction
+    cols = [first[:, :2 * w]] + [a[:, 2 * w:] for a in sheets.values()]
+    Image.fromarray(np.concatenate(cols, 1)).save(runs / "test_scenes.png")
+    print(runs / "test_scenes.png", "columns: image | truth | " + " | ".join(sheets))
+EOF
+    ;;
   *) echo "unknown step $1"; exit 2 ;;
   esac
 }
 
 if [ "${1:-all}" = all ]; then
-  for s in data baseline tokenizer pretrain cifar segment table; do step "$s"; done
+  for s in data baseline tokenizer pretrain cifar segment table figure; do step "$s"; done
 else
   step "$1"
 fi

@@ -175,15 +175,15 @@ PRESETS: dict[str, dict] = {
     },
     # CamVid at 160x120 (../shared/data/camvid-160x120.tar.gz): the tiny ViT (192 wide, 6 deep) in 8 px
     # patches on the whole non-square image, a 15x20 grid; a backbone pretrained on 64 px squares (8x8)
-    # comes with its tables resized. 800 steps of 8 fit ~30 minutes on two busy CPU cores in bf16 (3.3
-    # images/s measured on a Xeon with AMX, 2.0 in fp32; docs/results.md).
+    # comes with its tables resized. 1,800 steps of 8 (39 epochs) take ~22 minutes on a Xeon with AMX in bf16,
+    # one thread, compiled (0.65 s per step; docs/results.md section 9).
     "camvid_tiny_patch8_120x160": {
         "model": _model("beit_tiny_patch4_32", patch_size=8, img_size=[120, 160], drop_path_rate=0.1,
                         layer_scale_init=0.1),
         "data": {"crop_scale": [0.3, 1.0], "class_names": list(CAMVID_CLASSES)},
         "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05,
                   "schedule": "poly", "power": 1.0},
-        "train": {"steps": 800, "batch_size": 8, "precision": "auto", "eval_every": 200, "ckpt_every": 200},
+        "train": {"steps": 1800, "batch_size": 8, "precision": "auto", "eval_every": 200, "ckpt_every": 200},
         "head": {"channels": 64, "aux_channels": 32},
         "eval": {"mode": "whole"},
     },
