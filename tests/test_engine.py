@@ -103,6 +103,30 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
     assert last is not None and int(last.name.split("_")[1]) == max(losses(run))
 
 
+def test_loader_workers_are_gone_when_train_returns(tmp_path, monkeypatch):
+    """The training loader's workers ignore SIGTERM, so a loader iterator left alive after a run would hang the
+    process at exit (multiprocessing's exit handler SIGTERMs its children, then waits). train() stops them
+    itself, even while something else still holds the iterator."""
+    import multiprocessing
+
+    from beit import engine
+
+    kept = []
+    original = engine.Trainer.batches
+
+    def batches_kept_elsewhere(self):
+        it = original(self)
+        kept.append(it)  # a reference train() does not own (a traceback, a cycle, a user's hook)
+        return it
+
+    monkeypatch.setattr(engine.Trainer, "batches", batches_kept_elsewhere)
+    tcfg = TrainConfig(steps=4, batch_size=8, num_workers=2, log_every=1, ckpt_every=100, precision="fp32")
+    train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=tcfg, optim_cfg=OptimConfig(lr=1e-2), run_dir=tmp_path / "r")
+    assert kept and not getattr(kept[0], "_workers", [None])[0].is_alive()
+    assert multiprocessing.active_children() == []
+    assert kept[0] not in engine._LIVE_LOADERS
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     out = run_toy(run, "--steps", "20", "--nan-at", "8", check=False)
