@@ -17,7 +17,6 @@ The hooks it calls on the method, with their defaults, are the contract :class:`
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
@@ -27,7 +26,6 @@ import os
 import random
 import signal
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,25 +228,14 @@ def method_state(method: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unwrap(method).state_dict().items()}
 
 
-# Loader iterators with worker processes that this process started and has not shut down yet (see below).
-_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
-
-
 def shutdown_loader(batches: Any) -> None:
     """Stop a DataLoader iterator's worker processes now (no-op for anything else, or workers already gone).
-    The engine calls it when a run ends instead of trusting garbage collection: its workers ignore SIGTERM
+    :func:`train` calls it when a run ends instead of trusting garbage collection: the workers ignore SIGTERM
     (:func:`_ignore_stop_signals`), and multiprocessing's exit handler stops leftover workers with SIGTERM and
-    then waits for them, so a leftover iterator would hang the process at exit (seen once on CamVid)."""
+    then waits for them, so an iterator still alive at exit hung the process (two CamVid runs, 2026-11-27)."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
-    _LIVE_LOADERS.discard(batches)
-
-
-@atexit.register
-def _shutdown_leftover_loaders() -> None:  # registered after multiprocessing's exit handler: runs before it
-    for batches in list(_LIVE_LOADERS):
-        shutdown_loader(batches)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
@@ -618,10 +605,7 @@ class Trainer:
                             generator=torch.Generator().manual_seed(cfg.seed),
                             worker_init_fn=_ignore_stop_signals,
                             multiprocessing_context="fork" if cfg.num_workers > 0 and os.name == "posix" else None)
-        batches = iter(loader)
-        if cfg.num_workers > 0:
-            _LIVE_LOADERS.add(batches)
-        return batches
+        return iter(loader)
 
     # ------------------------------------------------------------------------------------------ one step
 
