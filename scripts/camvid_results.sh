@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The CamVid segmentation experiment of docs/results.md (issue 14), in order. Usage:
-#   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar segment table figure (or `all`)
-# Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 46; MAE: 43 on CamVid,
-# 45 on CIFAR-10), each segmentation <= 30 min with the same head, schedule and steps (1,800 steps of 8, ~22 min).
+#   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar cifar_camvid segment table
+#                                            figure (or `all`)
+# Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 46; MAE: 58 on CamVid,
+# CIFAR-10 39 then CamVid 20), each segmentation <= 30 min with the same head, schedule and steps (2,200 steps of
+# 8, ~24 min), two seeds each.
 # docs/results.md section 9 ran two of these at a time, one thread each (OMP_NUM_THREADS=1).
 # SMOKE=1 runs every command for a few steps only (checks the pipeline in minutes; numbers meaningless).
 # Data: ../shared/data/camvid-160x120.tar.gz (and cifar10-png.tar.gz for the CIFAR-10 backbone).
@@ -20,14 +22,17 @@ mkdir -p "$RUNS"
 # 64 px 0.24 s/step of 64; segmentation 0.65 s/step of 8), and minutes as a guard: a run cut by --max-minutes
 # stops with its learning rate still high, so on a slower machine lower the steps rather than trust the guard.
 if [ "${SMOKE:-0}" = 1 ]; then
-  TOK=(--steps 4); PRE=(--steps 4); PRE_MAE=(--steps 4); PRE_CIFAR=(--steps 4)
-  SEG=(--steps 4 train.eval_every=4 train.ckpt_every=4)
+  TOK=(--steps 4); PRE=(--steps 4); PRE_MAE=(--steps 4); PRE_MAE_MORE=(--steps 6); PRE_CIFAR=(--steps 4)
+  PRE_CC=(--steps 6); SEG=(--steps 4 train.eval_every=4 train.ckpt_every=4); SEEDS="0"
 else
   TOK=(--steps 850 --max-minutes 10)
   PRE=(--steps 3600 --max-minutes 46)       # BEiT: + its 10-minute tokenizer <= 60 minutes
-  PRE_MAE=(--steps 2500 --max-minutes 60)   # MAE needs no tokenizer: 500 epochs of the 367 frames, ~43 minutes
-  PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images
-  SEG=(--max-minutes 30)                    # the preset: 1,800 steps of 8 (~39 epochs of the 367 frames), ~22 min
+  PRE_MAE=(--steps 2500 --max-minutes 45)   # MAE needs no tokenizer: 500 epochs of the 367 frames, ~43 minutes,
+  PRE_MAE_MORE=(--steps 3400 --max-minutes 17)  # then resumed to 3,400 steps (the cosine restarts at its step 2,500)
+  PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images, 39 min
+  PRE_CC=(--steps 14500 --max-minutes 20.5) # ... then on the CamVid frames (64 px crops) for the hour's last 20 min
+  SEG=(--steps 2200 --max-minutes 30)       # the preset's schedule at 2,200 steps of 8 (48 epochs), ~24 min
+  SEEDS="0 1"
 fi
 PX64=(model.img_size=64 model.patch_size=8)   # 64 px squares in 8 px patches: the 8x8 grid of the tokenizer
 
@@ -45,18 +50,31 @@ step() {
                # MAE on whole 120x160 frames (the segmenter's 15x20 grid; MAE's encoder sees only a quarter of it)
     $BEIT pretrain --method beit --data "$CAMVID/images/train" --tokenizer "$RUNS/tok64_vq" --out "$RUNS/pre_beit" \
       --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=25 train.ckpt_every=300
-    $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" \
-      --preset mae_tiny_patch4_32 "${PRE_MAE[@]}" "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 \
-      train.ckpt_every=250 ;;
+    for budget in PRE_MAE PRE_MAE_MORE; do   # the second: --resume, the same run to 3,400 steps
+      declare -n b=$budget; resume=(); [ $budget = PRE_MAE ] || resume=(--resume)
+      $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" "${resume[@]}" \
+        --preset mae_tiny_patch4_32 "${b[@]}" "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 \
+        train.ckpt_every=250
+    done ;;
   cifar)       # MAE (the best method on CIFAR-10, section 8.1) on CIFAR-10 train, 32 px images upsampled to 64
     $BEIT pretrain --method mae --data "$CIFAR/train" --out "$RUNS/pre_mae_cifar" \
       --preset mae_tiny_patch4_32 "${PRE_CIFAR[@]}" "${PX64[@]}" train.log_every=50 train.ckpt_every=1000 ;;
+  cifar_camvid) # the CIFAR-10 MAE run continued on the CamVid frames (64 px crops), in a copy: one pretraining
+    rm -rf "$RUNS/pre_mae_cc" && mkdir -p "$RUNS/pre_mae_cc/checkpoints"
+    cp "$RUNS/pre_mae_cifar"/{config.yaml,metrics.jsonl,run.json} "$RUNS/pre_mae_cc/"
+    last=$(cat "$RUNS/pre_mae_cifar/checkpoints/latest")
+    cp -r "$RUNS/pre_mae_cifar/checkpoints/$last" "$RUNS/pre_mae_cifar/checkpoints/latest" "$RUNS/pre_mae_cc/checkpoints/"
+    $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae_cc" --resume --resume-anyway \
+      --preset mae_tiny_patch4_32 "${PRE_CC[@]}" "${PX64[@]}" train.log_every=50 train.ckpt_every=1000 ;;
   segment)     # same head, schedule and budget from every backbone; eval.json holds val/test of the best val mIoU
-    for init in scratch:none beit:"$RUNS/pre_beit" mae:"$RUNS/pre_mae" mae_cifar:"$RUNS/pre_mae_cifar"; do
+    for init in scratch:none beit:"$RUNS/pre_beit" mae:"$RUNS/pre_mae" mae_cifar:"$RUNS/pre_mae_cifar" \
+                mae_cifar_camvid:"$RUNS/pre_mae_cc"; do
       name=${init%%:*}; path=${init#*:}
       [ "$path" = none ] || [ -d "$path" ] || { echo "skip $name: no $path"; continue; }
-      $BEIT segment --data "$CAMVID" --init "$path" --out "$RUNS/seg_$name" --preset camvid_tiny_patch8_120x160 \
-        "${SEG[@]}" train.log_every=25
+      for seed in $SEEDS; do
+        $BEIT segment --data "$CAMVID" --init "$path" --out "$RUNS/seg_${name}_s$seed" \
+          --preset camvid_tiny_patch8_120x160 "${SEG[@]}" train.log_every=25 train.seed=$seed
+      done
     done ;;
   table)       # markdown rows: mIoU val / test, mAcc test, per-class test IoU of every segmentation run
     $PY - "$RUNS" <<'EOF'
@@ -76,7 +94,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 runs = Path(sys.argv[1])
-sheets = {p.parent.name[4:]: np.asarray(Image.open(p).convert("RGB")) for p in sorted(runs.glob("seg_*/predictions_test.png"))}
+sheets = {p.parent.name[4:-3]: np.asarray(Image.open(p).convert("RGB"))  # seed 0 of each init
+          for p in sorted(runs.glob("seg_*_s0/predictions_test.png"))}
 if sheets:
     first = next(iter(sheets.values()))
     w = first.shape[1] // 3  # each sheet: image | truth | prediction
@@ -90,7 +109,7 @@ EOF
 }
 
 if [ "${1:-all}" = all ]; then
-  for s in data baseline tokenizer pretrain cifar segment table figure; do step "$s"; done
+  for s in data baseline tokenizer pretrain cifar cifar_camvid segment table figure; do step "$s"; done
 else
   step "$1"
 fi

@@ -52,18 +52,72 @@ def main(runs: Path) -> dict:
 FULL_STEPS = {"mae": 10800, "ibot": 1800}
 
 
-def measured_minutes(runs: Path, name: str) -> list[tuple[float, float]]:
-    """(minutes, online kNN) of a run by its own clock; BEiT runs start after their tokenizer's minutes."""
+def clock(runs: Path, name: str):
+    """``step -> pretraining minutes`` of run ``pre_NAME`` by its own clock (the last logged elapsed time at or
+    before the step); BEiT runs start after their tokenizer's minutes (folder ``tok``)."""
     rows = metrics(runs / f"pre_{name}")
-    clock = [(r["step"], r["elapsed_s"]) for r in rows if "elapsed_s" in r]
+    ticks = [(r["step"], r["elapsed_s"]) for r in rows if "elapsed_s" in r]
     offset = 0.0
     if name.startswith("beit") and (runs / "tok").is_dir():
         offset = (last(metrics(runs / "tok"), "elapsed_s") or 0.0) / 60
-    out = []
-    for r in rows:
-        if "knn_top1" in r:
-            before = [e for s, e in clock if s <= r["step"]]
-            out.append((offset + (before[-1] / 60 if before else 0.0), r["knn_top1"]))
+
+    def minutes(step: int) -> float:
+        before = [e for s, e in ticks if s <= step]
+        return offset + (before[-1] / 60 if before else 0.0)
+
+    return minutes
+
+
+def measured_minutes(runs: Path, name: str) -> list[tuple[float, float]]:
+    """(minutes, online kNN) of a run by its own clock."""
+    at = clock(runs, name)
+    return [(at(r["step"]), r["knn_top1"]) for r in metrics(runs / f"pre_{name}") if "knn_top1" in r]
+
+
+def finetune_curve(runs: Path, name: str) -> list[tuple[float, float, int]]:
+    """(pretraining minutes, fine-tuned top-1, step) of run ``pre_NAME``: one point per fine-tuning of one of its
+    checkpoints (folders ``ft_curve_NAME_STEP``, started from ``snaps/pre_NAME/step_STEP``) plus the end of the
+    run (folder ``ft_NAME``, fine-tuned from the run itself), all with the same fine-tuning recipe."""
+    at = clock(runs, name)
+    pts = []
+    for ft in runs.glob(f"ft_curve_{name}_*"):
+        top1 = last(metrics(ft), "val_top1")
+        if top1 is not None:
+            step = int(ft.name.rsplit("_", 1)[1])
+            pts.append((at(step), top1, step))
+    end = last(metrics(runs / f"ft_{name}"), "val_top1")
+    if end is not None:
+        step = last(metrics(runs / f"pre_{name}"), "step")
+        pts.append((at(step), end, step))
+    return sorted(pts)
+
+
+def plot_finetune_curve(runs: Path, names: list[str], out: Path, scratch: float | None = None,
+                        pixels_knn: float | None = None) -> Path:
+    """Fine-tuned top-1 against pretraining minutes, with the from-scratch and raw-pixel lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name in names:
+        pts = finetune_curve(runs, name)
+        if pts:
+            ax.plot([m for m, _, _ in pts], [v for _, v, _ in pts], marker="o", lw=1.2, label=name)
+            for m, v, _ in pts:
+                ax.annotate(f"{v:.1f}", (m, v), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+    if scratch is not None:
+        ax.axhline(scratch, color="tab:gray", ls="-.", lw=1, label="from scratch (same fine-tuning)")
+    if pixels_knn is not None:
+        ax.axhline(pixels_knn, color="k", ls="--", lw=1, label="raw-pixel kNN")
+    ax.set_xlabel("pretraining minutes, one thread (BEiT: including its tokenizer's)")
+    ax.set_ylabel("fine-tuned test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
@@ -105,7 +159,18 @@ if __name__ == "__main__":
     ap.add_argument("plot", type=Path, nargs="?", help="write the online-kNN curve here")
     ap.add_argument("pixels_knn", type=float, nargs="?", help="the raw-pixel line on the plot")
     ap.add_argument("--measured", action="store_true", help="x axis: each run's own minutes (a CPU study)")
+    ap.add_argument("--finetune-curve", nargs="+", metavar="NAME",
+                    help="instead: fine-tuned top-1 against pretraining minutes of these runs (ft_curve_NAME_STEP "
+                         "folders and ft_NAME), plotted to PLOT with the raw-pixel line at PIXELS_KNN")
+    ap.add_argument("--scratch", type=float, help="the from-scratch line of --finetune-curve")
     a = ap.parse_args()
+    if a.finetune_curve:
+        for n in a.finetune_curve:
+            for m, v, s in finetune_curve(a.runs, n):
+                print(f"| {n} | {s} | {m:.1f} | {v:.2f} |")
+        if a.plot:
+            plot_finetune_curve(a.runs, a.finetune_curve, a.plot, a.scratch, a.pixels_knn)
+        raise SystemExit(0)
     tbl = main(a.runs)
     if a.plot:
         plot(tbl, a.plot, a.pixels_knn, a.runs if a.measured else None)
