@@ -50,12 +50,9 @@ step() {
                # MAE on whole 120x160 frames (the segmenter's 15x20 grid; MAE's encoder sees only a quarter of it)
     $BEIT pretrain --method beit --data "$CAMVID/images/train" --tokenizer "$RUNS/tok64_vq" --out "$RUNS/pre_beit" \
       --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=25 train.ckpt_every=300
-    for budget in PRE_MAE PRE_MAE_MORE; do   # the second: --resume, the same run to 3,400 steps
-      declare -n b=$budget; resume=(); [ $budget = PRE_MAE ] || resume=(--resume)
-      $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" "${resume[@]}" \
-        --preset mae_tiny_patch4_32 "${b[@]}" "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 \
-        train.ckpt_every=250
-    done ;;
+    MAE=(--preset mae_tiny_patch4_32 "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 train.ckpt_every=250)
+    $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" "${PRE_MAE[@]}" "${MAE[@]}"
+    $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" --resume "${PRE_MAE_MORE[@]}" "${MAE[@]}" ;;
   cifar)       # MAE (the best method on CIFAR-10, section 8.1) on CIFAR-10 train, 32 px images upsampled to 64
     $BEIT pretrain --method mae --data "$CIFAR/train" --out "$RUNS/pre_mae_cifar" \
       --preset mae_tiny_patch4_32 "${PRE_CIFAR[@]}" "${PX64[@]}" train.log_every=50 train.ckpt_every=1000 ;;

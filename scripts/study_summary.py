@@ -95,12 +95,7 @@ def finetune_curve(runs: Path, name: str) -> list[tuple[float, float, int]]:
 def plot_finetune_curve(runs: Path, names: list[str], out: Path, scratch: float | None = None,
                         pixels_knn: float | None = None) -> Path:
     """Fine-tuned top-1 against pretraining minutes, with the from-scratch and raw-pixel lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = _axes()
     for name in names:
         pts = finetune_curve(runs, name)
         if pts:
@@ -111,10 +106,26 @@ def plot_finetune_curve(runs: Path, names: list[str], out: Path, scratch: float 
         ax.axhline(scratch, color="tab:gray", ls="-.", lw=1, label="from scratch (same fine-tuning)")
     if pixels_knn is not None:
         ax.axhline(pixels_knn, color="k", ls="--", lw=1, label="raw-pixel kNN")
-    ax.set_xlabel("pretraining minutes, one thread (BEiT: including its tokenizer's)")
-    ax.set_ylabel("fine-tuned test top-1 (%)")
+    return _save(fig, ax, out, "pretraining minutes, one thread (BEiT: including its tokenizer's)",
+                 "fine-tuned test top-1 (%)")
+
+
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 3.6))
+
+
+def _save(fig, ax, out: Path, xlabel: str, ylabel: str, ncol: int = 1) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=ncol)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -124,12 +135,7 @@ def plot_finetune_curve(runs: Path, names: list[str], out: Path, scratch: float 
 def plot(table: dict, out: Path, pixels_knn: float | None = None, runs: Path | None = None) -> Path:
     """Online kNN top-1 against the pretraining budget: minutes by each run's own clock (``runs`` given, a CPU
     study), or the fraction of the study's one-hour CPU budget (a GPU study, mapped by images/s)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = _axes()
     for name, row in table.items():
         if runs is not None:
             pts = measured_minutes(runs, name)
@@ -140,15 +146,8 @@ def plot(table: dict, out: Path, pixels_knn: float | None = None, runs: Path | N
             ax.plot([m for m, _ in pts], [v for _, v in pts], marker=".", lw=1.2, label=name)
     if pixels_knn is not None:
         ax.axhline(pixels_knn, color="k", ls="--", lw=1, label="raw pixels")
-    ax.set_xlabel("pretraining minutes (BEiT: after its tokenizer's)" if runs is not None else
-                  "pretraining budget (minutes of the 2-core CPU, by measured images/s)")
-    ax.set_ylabel("online kNN top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, "pretraining minutes (BEiT: after its tokenizer's)" if runs is not None else
+                 "pretraining budget (minutes of the 2-core CPU, by measured images/s)", "online kNN top-1 (%)", ncol=2)
 
 
 if __name__ == "__main__":
