@@ -40,14 +40,21 @@ class Choice:
     reason: str  # one line for the log and the report
 
 
+MIN_REPS = 3  # samples before giving up on a slow kind: one sample can be a preemption on a busy machine
+
+
 def _best_seconds(fn: Callable[[], object], reps: int, give_up_after: float) -> float:
+    """Best of ``reps`` timed calls of ``fn``; stops early when the best of the first :data:`MIN_REPS` is
+    still over ``give_up_after`` (bf16 on an AVX2 CPU: no need to time it more). A single slow sample
+    never decides: with three single-thread jobs on two cores, one preempted call of a 0.2 ms matmul once
+    read as 26x slower and made ``auto`` choose fp32 on an AMX CPU."""
     fn()  # first call: oneDNN primitive creation, not counted
     best = float("inf")
-    for _ in range(reps):
+    for i in range(reps):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
-        if best > give_up_after:  # bf16 on an AVX2 CPU: no need to time it three times
+        if i + 1 >= MIN_REPS and best > give_up_after:
             break
     return best
 

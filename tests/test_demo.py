@@ -81,6 +81,9 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     for w in ("pretrained", "scratch"):
         assert 0 <= summary["finetune"][w]["top1"] <= 100
     assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
+    # the backbone's probes try every pooling and name the best one in the summary table
+    assert {summary["probe"][p]["pool"] for p in ("linear", "knn")} <= {"mean", "cls", "grid"}
+    assert f"k-NN probe ({summary['probe']['knn']['pool']} pooling)" in printed
 
     report = (out / "report.html").read_text(encoding="utf-8")
     from beit.viz.report import external_references

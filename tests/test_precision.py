@@ -75,6 +75,36 @@ def test_real_probe_returns_a_positive_ratio():
     assert precision.cpu_bf16_speedup(n=32, reps=2) > 0
 
 
+class FakeClock:
+    """``time.perf_counter`` for :func:`precision._best_seconds`: each call of ``work`` lasts the next given time."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self) -> None:
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_one_preempted_sample_does_not_decide(monkeypatch):
+    # warm-up, then one call preempted by another process (50 ms) among 0.2 ms ones: the best is the fast one
+    clock = FakeClock([1.0, 0.05, 2e-4, 2e-4, 2e-4, 2e-4])
+    monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+    assert precision._best_seconds(clock.work, reps=5, give_up_after=2e-3) == pytest.approx(2e-4)
+    assert clock.calls == 6
+
+
+def test_a_slow_kind_is_given_up_after_the_minimum_samples(monkeypatch):
+    # bf16 on an AVX2 CPU: every call slow; stop after MIN_REPS timed calls instead of all of them
+    clock = FakeClock([1.0] + [0.06] * 10)
+    monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+    assert precision._best_seconds(clock.work, reps=10, give_up_after=2e-3) == pytest.approx(0.06)
+    assert clock.calls == 1 + precision.MIN_REPS
+
+
 def _toy_run(tmp_path, monkeypatch, speedup: float, name: str, resume: bool = False, steps: int = 3):
     import sys
     from pathlib import Path

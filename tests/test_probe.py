@@ -14,7 +14,14 @@ from synthetic import make_colour_dataset
 
 from beit.config import ConfigError, ModelConfig, to_dict
 from beit.models.vit import VisionTransformer
-from beit.tasks.probe import extract_features, knn_predict, linear_probe, parse_layers
+from beit.tasks.probe import (
+    ProbeConfig,
+    extract_features,
+    knn_predict,
+    linear_probe,
+    parse_layers,
+    pool_tokens,
+)
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -83,6 +90,35 @@ def test_extract_features_pools_the_block_outputs():
     assert labels.tolist() == [0, 1, 2, 3, 4]
 
 
+def test_grid_pooling_keeps_the_layout():
+    torch.manual_seed(0)
+    B, D, h, w = 2, 3, 4, 6  # a rectangular map of patch tokens
+    tokens = torch.randn(B, 1 + h * w, D)
+    fmap = tokens[:, 1:].reshape(B, h, w, D)  # row-major patches
+    # one cell is the mean of the patch tokens
+    torch.testing.assert_close(pool_tokens(tokens, "grid", (h, w), 1), tokens[:, 1:].mean(1))
+    # 2 x 2 cells: each the mean of its quarter of the map, channel-major like a pooled conv map
+    g = pool_tokens(tokens, "grid", (h, w), 2).reshape(B, D, 2, 2)
+    torch.testing.assert_close(g[:, :, 0, 1], fmap[:, :2, 3:].mean(dim=(1, 2)))
+    torch.testing.assert_close(g[:, :, 1, 0], fmap[:, 2:, :3].mean(dim=(1, 2)))
+    # two images whose patches differ only in where they sit: same mean, different grid features
+    swapped = torch.cat([tokens[:, :1], tokens[:, 1:].flip(1)], dim=1)
+    torch.testing.assert_close(pool_tokens(swapped, "mean", (h, w)), pool_tokens(tokens, "mean", (h, w)))
+    assert not torch.allclose(pool_tokens(swapped, "grid", (h, w), 2), pool_tokens(tokens, "grid", (h, w), 2))
+
+
+def test_pool_all_extracts_three_poolings():
+    torch.manual_seed(0)
+    model = VisionTransformer(ModelConfig(**TINY)).eval()  # 4 x 4 patches of width 32
+    ds = list(zip(torch.randn(3, 3, 16, 16), torch.arange(3)))
+    feats, _ = extract_features(model, ds, [1], ["mean", "cls", "grid"], batch_size=2, grid=2)
+    assert {k: v.shape[1] for k, v in feats.items()} == {(1, "mean"): 32, (1, "cls"): 32, (1, "grid"): 32 * 4}
+    with pytest.raises(ConfigError, match="pool must be one of"):
+        ProbeConfig(pool="max")
+    with pytest.raises(ConfigError):
+        ProbeConfig(grid=0)
+
+
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
 def test_probe_cli_end_to_end(tmp_path, capsys, protocol):
     from beit.cli import main
@@ -101,3 +137,47 @@ def test_probe_cli_end_to_end(tmp_path, capsys, protocol):
     assert res["best"]["top1"] == max(r["top1"] for r in res["per_layer"])
     # colours are separable even for a random backbone's mean-pooled features
     assert max(r["top1"] for r in res["per_layer"] if r["pool"] == "mean") == 100.0
+
+
+def test_random_init_probes_the_architecture_with_fresh_weights(tmp_path, monkeypatch):
+    from beit.tasks import probe
+
+    data = make_colour_dataset(tmp_path / "data")
+    torch.manual_seed(123)
+    trained = VisionTransformer(ModelConfig(**TINY))
+    with torch.no_grad():
+        trained.cls_token.fill_(7.0)  # a "pretrained" weight the random control must not carry
+    ck = save_backbone_dir(trained, tmp_path / "backbone")
+    seen = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    cfg = probe.build_config(overrides={"protocol": "knn", "init": f"random:{ck}", "seed": 3, "num_workers": 0,
+                                        "data": {"path": str(data), "labels_per_class": 4}, "device": "cpu"})
+    res = probe.run(cfg)
+    model = seen[0]
+    assert model.cfg == trained.cfg and not torch.equal(model.cls_token, trained.cls_token)
+    torch.manual_seed(3)
+    fresh = VisionTransformer(trained.cfg)  # seeded by probe.seed: the control is reproducible
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert res["init"] == f"random:{ck}" and res["best"]["top1"] >= 0
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    """``beit probe knn --data D ... grid=2``: argparse alone rejects a key=value after the --flags when the
+    command has a positional argument before its overrides."""
+    from beit.cli import build_parser, main, parse
+
+    args = parse(build_parser(), ["probe", "knn", "k=5", "--data", "d", "--init", "pixels", "grid=2", "--seed", "1",
+                                  "temperature=0.1"])
+    assert args.protocol == "knn" and args.seed == 1 and args.overrides == ["k=5", "grid=2", "temperature=0.1"]
+    with pytest.raises(SystemExit):
+        main(["probe", "knn", "--data", "d", "--init", "pixels", "--bogus", "grid=2"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    # end to end: the override after the flags takes effect
+    data = make_colour_dataset(tmp_path / "data")
+    ck = save_backbone_dir(VisionTransformer(ModelConfig(**TINY)), tmp_path / "backbone")
+    assert main(["-q", "probe", "knn", "--data", str(data), "--init", str(ck), "--pool", "grid", "--workers", "0",
+                 "--labels-per-class", "4", "--device", "cpu", "--out", str(tmp_path / "p.json"), "grid=1"]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["config"]["grid"] == 1 and {r["pool"] for r in res["per_layer"]} == {"grid"}

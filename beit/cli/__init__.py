@@ -51,9 +51,22 @@ def _load_extra_commands() -> None:
     """Kept for callers of the former plug-in loader; every command is registered in COMMAND_GROUPS."""
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that ``key=value`` overrides may also come between or after the ``--flags``:
+    argparse hands the positional ``overrides`` list out at the first positional chunk (right after
+    ``beit probe knn``), so any later ``key=value`` would be "unrecognized"."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_GROUPS) -> int:
     parser = build_parser(groups)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")

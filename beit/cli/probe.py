@@ -31,9 +31,13 @@ def add_commands(sub) -> None:
                     "Example: beit probe knn --data cifar/ --init runs/pretrain --layers all")
     p.add_argument("protocol", choices=["linear", "knn"])
     p.add_argument("--data", required=True, help="folder with train/<class>/ and val/<class>/")
-    p.add_argument("--init", required=True, help="backbone (anything `beit.load` reads)")
+    p.add_argument("--init", required=True,
+                   help="backbone (anything `beit.load` reads); 'pixels': the raw pixels; 'random:CKPT': CKPT's "
+                        "architecture with random weights (the no-pretraining control)")
     p.add_argument("--layers", help="'all' (default) or comma-separated 0-based block indices, e.g. 5,-1")
-    p.add_argument("--pool", choices=["mean", "cls", "both"], help="token pooling (default mean)")
+    p.add_argument("--pool", choices=["mean", "cls", "grid", "both", "all"],
+                   help="token pooling: mean of the patch tokens (default), [CLS], grid (patch tokens pooled to "
+                        "grid x grid cells, grid=4), both (mean and cls) or all three")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labels-per-class", type=int, help="use N training images per class (balanced, seeded)")
     g.add_argument("--label-fraction", type=float, help="use this fraction of each class")

@@ -261,7 +261,7 @@ PRESETS: dict[str, dict] = {
         "model": preset_dict("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
         "train": {"batch_size": 64},
-        "tokenizer_preset": "vq_32",
+        "tokenizer_preset": "vq_32_small",
     },
 }
 

@@ -4,7 +4,11 @@
 the features of each block are, without training the backbone:
 
 - features are extracted **once**, without gradients, in batches, for every requested block and pooling
-  (``mean`` of the patch tokens, or the ``cls`` token) on ``DIR/train`` and ``DIR/val``;
+  on ``DIR/train`` and ``DIR/val``: ``mean`` of the patch tokens, the ``cls`` token, or ``grid``: the patch
+  tokens average-pooled to a ``grid`` x ``grid`` map and flattened (the spatial-pooling protocol of linear
+  probes on convolutional maps, e.g. Zhang et al. 2016, Goyal et al. 2019). A mean over all patches throws
+  away the layout, which small centred images (Fashion-MNIST) are mostly told apart by and the raw-pixel
+  floor keeps in full (docs/results.md section 6); ``grid`` keeps a coarse layout at a fixed size;
 - ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (as MAE's
   ``main_linprobe.py``), trained with AdamW and a cosine schedule; every
   (layer, pooling) pair gets its own head, all trained in one loop since they are independent;
@@ -14,7 +18,9 @@ the features of each block are, without training the backbone:
   final LayerNorm: their large common component otherwise makes every cosine similarity close to 1.
 
 ``--init pixels`` probes the flattened, normalised pixels at the input size instead of a backbone: the
-no-learning floor every learned feature must beat (one "layer", 0).
+no-learning floor every learned feature must beat (one "layer", 0). ``--init random:CKPT`` probes CKPT's
+architecture with fresh random weights (seeded by ``seed``): what the architecture and pooling give without
+pretraining, the control that a pretrained backbone's gain is measured against.
 
 The result is JSON: accuracy per (layer, pooling) and the best pair. Layers are 0-based block indices
 (``-1`` is the last block); a block's output is taken before the final LayerNorm.
@@ -49,10 +55,11 @@ __all__ = ["OnlineKNNProbe", "PixelFeatures", "ProbeConfig", "backbone_of", "ext
 @dataclass
 class ProbeConfig:
     protocol: str = "linear"  # linear | knn
-    init: str = ""  # backbone: anything beit.load reads, or "pixels" (flattened normalised pixels)
+    init: str = ""  # backbone: anything beit.load reads, "pixels" (flattened normalised pixels) or "random:CKPT"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     layers: str = "all"  # "all" | comma-separated 0-based block indices, negative from the end
-    pool: str = "mean"  # mean | cls | both
+    pool: str = "mean"  # mean | cls | grid | both (mean and cls) | all (mean, cls and grid)
+    grid: int = 4  # pool=grid: patch tokens average-pooled to grid x grid cells (grid*grid*width features)
     img_size: int = 0  # 0: the checkpoint's resolution
     crop_pct: float = 1.0  # resize to img_size / crop_pct, then center crop
     batch_size: int = 128  # feature extraction
@@ -72,9 +79,9 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.protocol not in ("linear", "knn"):
             raise ConfigError(f"protocol must be linear or knn, got {self.protocol!r}")
-        if self.pool not in ("mean", "cls", "both"):
-            raise ConfigError(f"pool must be mean, cls or both, got {self.pool!r}")
-        check_fields(self, "probe", {"k steps batch_size linear_batch_size": "size", "img_size num_workers": "count",
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        check_fields(self, "probe", {"k steps batch_size linear_batch_size grid": "size", "img_size num_workers": "count",
                                      "temperature lr": "positive", "weight_decay": "nonneg"})
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"probe.crop_pct must be in (0, 1], got {self.crop_pct}")
@@ -98,8 +105,12 @@ def parse_layers(spec: str, depth: int) -> list[int]:
     return sorted({i % depth for i in raw})
 
 
+RANDOM_PREFIX = "random:"  # --init random:CKPT: CKPT's architecture with random weights (the no-pretraining control)
+POOLS = {"mean": ["mean"], "cls": ["cls"], "grid": ["grid"], "both": ["mean", "cls"], "all": ["mean", "cls", "grid"]}
+
+
 def _pools(pool: str) -> list[str]:
-    return ["mean", "cls"] if pool == "both" else [pool]
+    return POOLS[pool]
 
 
 class PixelFeatures(nn.Module):
@@ -115,27 +126,41 @@ class PixelFeatures(nn.Module):
         return {(0, p): images.flatten(1) for p in pools}  # (B, C*H*W) whatever the pooling
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str, grid_hw: tuple[int, int], grid: int = 4) -> torch.Tensor:
+    """One pooling of a block's output ``(B, 1+N, D)``: ``mean`` ``(B, D)`` over the patch tokens, ``cls``
+    ``(B, D)``, or ``grid`` ``(B, D*grid*grid)``: the ``grid_hw`` map of patch tokens average-pooled to
+    ``grid`` x ``grid`` cells (adaptive, so any map size works; a map smaller than ``grid`` is repeated)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    patches = tokens[:, 1:]  # (B, N, D)
+    if pool == "mean":
+        return patches.mean(dim=1)
+    B, N, D = patches.shape
+    fmap = patches.transpose(1, 2).reshape(B, D, *grid_hw)  # (B, D, h, w)
+    return F.adaptive_avg_pool2d(fmap, grid).flatten(1)  # (B, D*grid*grid)
+
+
 def pooled_features(model: nn.Module, images: torch.Tensor, layers: list[int],
-                    pools: list[str]) -> dict[tuple[int, str], torch.Tensor]:
-    """``{(layer, pool): (B, D)}`` for one batch. ``mean``: average of the patch tokens; ``cls``: [CLS]."""
+                    pools: list[str], grid: int = 4) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(layer, pool): (B, F)}`` for one batch (see :func:`pool_tokens`)."""
     if isinstance(model, PixelFeatures):
         return model.pooled(images, layers, pools)
     outs = model.get_intermediate_layers(images, layers)  # list of (B, 1+N, D), sorted layers
-    return {(i, p): tokens[:, 1:].mean(dim=1) if p == "mean" else tokens[:, 0]
-            for i, tokens in zip(layers, outs) for p in pools}
+    hw = tuple(model.patch_embed.grid_size)
+    return {(i, p): pool_tokens(tokens, p, hw, grid) for i, tokens in zip(layers, outs) for p in pools}
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset, layers: list[int], pools: list[str], *,
                      batch_size: int = 128, device: str | torch.device = "cpu",
-                     num_workers: int = 0) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor]:
+                     num_workers: int = 0, grid: int = 4) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor]:
     """One pass over ``dataset`` (``(image, label)`` items): ``{(layer, pool): (N, D)}`` float32 features and
     the ``(N,)`` labels (see :func:`pooled_features`)."""
     model.eval().to(device)
     feats: dict[tuple[int, str], list[torch.Tensor]] = {(i, p): [] for i in layers for p in pools}
     labels = []
     for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        for key, f in pooled_features(model, images.to(device), layers, pools).items():
+        for key, f in pooled_features(model, images.to(device), layers, pools, grid).items():
             feats[key].append(f.float().cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels).long()
@@ -236,9 +261,13 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
         size = model.img_size
     else:
         overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
-        model = api.load(cfg.init, **overrides)
+        random_init = cfg.init.startswith(RANDOM_PREFIX)
+        model = api.load(cfg.init.removeprefix(RANDOM_PREFIX), **overrides)
         if not isinstance(model, VisionTransformer):
             raise ConfigError(f"--init {cfg.init}: not a vision transformer checkpoint (a tokenizer?)")
+        if random_init:  # the same architecture, freshly initialised (seeded): the probes' "from scratch"
+            torch.manual_seed(cfg.seed)
+            model = VisionTransformer(model.cfg)
         size = model.cfg.img_size
     tf = build_eval_transform(AugConfig(eval_crop_pct=cfg.crop_pct), size)
     tr, va = labelled_splits(cfg.data.path, tf, tf, labels_per_class=cfg.data.labels_per_class,
@@ -248,10 +277,9 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     device = _device(cfg.device)
     log.info("probe %s: %d train / %d val images, %d classes, blocks %s, pooling %s", cfg.protocol, len(tr),
              len(va), len(tr.classes), layers, "/".join(pools))
-    ftr, ytr = extract_features(model, tr, layers, pools, batch_size=cfg.batch_size, device=device,
-                                num_workers=cfg.num_workers)
-    fva, yva = extract_features(model, va, layers, pools, batch_size=cfg.batch_size, device=device,
-                                num_workers=cfg.num_workers)
+    kw = {"batch_size": cfg.batch_size, "device": device, "num_workers": cfg.num_workers, "grid": cfg.grid}
+    ftr, ytr = extract_features(model, tr, layers, pools, **kw)
+    fva, yva = extract_features(model, va, layers, pools, **kw)
     C = len(tr.classes)
     if cfg.protocol == "linear":
         res = linear_probe(ftr, ytr, fva, yva, C, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,

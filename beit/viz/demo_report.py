@@ -326,12 +326,16 @@ def _probe_section(demo: Demo, summary: dict) -> Section:
     return Section(
         "Probes of the frozen backbone",
         text="Without training the backbone: a linear classifier (BatchNorm + Linear) and a weighted k-NN "
-             "vote on the features of every block; the best block is reported.",
-        tables=[Table(["protocol", "features", "best block", "top-1 %"],
-                      [["linear", "pretrained backbone", ps["linear"]["layer"], ps["linear"]["top1"]],
-                       ["linear", "raw pixels (no learning)", "-", px["linear"]["top1"]],
-                       ["k-NN", "pretrained backbone", ps["knn"]["layer"], ps["knn"]["top1"]],
-                       ["k-NN", "raw pixels (no learning)", "-", px["knn"]["top1"]]],
+             "vote on the features of every block, pooled three ways (the mean of the patch tokens, the [CLS] "
+             "token, the patch tokens averaged over a 4x4 grid, which keeps the layout the raw pixels have); "
+             "the best block and pooling on the validation images is reported.",
+        tables=[Table(["protocol", "features", "best block", "pooling", "top-1 %"],
+                      [["linear", "pretrained backbone", ps["linear"]["layer"], ps["linear"].get("pool") or "mean",
+                        ps["linear"]["top1"]],
+                       ["linear", "raw pixels (no learning)", "-", "-", px["linear"]["top1"]],
+                       ["k-NN", "pretrained backbone", ps["knn"]["layer"], ps["knn"].get("pool") or "mean",
+                        ps["knn"]["top1"]],
+                       ["k-NN", "raw pixels (no learning)", "-", "-", px["knn"]["top1"]]],
                       caption="same labelled images and validation images for both features")],
         commands=st.commands + bl.commands, notes=_notes(st) + _notes(bl))
 
