@@ -106,6 +106,9 @@ class ModelConfig:
     use_rel_pos_bias: bool = False  # one table per layer (fine-tuning)
     use_mean_pooling: bool = True  # classification: mean of patch tokens -> LayerNorm -> Linear
     use_fc_norm: bool | None = None  # LayerNorm after pooling, none per token; None: with mean pooling + classes
+    # >0: the classifier reads the patch tokens (each through fc_norm) averaged over a head_grid x head_grid grid
+    # (head_grid^2 * embed_dim inputs) instead of their mean: keeps the layout (docs/results.md section 6)
+    head_grid: int = 0
     num_classes: int = 0  # >0 adds a classification head
     vocab_size: int = 0  # >0 adds a masked-image-modeling head (and the [MASK] embedding)
     use_mask_token: bool = False  # [MASK] embedding without an MIM head (iBOT student)
@@ -115,7 +118,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.img_size = normalize_img_size(self.img_size, "model.img_size")
         check_fields(self, "model", {"img_size patch_size in_chans embed_dim depth num_heads": "size",
-                                     "num_classes vocab_size": "count", "mlp_ratio layer_norm_eps": "positive",
+                                     "num_classes vocab_size head_grid": "count", "mlp_ratio layer_norm_eps": "positive",
                                      "drop_rate attn_drop_rate drop_path_rate": "rate",
                                      "layer_scale_init init_std head_init_scale": "nonneg"})
         if any(s % self.patch_size for s in image_hw(self.img_size)):

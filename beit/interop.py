@@ -186,6 +186,12 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
     return from_dict(ModelConfig, kw, prefix="model.")
 
 
+def _no_grid_head(cfg: ModelConfig, lib: str) -> None:
+    if cfg.head_grid and cfg.num_classes > 0:
+        raise ConfigError(f"{lib} has no grid-pooled classifier (this model has model.head_grid="
+                          f"{cfg.head_grid}); load it with num_classes=0 to export the backbone")
+
+
 def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model('beit_base_patch16_224', pretrained=False, **args)`` that
     build timm's ``Beit`` with exactly our architecture (timm >= 1.0; any ``beit_*`` name works, the
@@ -193,6 +199,7 @@ def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.layer_norm_eps != 1e-6:
         log.warning("timm's Beit uses LayerNorm eps 1e-6; this model uses %g", cfg.layer_norm_eps)
     fc = uses_fc_norm(cfg)
+    _no_grid_head(cfg, "timm Beit")
     if fc and not cfg.use_mean_pooling:
         raise ConfigError("timm Beit cannot express fc_norm with [CLS] pooling")
     if not fc and cfg.use_mean_pooling and cfg.num_classes > 0:
@@ -338,6 +345,7 @@ def model_config_to_hf_config(cfg: ModelConfig, arch: str | None = None) -> dict
     ``fc_norm`` with [CLS] pooling)."""
     arch = arch or hf_arch_for(cfg)
     fc = uses_fc_norm(cfg)
+    _no_grid_head(cfg, "HF Beit")
     if not isinstance(cfg.img_size, int):  # HF re-reads its tables as square ones at a non-square size
         raise ConfigError(f"HF Beit supports square models only; this one is {cfg.img_hw[0]}x{cfg.img_hw[1]} "
                           "(export it as timm, or load it at a square img_size first)")

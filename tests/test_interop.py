@@ -253,3 +253,24 @@ def test_errors_are_clear(tmp_path):
     torch.save({"w": torch.ones(1)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="patch_embed"):
         load_any(tmp_path / "x.pth")
+
+
+def test_grid_head_is_not_exported_but_its_backbone_is(tmp_path):
+    import yaml
+
+    from beit import api
+    from beit.checkpoint import save_weights_dir
+    from beit.config import to_dict
+
+    cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3, head_grid=2)
+    model = VisionTransformer(cfg)
+    for fmt in ("hf", "timm"):
+        with pytest.raises(ConfigError, match="grid-pooled classifier"):
+            export(model, tmp_path / fmt, fmt)
+    ck = tmp_path / "ck"
+    save_weights_dir(ck, {f"model.{k}": v for k, v in model.state_dict().items()}, {"state_prefix": "model."},
+                     yaml.safe_dump({"model": to_dict(cfg)}))
+    again = api.load(ck)
+    assert again.cfg.head_grid == 2 and again.head.in_features == 32 * 4
+    backbone = api.load(ck, num_classes=0)  # what the error message suggests
+    assert export(backbone, tmp_path / "hf_backbone", "hf").exists()

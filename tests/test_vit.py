@@ -167,6 +167,24 @@ def test_intermediate_layers_and_head():
     torch.testing.assert_close(cls(x), cls.head(cls.forward_features(x)[:, 0]))
 
 
+def test_grid_head_reads_the_layout():
+    m = tiny(img_size=(32, 48), num_classes=5, head_grid=2)  # 4x6 patches of width 32, 2x2 cells
+    assert m.head.in_features == 32 * 4
+    x = torch.randn(2, 3, 32, 48)
+    tokens = m.forward_features(x)
+    feats = m.forward_head(tokens, pre_logits=True)  # (B, D*2*2): channel-major cells, as a pooled conv map
+    normed = m.fc_norm(tokens[:, 1:]).reshape(2, 4, 6, 32)  # (B, h, w, D), LayerNorm per token
+    torch.testing.assert_close(feats.reshape(2, 32, 2, 2)[:, :, 1, 0], normed[:, 2:, :3].mean(dim=(1, 2)))
+    torch.testing.assert_close(m(x), m.head(feats))
+    # the same patch tokens in another place: the mean head cannot tell, the grid head can
+    moved = torch.cat([tokens[:, :1], tokens[:, 1:].flip(1)], dim=1)
+    mean_head = tiny(img_size=(32, 48), num_classes=5)
+    torch.testing.assert_close(mean_head.forward_head(moved), mean_head.forward_head(tokens))
+    assert not torch.allclose(m.forward_head(moved), m.forward_head(tokens))
+    with pytest.raises(ConfigError):
+        ModelConfig(head_grid=-1)
+
+
 def test_copy_shared_rel_pos_bias_keeps_outputs():
     m = tiny(use_shared_rel_pos_bias=True, num_classes=3)
     x = torch.randn(2, 3, 32, 32)

@@ -383,7 +383,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if fc else nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if fc else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        head_in = D * cfg.head_grid**2 if cfg.head_grid else D
+        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.lm_head = nn.Linear(D, cfg.vocab_size) if cfg.vocab_size > 0 else None
         self.init_weights()
 
@@ -543,7 +544,14 @@ class VisionTransformer(nn.Module):
         return attn
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, 1+L, D)`` -> ``(B, num_classes)``: mean of patch tokens + ``fc_norm``, or [CLS]."""
+        """``(B, 1+L, D)`` -> ``(B, num_classes)``: mean of patch tokens + ``fc_norm``, or [CLS]; with
+        ``head_grid`` G: the patch tokens through ``fc_norm``, averaged over a G x G grid, flattened ``(B, D*G*G)``."""
+        if self.cfg.head_grid:
+            patches = self.fc_norm(tokens[:, 1:])  # (B, N, D)
+            B, _, D = patches.shape
+            fmap = patches.transpose(1, 2).reshape(B, D, *self.patch_embed.grid_size)  # (B, D, h, w)
+            x = self.head_drop(F.adaptive_avg_pool2d(fmap, self.cfg.head_grid).flatten(1))  # (B, D*G*G)
+            return x if pre_logits else self.head(x)
         x = tokens[:, 1:].mean(dim=1) if self.cfg.use_mean_pooling else tokens[:, 0]  # (B, D)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
