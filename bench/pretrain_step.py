@@ -8,23 +8,22 @@ masked positions only; HF runs it on every patch and then keeps the masked logit
 timed alternately, step by step, so machine noise hits both alike; the median over ``--iters`` steps after
 ``--warmup`` steps is reported.
 
-Also printed: the full step including the frozen tokenizer's ``encode`` (``vq_32_small``, the tiny BEiT preset's tokenizer, for tiny,
-``dalle_112`` for base; random weights: the cost does not depend on them), model FLOP utilisation against
-a large matmul timed in the same run (the machine's ceiling for that dtype), and masks/s of
-:func:`beit.masking.block_mask`.
+Also printed: the full step including the frozen tokenizer's ``encode`` (tiny: ``vq_32_small``, the tiny
+BEiT preset's tokenizer; base: ``dalle_112``; ``--tokenizer`` picks another; random weights: the cost does
+not depend on them), model FLOP utilisation against a large matmul timed in the same run (the machine's
+ceiling for that dtype), and masks/s of :func:`beit.masking.block_mask`.
 
 Every output starts with the machine (CPU model and ISA level or GPU, threads, torch: :mod:`beit.machine`).
 
     python bench/pretrain_step.py                       # tiny and base; auto, fp32 and bf16
     python bench/pretrain_step.py --configs tiny --iters 20 --dtype auto,fp32 --threads 2
     python bench/pretrain_step.py --configs base --device cuda --dtype bf16,fp16 --json out.json
-    python bench/pretrain_step.py --configs tiny --dtype auto --tokenizer vq_32 --tokenizer-hid 32
+    python bench/pretrain_step.py --configs tiny --dtype auto --tokenizer vq_32
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -53,7 +52,6 @@ class Setup:
     batch: int
     warmup: int
     iters: int
-    tokenizer_hid: int = 0  # n_hid of the tokenizer (0: its preset's)
 
 
 SETUPS = {
@@ -105,10 +103,7 @@ def make_batch(setup: Setup, model_cfg, tok_size: int, vocab: int, device: torch
 
 def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool = False, count_flops: bool = True):
     model_cfg = from_dict(type(get_preset(setup.preset)), {**to_dict(get_preset(setup.preset)), "drop_path_rate": 0.1})
-    tok_cfg = get_tokenizer_preset(setup.tokenizer)
-    if setup.tokenizer_hid:
-        tok_cfg = dataclasses.replace(tok_cfg, n_hid=setup.tokenizer_hid)
-    tok = Tokenizer(tok_cfg).eval().to(device)
+    tok = Tokenizer(get_tokenizer_preset(setup.tokenizer)).eval().to(device)
     vocab, tok_size = tok.vocab_size, tok.cfg.img_size
     batch = make_batch(setup, model_cfg, tok_size, vocab, device)
     torch.manual_seed(0)
@@ -218,8 +213,7 @@ def bench_one(setup: Setup, dtype: str, device: torch.device, compile_ours: bool
     B = setup.batch
     return {"config": setup.name, "preset": setup.preset, "dtype": dtype, "batch": B,
             "ours_img_s": B / w_ours, "hf_img_s": B / w_hf, "ours_over_hf": w_hf / w_ours,
-            "ours_over_hf_cpu_time": c_hf / c_ours, "tokenizer": setup.tokenizer + (f" n_hid {setup.tokenizer_hid}" if setup.tokenizer_hid else ""),
-            "tokenizer_s": t_tok,
+            "ours_over_hf_cpu_time": c_hf / c_ours, "tokenizer": setup.tokenizer, "tokenizer_s": t_tok,
             "ours_plus_tokenizer_img_s": B / (w_ours + t_tok), "tokenizer_share": t_tok / w_ours,
             "ours_flops": f_ours, "hf_flops": f_hf, "ours_s": w_ours, "hf_s": w_hf}
 
@@ -250,7 +244,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=0, help="batch size (0: per-config default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--tokenizer", help="tokenizer preset for every config (default: vq_32_small tiny, dalle_112 base)")
-    ap.add_argument("--tokenizer-hid", type=int, default=0, help="the tokenizer's n_hid (0: its preset's)")
     ap.add_argument("--json", metavar="PATH", help="also write the machine and every row as JSON here")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our method (HF stays eager: not a like-for-like ratio; minutes to compile)")
@@ -271,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.configs.split(","):
         base = SETUPS[name]
         setup = Setup(base.name, base.preset, args.tokenizer or base.tokenizer, args.batch or base.batch,
-                      base.warmup if args.warmup < 0 else args.warmup, args.iters or base.iters, args.tokenizer_hid)
+                      base.warmup if args.warmup < 0 else args.warmup, args.iters or base.iters)
         flops = None
         for label, dtype in resolved.items():
             row = bench_one(setup, dtype, device, args.compile, flops)

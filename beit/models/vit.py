@@ -327,6 +327,15 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------- the model
 
 
+def grid_pool(patches: torch.Tensor, grid_hw: tuple[int, int], grid: int) -> torch.Tensor:
+    """Patch tokens ``(B, h*w, D)`` in row-major order -> ``(B, D*grid*grid)``: the ``(h, w)`` map averaged
+    over ``grid`` x ``grid`` cells (adaptive, any map size), channel-major like a pooled convolutional map.
+    The layout-keeping pooling of the grid classifier (``model.head_grid``) and of ``beit probe --pool grid``."""
+    B, _, D = patches.shape
+    fmap = patches.transpose(1, 2).reshape(B, D, *grid_hw)  # (B, D, h, w)
+    return F.adaptive_avg_pool2d(fmap, grid).flatten(1)
+
+
 def uses_fc_norm(cfg: ModelConfig) -> bool:
     """Whether the LayerNorm sits after pooling (``fc_norm``) instead of on every token (``norm``).
 
@@ -548,9 +557,7 @@ class VisionTransformer(nn.Module):
         ``head_grid`` G: the patch tokens through ``fc_norm``, averaged over a G x G grid, flattened ``(B, D*G*G)``."""
         if self.cfg.head_grid:
             patches = self.fc_norm(tokens[:, 1:])  # (B, N, D)
-            B, _, D = patches.shape
-            fmap = patches.transpose(1, 2).reshape(B, D, *self.patch_embed.grid_size)  # (B, D, h, w)
-            x = self.head_drop(F.adaptive_avg_pool2d(fmap, self.cfg.head_grid).flatten(1))  # (B, D*G*G)
+            x = self.head_drop(grid_pool(patches, self.patch_embed.grid_size, self.cfg.head_grid))  # (B, D*G*G)
             return x if pre_logits else self.head(x)
         x = tokens[:, 1:].mean(dim=1) if self.cfg.use_mean_pooling else tokens[:, 0]  # (B, D)
         x = self.head_drop(self.fc_norm(x))
@@ -578,6 +585,7 @@ class VisionTransformer(nn.Module):
 __all__ = [
     "VisionTransformer",
     "gather_relative_bias",
+    "grid_pool",
     "num_relative_distance",
     "relative_position_index",
     "sincos_pos_embed",

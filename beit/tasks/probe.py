@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, check_fields, resolve
 from ..data.folder import ImageFolder
-from ..models.vit import VisionTransformer
+from ..models.vit import VisionTransformer, grid_pool
 from .augment import AugConfig, build_eval_transform
 from .finetune import FinetuneDataConfig, balanced_subset, labelled_splits, topk_correct
 
@@ -109,10 +109,6 @@ RANDOM_PREFIX = "random:"  # --init random:CKPT: CKPT's architecture with random
 POOLS = {"mean": ["mean"], "cls": ["cls"], "grid": ["grid"], "both": ["mean", "cls"], "all": ["mean", "cls", "grid"]}
 
 
-def _pools(pool: str) -> list[str]:
-    return POOLS[pool]
-
-
 class PixelFeatures(nn.Module):
     """The no-learning baseline as a "backbone" of one layer: the normalised image, flattened."""
 
@@ -133,11 +129,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, grid_hw: tuple[int, int], grid:
     if pool == "cls":
         return tokens[:, 0]
     patches = tokens[:, 1:]  # (B, N, D)
-    if pool == "mean":
-        return patches.mean(dim=1)
-    B, N, D = patches.shape
-    fmap = patches.transpose(1, 2).reshape(B, D, *grid_hw)  # (B, D, h, w)
-    return F.adaptive_avg_pool2d(fmap, grid).flatten(1)  # (B, D*grid*grid)
+    return patches.mean(dim=1) if pool == "mean" else grid_pool(patches, grid_hw, grid)
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor, layers: list[int],
@@ -273,7 +265,7 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     tr, va = labelled_splits(cfg.data.path, tf, tf, labels_per_class=cfg.data.labels_per_class,
                              label_fraction=cfg.data.label_fraction, seed=cfg.seed)
     layers = parse_layers(cfg.layers, model.num_layers)
-    pools = _pools(cfg.pool)
+    pools = POOLS[cfg.pool]
     device = _device(cfg.device)
     log.info("probe %s: %d train / %d val images, %d classes, blocks %s, pooling %s", cfg.protocol, len(tr),
              len(va), len(tr.classes), layers, "/".join(pools))
