@@ -105,6 +105,9 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     for c in commands:
         parser.parse_args(shlex.split(c)[1:])
     assert any("--init none" in c for c in commands)
+    # the pretrained and the scratch rows are fine-tuned with the same recipe
+    finetunes = [c for c in commands if c.startswith("beit finetune")]
+    assert len(finetunes) == 2 and all(o in c.split() for c in finetunes for o in demo.FINETUNE_RECIPE)
 
     # and the page renders with every picture in a real browser, if there is one
     try:
