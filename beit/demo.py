@@ -56,7 +56,7 @@ TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same 
 DEMO_ARCH = ["model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
 # Both fine-tunings (pretrained and scratch, the same recipe) classify from a 4x4 grid of the patch tokens: with
 # 20 labels per class it gave +6.4 (from MAE) and +23.4 (from scratch) over the mean; and at twice the preset's
-# lr (tuned on CIFAR-10's 1,000 labels): with 200 images it gave +2.1 from MAE and +4.6 from scratch, mean of
+# lr (tuned on CIFAR-10's 1,000 labels): with 200 images it gave +2.0 from MAE and +4.6 from scratch, mean of
 # three label draws (docs/results.md section 6)
 FINETUNE_RECIPE = ["model.head_grid=4", "optim.lr=2e-3"]
 LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"

@@ -60,14 +60,16 @@ def _run_preset(name: str, **extra: Any) -> dict:
     return {"model": to_dict(TOKENIZER_PRESETS[name]), **extra}
 
 
+_VQ_TRAINING = {"objective": {"recon": "mse"}, "optim": {"lr": 2e-3}}  # the VQ presets' training defaults
+
 # A run preset = the tokenizer architecture of the same name + training defaults sized for it.
 RUN_PRESETS: dict[str, dict] = {
     "dvae_32": _run_preset("dvae_32"),
     # measured on CIFAR-10 (docs/results.md): 23.3 dB test PSNR, 99.6% of the codes in use after 20 minutes
     # on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there fastest
-    "vq_32": _run_preset("vq_32", objective={"recon": "mse"}, optim={"lr": 2e-3}),
+    "vq_32": _run_preset("vq_32", **_VQ_TRAINING),
     # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning (docs/results.md section 8.3)
-    "vq_32_small": _run_preset("vq_32_small", objective={"recon": "mse"}, optim={"lr": 2e-3}),
+    "vq_32_small": _run_preset("vq_32_small", **_VQ_TRAINING),
     "dvae_64": _run_preset("dvae_64"),
     "dalle_112": _run_preset(
         "dalle_112",

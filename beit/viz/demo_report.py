@@ -330,12 +330,10 @@ def _probe_section(demo: Demo, summary: dict) -> Section:
              "token, the patch tokens averaged over a 4x4 grid, which keeps the layout the raw pixels have); "
              "the best block and pooling on the validation images is reported.",
         tables=[Table(["protocol", "features", "best block", "pooling", "top-1 %"],
-                      [["linear", "pretrained backbone", ps["linear"]["layer"], ps["linear"].get("pool") or "mean",
-                        ps["linear"]["top1"]],
-                       ["linear", "raw pixels (no learning)", "-", "-", px["linear"]["top1"]],
-                       ["k-NN", "pretrained backbone", ps["knn"]["layer"], ps["knn"].get("pool") or "mean",
-                        ps["knn"]["top1"]],
-                       ["k-NN", "raw pixels (no learning)", "-", "-", px["knn"]["top1"]]],
+                      [row for key, name in (("linear", "linear"), ("knn", "k-NN")) for row in (
+                          [name, "pretrained backbone", ps[key]["layer"], ps[key].get("pool") or "mean",
+                           ps[key]["top1"]],
+                          [name, "raw pixels (no learning)", "-", "-", px[key]["top1"]])],
                       caption="same labelled images and validation images for both features")],
         commands=st.commands + bl.commands, notes=_notes(st) + _notes(bl))
 
