@@ -10,6 +10,7 @@ results table carries :func:`describe`'s line so a figure is never read without 
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -23,6 +24,10 @@ ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("AVX2", ("avx2",)),
 )
 _TORCH_LEVELS = {"AVX512": "AVX-512", "AVX2": "AVX2"}
+# environment variables that cap the instruction set the libraries use below what the CPU has: with all three at
+# AVX2 an AVX-512/AMX CPU computes like an AVX2-only one (bf16 matmul ~100x slower than fp32), which is how the
+# AVX2 path is measured on a machine without such a CPU (docs/results.md section 5)
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -48,6 +53,12 @@ def isa_level(flags: set[str] | None = None, torch_capability: str | None = None
     return _TORCH_LEVELS.get(cap, cap)
 
 
+def isa_limits(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The :data:`ISA_LIMIT_VARS` set in this process's environment (empty: the libraries use all the CPU has)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in ISA_LIMIT_VARS if environ.get(k)}
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     if cpuinfo is None:
         try:
@@ -65,6 +76,8 @@ def info(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     out = {"cpu": cpu_model(), "isa": isa_level(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device.type}
+    if isa_limits():
+        out["isa_limits"] = isa_limits()
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = torch.version.cuda
@@ -76,7 +89,9 @@ def describe(device: torch.device | str = "cpu") -> str:
     i = info(device)
     where = (f"{i['gpu']} (CUDA {i['cuda']}), host {i['cpu']}" if "gpu" in i
              else f"{i['cpu']}, {i['isa']} (torch: {i['torch_cpu_capability']})")
+    if "isa_limits" in i and "gpu" not in i:
+        where += ", limited by " + " ".join(f"{k}={v}" for k, v in i["isa_limits"].items())
     return f"{where}, {i['threads']} threads, torch {i['torch']}"
 
 
-__all__ = ["ISA_LEVELS", "cpu_flags", "cpu_model", "describe", "info", "isa_level"]
+__all__ = ["ISA_LEVELS", "ISA_LIMIT_VARS", "cpu_flags", "cpu_model", "describe", "info", "isa_level", "isa_limits"]

@@ -33,3 +33,15 @@ def test_cpu_model_and_description():
     line = machine.describe()
     assert "threads" in line and "torch " in line and machine.isa_level() in line
     assert set(machine.info()) >= {"cpu", "isa", "threads", "torch", "device"}
+
+
+def test_isa_limits_are_named_in_the_description(monkeypatch):
+    for var in machine.ISA_LIMIT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert machine.isa_limits() == {} and "limited by" not in machine.describe()
+    assert "isa_limits" not in machine.info()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert machine.isa_limits() == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert machine.describe().count("limited by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2") == 1
+    assert machine.info()["isa_limits"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

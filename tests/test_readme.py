@@ -4,11 +4,13 @@ Substitutions, and nothing else: ``--steps N``/``--epochs N`` become 2 steps, tr
 batch and no worker processes, and the folders the README names (``my_images/``...) are generated here.
 Not run here: ``make setup``/``make test`` (that is ``.ci/run``), ``beit demo`` (tests/test_demo.py runs its
 fast variant), and the ImageNet-on-GPUs ``torchrun`` lines, which are parsed by the real parser and checked
-for known presets; the CPU ``torchrun`` line runs with 2 processes.
+for known presets; the CPU ``torchrun`` line runs with 2 processes; a ``VAR=value beit ...`` line runs in a new
+process with those variables set (they must be set before torch loads).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -18,9 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import beit
+from beit import machine
 from beit.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +97,18 @@ def test_readme_commands_run(workdir):
     beit_cmds = [c for c in cmds if c.startswith("beit ")]
     assert len(beit_cmds) >= 12, beit_cmds
     parser = build_parser()
-    ran, ran_ddp = 0, False
+    ran, ran_ddp, ran_env = 0, False, 0
     for cmd in cmds:
         argv = shlex.split(cmd)
+        env_words = list(itertools.takewhile(lambda w: "=" in w, argv))
+        if env_words:  # `VAR=value beit ...`: a variable that must be set before torch loads, so a new process
+            argv = argv[len(env_words):]
+            assert argv[0] == "beit", cmd
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **dict(w.split("=", 1) for w in env_words))
+            subprocess.run([sys.executable, "-m", "beit", *shrink(argv[1:])], env=env, check=True, capture_output=True,
+                           timeout=600, cwd=workdir)
+            ran_env += 1
+            continue
         if argv[0] in ("make", "source"):
             continue
         if argv[:2] == ["beit", "demo"]:
@@ -113,7 +126,7 @@ def test_readme_commands_run(workdir):
         code = main(shrink(argv[1:]))
         assert code == 0, cmd
         ran += 1
-    assert ran == len(beit_cmds) - 1
+    assert ran == len(beit_cmds) - 1 and ran_env >= 1
     assert ran_ddp, "the README's CPU torchrun line did not run"
     assert (workdir / "export/hf/config.json").is_file()
     assert (workdir / "export/timm/config.json").is_file()
@@ -131,3 +144,6 @@ def test_readme_commands_run(workdir):
         ids = scope["tok"].encode(images)
         assert ids.shape == (2, 8, 8) and scope["tok"].decode(ids).shape == (2, 3, 32, 32)
     assert isinstance(beit.load(workdir / "runs/beit"), beit.VisionTransformer)
+    # the AVX2-capped run (section "Precision on your CPU"): auto measured bf16 as slow and ran in fp32
+    if "avx2" in machine.cpu_flags():
+        assert yaml.safe_load((workdir / "runs/mae_avx2/config.yaml").read_text())["train"]["precision"] == "fp32"
