@@ -19,10 +19,10 @@ def test_tokenizer_text_follows_the_quantizer_and_grid():
 
 def test_pretraining_text_follows_the_method_and_masking():
     beit = pretraining_text(to_dict(pretrain.build_config("beit_tiny_patch4_32")))
-    assert beit.startswith("BEiT pretraining: 26 of the 64 patches are masked in blocks")  # round(0.4 * 8 * 8)
-    random = pretraining_text(to_dict(pretrain.build_config("beit_tiny_patch4_32", None, ["beit.masking=random",
-                                                                                         "beit.num_masked=10"])))
-    assert "10 of the 64 patches are masked uniformly" in random
+    assert beit.startswith("BEiT pretraining: 26 of the 64 patches are masked uniformly")  # round(0.4 * 8 * 8)
+    block = pretraining_text(to_dict(pretrain.build_config("beit_tiny_patch4_32", None, ["beit.masking=block",
+                                                                                        "beit.num_masked=10"])))
+    assert "10 of the 64 patches are masked in blocks" in block
     mae = pretraining_text(to_dict(pretrain.build_config("mae_tiny_patch4_32")))
     assert mae.startswith("MAE pretraining: 75% of the patches are masked") and "visible patches" in mae
     assert method_name("ibot") == "iBOT" and method_name("new") == "NEW"
