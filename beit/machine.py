@@ -27,7 +27,8 @@ _TORCH_LEVELS = {"AVX512": "AVX-512", "AVX2": "AVX2"}
 # environment variables that cap the instruction set the libraries use below what the CPU has: with all three at
 # AVX2 an AVX-512/AMX CPU computes like an AVX2-only one (bf16 matmul ~100x slower than fp32), which is how the
 # AVX2 path is measured on a machine without such a CPU (docs/results.md section 5)
-ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+ISA_LIMIT_VARS = tuple(AVX2_CAPS)
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -76,8 +77,8 @@ def info(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     out = {"cpu": cpu_model(), "isa": isa_level(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device.type}
-    if isa_limits():
-        out["isa_limits"] = isa_limits()
+    if limits := isa_limits():
+        out["isa_limits"] = limits
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = torch.version.cuda
@@ -87,11 +88,10 @@ def info(device: torch.device | str = "cpu") -> dict:
 def describe(device: torch.device | str = "cpu") -> str:
     """One line: ``GPU name (CUDA x)`` on CUDA, else ``CPU model, ISA (torch: level)``; threads, torch."""
     i = info(device)
+    caps = "".join(f" {k}={v}" for k, v in i.get("isa_limits", {}).items())
     where = (f"{i['gpu']} (CUDA {i['cuda']}), host {i['cpu']}" if "gpu" in i
-             else f"{i['cpu']}, {i['isa']} (torch: {i['torch_cpu_capability']})")
-    if "isa_limits" in i and "gpu" not in i:
-        where += ", limited by " + " ".join(f"{k}={v}" for k, v in i["isa_limits"].items())
+             else f"{i['cpu']}, {i['isa']} (torch: {i['torch_cpu_capability']})" + (f", limited by{caps}" if caps else ""))
     return f"{where}, {i['threads']} threads, torch {i['torch']}"
 
 
-__all__ = ["ISA_LEVELS", "ISA_LIMIT_VARS", "cpu_flags", "cpu_model", "describe", "info", "isa_level", "isa_limits"]
+__all__ = ["AVX2_CAPS", "ISA_LEVELS", "ISA_LIMIT_VARS", "cpu_flags", "cpu_model", "describe", "info", "isa_level", "isa_limits"]

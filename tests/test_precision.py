@@ -144,15 +144,12 @@ def test_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
     assert [r["precision"] for r in rows if r["step"] > 3] == ["bf16", "bf16"]
 
 
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-@pytest.mark.skipif(not any(f in beit_machine.cpu_flags() for f in ("avx2",)), reason="needs an x86 CPU with AVX2")
+@pytest.mark.skipif("avx2" not in beit_machine.cpu_flags(), reason="needs an x86 CPU with AVX2")
 def test_auto_is_fp32_when_the_libraries_are_capped_at_avx2():
     """The real measurement, not a stub, in a process whose libraries are capped at AVX2 (how an AVX2-only CPU
     computes: bf16 matmuls ~100x slower than fp32, so the decision has a wide margin either way)."""
     code = ("import torch; from beit import precision; torch.set_num_threads(1); "
             "c = precision.resolve('auto', 'cpu'); print(torch.backends.cpu.get_cpu_capability(), c.precision)")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **AVX2_ONLY}, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **beit_machine.AVX2_CAPS}, capture_output=True,
                          text=True, timeout=120, check=True).stdout.split()
     assert out == ["AVX2", "fp32"]
