@@ -41,8 +41,8 @@ class Step:
 class Check:
     """Runs the steps in order against a time budget, recording each in ``self.steps`` and the JSON file."""
 
-    def __init__(self, out: Path, work: Path, dry_run: bool, budget_s: float) -> None:
-        self.out, self.work, self.dry, self.budget = out, work, dry_run, budget_s
+    def __init__(self, out: Path, work: Path, dry_run: bool, budget_s: float, only: list[str] | None = None) -> None:
+        self.out, self.work, self.dry, self.budget, self.only = out, work, dry_run, budget_s, only
         self.t0 = time.perf_counter()
         self.steps: list[Step] = []
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -70,8 +70,11 @@ class Check:
         return st
 
     def run(self, name: str, argv: list[str], timeout: float, cuda_only: bool = False, check=None,
-            expect_rc: int = 0) -> Step:
-        """Run ``argv`` (a subprocess, its own process group); ``check(step, output)`` may add details or fail it."""
+            expect_rc: int = 0, notes=None) -> Step:
+        """Run ``argv`` (a subprocess, its own process group); ``check(step, output)`` may add details or fail it;
+        ``notes(step, output)`` adds details whatever the outcome."""
+        if self.only and not any(name.startswith(o) for o in self.only):
+            return self.skip(name, "not selected (--only)")
         if cuda_only and self.dry:
             return self.skip(name, "dry run: needs CUDA")
         if self.left() < 10:
@@ -85,6 +88,8 @@ class Check:
         st.output_tail = output[-3000:]
         st.details["returncode"] = rc
         st.status = "pass" if rc == expect_rc else "fail"
+        if notes is not None:
+            notes(st, output)
         if check is not None and st.status == "pass":
             try:
                 check(st, output)
@@ -187,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "checkpoints never land beside the results)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes; CUDA-only steps skipped with a message")
     ap.add_argument("--budget-s", type=float, default=450.0, help="no new step starts after this many seconds")
+    ap.add_argument("--only", help="comma-separated step names (or their beginnings) to run, e.g. "
+                                   "'pytest,pretrain_mae,torchrun'; the others are recorded as skipped. A step that "
+                                   "needs another's output (BEiT needs the tokenizer) needs it selected too")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     work = Path(a.work).resolve() if a.work else Path(tempfile.gettempdir()) / "beit_gpu_check"
     shutil.rmtree(work / "runs", ignore_errors=True)
     (work / "runs").mkdir(parents=True, exist_ok=True)
-    c = Check(out, work, a.dry_run, a.budget_s)
+    c = Check(out, work, a.dry_run, a.budget_s, [o.strip() for o in a.only.split(",")] if a.only else None)
     environment(c)
     root = data(c)
     plan(c, root, work / "runs")
@@ -207,8 +215,13 @@ def plan(c: Check, root: Path, runs: Path) -> None:
     py, beit = sys.executable, [sys.executable, "-m", "beit"]
     S = dict(steps=30, batch=64, workers=4, ddp_steps=10) if not c.dry else dict(steps=2, batch=8, workers=0, ddp_steps=2)
     common = ["--device", c.device, "--workers", str(S["workers"]), "train.log_every=1"]
-    c.run("pytest_cuda", [py, "-m", "pytest", "-q", "-rA", "-s", "-p", "no:xdist", "-m", "cuda",
-                          "tests/test_cuda.py", "tests/test_attention.py"], 300, cuda_only=True)
+    # no:logging: torch.compile's DEBUG records would fill the output and hide the failures
+    c.run("pytest_cuda", [py, "-m", "pytest", "-q", "-rA", "-s", "--tb=short", "-p", "no:xdist", "-p", "no:logging",
+                          "-m", "cuda", "tests/test_cuda.py", "tests/test_attention.py"], 300, cuda_only=True,
+          notes=_pytest_failures)
+    att = c.work / "attention.json"
+    c.run("attention_kernels", [py, "bench/attention_kernels.py", "--json", str(att), *(["--small"] if c.dry else [])],
+          150, check=_attention_summary(att))
     tok = runs / "tok"
     c.run("tokenizer", [*beit, "tokenizer", "train", "--data", str(root / "unlabelled"), "--out", str(tok),
                         "--preset", "vq_32", "--steps", str(S["steps"]), "--batch-size", str(S["batch"]), *common],
@@ -223,7 +236,6 @@ def plan(c: Check, root: Path, runs: Path) -> None:
     c.run("pretrain_beit_bf16", [*beit, *pretrain_argv("beit", "bf16", first, S["steps"])], 120,
           check=training_check(first, S["steps"], "bf16"))
     downstream(c, root, runs, first, beit, S, common)
-    bench(c, py)
     for method, prec in (("beit", "fp16"), ("mae", "bf16"), ("mae", "fp16"), ("ibot", "bf16"), ("ibot", "fp16")):
         run = runs / f"{method}_{prec}"
         c.run(f"pretrain_{method}_{prec}", [*beit, *pretrain_argv(method, prec, run, S["steps"])], 120,
@@ -235,6 +247,21 @@ def plan(c: Check, root: Path, runs: Path) -> None:
     kill, every, total = (12, 5, 20) if not c.dry else (3, 2, 4)
     resume(c, runs, beit, lambda out, steps: pretrain_argv("beit", "auto", out, steps, f"train.ckpt_every={every}"),
            kill, every, total)
+    bench(c, py)
+
+
+def _pytest_failures(st: Step, out: str) -> None:
+    """The failed tests and their error lines, in the details (pytest's own summary, ``-rA --tb=short``)."""
+    st.details["failures"] = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "E   "))][:40]
+
+
+def _attention_summary(path: Path):
+    def check(st: Step, _out: str) -> None:
+        doc = json.loads(path.read_text())
+        st.details["accuracy"] = doc["accuracy"]
+        st.details["timing"] = doc["timing"]
+
+    return check
 
 
 def _all(*checks):

@@ -32,3 +32,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["resume_after_sigkill"]["details"]["max_abs_loss_diff_vs_uninterrupted"] == 0.0  # CPU: exact
     assert steps["bench_pretrain_step"]["details"]["rows"][0]["ours_img_s"] > 0
     assert "isa" in doc["environment"]["machine"]
+    kernels = {r["kernel"] for r in steps["attention_kernels"]["details"]["accuracy"] if "error" not in r}
+    assert {"sdpa", "explicit"} <= kernels  # the CPU kernels ran and were compared with float64
+
+
+def test_gpu_check_only_runs_the_selected_steps(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--only", "attention",
+                           "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    doc = json.loads(out.read_text())
+    status = {s["name"]: s["status"] for s in doc["steps"]}
+    assert proc.returncode == 0, (status, proc.stdout[-3000:])
+    assert status.pop("attention_kernels") == "pass"
+    assert status.pop("environment") == status.pop("data") == "pass"
+    assert set(status.values()) == {"skipped"} and "tokenizer" in status
+    assert {s["details"]["why"] for s in doc["steps"] if s["status"] == "skipped"} == {"not selected (--only)"}

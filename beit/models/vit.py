@@ -98,10 +98,11 @@ def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return emb.float().unsqueeze(0)
 
 
-# FlexAttention (torch >= 2.7: gradients of captured tensors) on CUDA for attention with a bias, opt-in with
-# BEIT_FLEX_ATTENTION=1. Off by default: on an H100 (docs/results.md, GPU check) it matched SDPA in fp32 on the
-# kernel test but missed the tests' tolerances in bf16 and in the fp32 model test, so SDPA (exact, proven
-# there) stays the default until a GPU run shows why.
+# Attention with a bias on CUDA: SDPA by default. With a bias that needs its gradient (BEiT's relative position
+# bias), PyTorch dispatches SDPA to its memory-efficient kernel, which is fused and returns the bias gradient: on
+# an H100 (docs/results.md section 7, bench/attention_kernels.py) it is as exact as FlexAttention in bf16 and
+# 1.35x faster forward + backward at the base shape (1.15 vs 1.55 ms). FlexAttention (a score modifier adding
+# the bias) stays opt-in with BEIT_FLEX_ATTENTION=1.
 USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "0") == "1"
 _flex_state: dict = {}
 
@@ -110,11 +111,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
               dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q k^T / sqrt(hd) + bias) v`` for ``q, k, v (B, H, T, hd)``, ``bias (1|B, H, T, T)`` or None.
 
-    With a bias on CUDA (BEiT's relative position bias) this is FlexAttention, a fused kernel that adds the
-    bias in a score modifier and returns its gradient; SDPA cannot fuse a bias that needs a gradient and
-    would fall back to materialising the attention matrix. On CPU, in bf16 or with a bias (and without
-    attention dropout), it is the formula written out (:func:`_explicit_attention`, faster there);
-    elsewhere ``F.scaled_dot_product_attention``.
+    On CUDA this is ``F.scaled_dot_product_attention``; with a bias that needs its gradient PyTorch runs it in
+    the memory-efficient kernel, fused, bias gradient included (FlexAttention with ``BEIT_FLEX_ATTENTION=1``).
+    On CPU, in bf16 or with a bias (and without attention dropout), it is the formula written out
+    (:func:`_explicit_attention`, faster there); elsewhere SDPA.
     """
     if bias is not None and dropout_p == 0.0 and q.is_cuda and USE_FLEX:
         flex = _compiled_flex()
@@ -157,6 +157,9 @@ def _compiled_flex():
 
 
 def _flex_with_bias(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # the bias in the inputs' dtype, as SDPA takes it: an fp32 bias with bf16 inputs makes Triton's backward
+    # kernel ask for more shared memory than an H100 has (245,760 of 232,448 bytes; section 7)
+    bias = bias.to(q.dtype)
     if bias.shape[0] == 1:  # shared over the batch: (1, H, T, T)
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[0, h, q_idx, kv_idx]
