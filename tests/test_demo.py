@@ -82,7 +82,9 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         assert 0 <= summary["finetune"][w]["top1"] <= 100
     assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
     # the backbone's probes try every pooling and name the best one in the summary table
-    assert {summary["probe"][p]["pool"] for p in ("linear", "knn")} <= {"mean", "cls", "grid"}
+    assert {summary["probe"][p]["pool"] for p in ("linear", "knn")} <= {"mean", "cls", "grid", "tokens"}
+    tried = json.loads((out / "runs" / "probe-knn.json").read_text())["per_layer"]
+    assert {r["pool"] for r in tried} == {"mean", "cls", "grid", "tokens"}  # every token in place is one of them
     assert f"k-NN probe ({summary['probe']['knn']['pool']} pooling)" in printed
 
     report = (out / "report.html").read_text(encoding="utf-8")

@@ -20,6 +20,7 @@ from beit.tasks.probe import (
     knn_predict,
     linear_probe,
     parse_layers,
+    pool_names,
     pool_tokens,
 )
 
@@ -117,6 +118,26 @@ def test_pool_all_extracts_three_poolings():
         ProbeConfig(pool="max")
     with pytest.raises(ConfigError):
         ProbeConfig(grid=0)
+
+
+def test_tokens_pooling_keeps_every_patch_token_in_place():
+    torch.manual_seed(0)
+    B, D, h, w = 2, 3, 2, 3
+    tokens = torch.randn(B, 1 + h * w, D)
+    flat = pool_tokens(tokens, "tokens", (h, w))
+    assert flat.shape == (B, h * w * D)
+    torch.testing.assert_close(flat.reshape(B, h * w, D), tokens[:, 1:])  # nothing pooled, [CLS] left out
+    # on a map of grid x grid patches the grid pooling is the same features, channel-major
+    sq = torch.randn(B, 1 + 4, D)
+    torch.testing.assert_close(pool_tokens(sq, "grid", (2, 2), 2).reshape(B, D, 4).transpose(1, 2).flatten(1),
+                               pool_tokens(sq, "tokens", (2, 2)))
+    # names, aliases and comma lists; "all" leaves the tokens out, a list adds them once
+    assert pool_names("all") == ["mean", "cls", "grid"]
+    assert pool_names("all,tokens") == ["mean", "cls", "grid", "tokens"]
+    assert pool_names("grid, mean,grid") == ["grid", "mean"]
+    assert ProbeConfig(pool="both,tokens").pool == "both,tokens"
+    with pytest.raises(ConfigError, match="'max'"):
+        ProbeConfig(pool="all,max")
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])

@@ -35,9 +35,10 @@ def add_commands(sub) -> None:
                    help="backbone (anything `beit.load` reads); 'pixels': the raw pixels; 'random:CKPT': CKPT's "
                         "architecture with random weights (the no-pretraining control)")
     p.add_argument("--layers", help="'all' (default) or comma-separated 0-based block indices, e.g. 5,-1")
-    p.add_argument("--pool", choices=["mean", "cls", "grid", "both", "all"],
-                   help="token pooling: mean of the patch tokens (default), [CLS], grid (patch tokens pooled to "
-                        "grid x grid cells, grid=4), both (mean and cls) or all three")
+    p.add_argument("--pool",
+                   help="token pooling: mean of the patch tokens (default), cls, grid (patch tokens pooled to "
+                        "grid x grid cells, grid=4), tokens (every patch token, nothing pooled: for small models), "
+                        "both (mean and cls), all (mean, cls and grid), or a comma list, e.g. all,tokens")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labels-per-class", type=int, help="use N training images per class (balanced, seeded)")
     g.add_argument("--label-fraction", type=float, help="use this fraction of each class")

@@ -9,6 +9,8 @@ the features of each block are, without training the backbone:
   probes on convolutional maps, e.g. Zhang et al. 2016, Goyal et al. 2019). A mean over all patches throws
   away the layout, which small centred images (Fashion-MNIST) are mostly told apart by and the raw-pixel
   floor keeps in full (docs/results.md section 6); ``grid`` keeps a coarse layout at a fixed size;
+  ``tokens`` keeps every patch token in its place (``N * width`` features: the whole layout, for small
+  models and grids; 6,144 for the demo's 96-wide model on its 8x8 grid, 150k for ViT-B at 224 px);
 - ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (as MAE's
   ``main_linprobe.py``), trained with AdamW and a cosine schedule; every
   (layer, pooling) pair gets its own head, all trained in one loop since they are independent;
@@ -58,7 +60,7 @@ class ProbeConfig:
     init: str = ""  # backbone: anything beit.load reads, "pixels" (flattened normalised pixels) or "random:CKPT"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     layers: str = "all"  # "all" | comma-separated 0-based block indices, negative from the end
-    pool: str = "mean"  # mean | cls | grid | both (mean and cls) | all (mean, cls and grid)
+    pool: str = "mean"  # mean | cls | grid | tokens | both (mean, cls) | all (mean, cls, grid), or a comma list
     grid: int = 4  # pool=grid: patch tokens average-pooled to grid x grid cells (grid*grid*width features)
     img_size: int = 0  # 0: the checkpoint's resolution
     crop_pct: float = 1.0  # resize to img_size / crop_pct, then center crop
@@ -79,8 +81,7 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.protocol not in ("linear", "knn"):
             raise ConfigError(f"protocol must be linear or knn, got {self.protocol!r}")
-        if self.pool not in POOLS:
-            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        pool_names(self.pool)  # raises on an unknown name
         check_fields(self, "probe", {"k steps batch_size linear_batch_size grid": "size", "img_size num_workers": "count",
                                      "temperature lr": "positive", "weight_decay": "nonneg"})
         if not 0.0 < self.crop_pct <= 1.0:
@@ -106,7 +107,18 @@ def parse_layers(spec: str, depth: int) -> list[int]:
 
 
 RANDOM_PREFIX = "random:"  # --init random:CKPT: CKPT's architecture with random weights (the no-pretraining control)
-POOLS = {"mean": ["mean"], "cls": ["cls"], "grid": ["grid"], "both": ["mean", "cls"], "all": ["mean", "cls", "grid"]}
+POOLS = {"mean": ["mean"], "cls": ["cls"], "grid": ["grid"], "tokens": ["tokens"], "both": ["mean", "cls"],
+         "all": ["mean", "cls", "grid"]}  # "all" leaves out "tokens", whose size grows with the grid
+
+
+def pool_names(spec: str) -> list[str]:
+    """``"all,tokens"`` -> ``["mean", "cls", "grid", "tokens"]``: names and aliases of :data:`POOLS`, comma-separated."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)} (or a comma-separated list), got {part!r}")
+        names += [n for n in POOLS[part] if n not in names]
+    return names
 
 
 class PixelFeatures(nn.Module):
@@ -124,11 +136,14 @@ class PixelFeatures(nn.Module):
 
 def pool_tokens(tokens: torch.Tensor, pool: str, grid_hw: tuple[int, int], grid: int = 4) -> torch.Tensor:
     """One pooling of a block's output ``(B, 1+N, D)``: ``mean`` ``(B, D)`` over the patch tokens, ``cls``
-    ``(B, D)``, or ``grid`` ``(B, D*grid*grid)``: the ``grid_hw`` map of patch tokens average-pooled to
-    ``grid`` x ``grid`` cells (adaptive, so any map size works; a map smaller than ``grid`` is repeated)."""
+    ``(B, D)``, ``grid`` ``(B, D*grid*grid)``: the ``grid_hw`` map of patch tokens average-pooled to
+    ``grid`` x ``grid`` cells (adaptive, so any map size works; a map smaller than ``grid`` is repeated),
+    or ``tokens`` ``(B, N*D)``: every patch token in row-major order, nothing pooled."""
     if pool == "cls":
         return tokens[:, 0]
     patches = tokens[:, 1:]  # (B, N, D)
+    if pool == "tokens":
+        return patches.flatten(1)
     return patches.mean(dim=1) if pool == "mean" else grid_pool(patches, grid_hw, grid)
 
 
@@ -265,7 +280,7 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     tr, va = labelled_splits(cfg.data.path, tf, tf, labels_per_class=cfg.data.labels_per_class,
                              label_fraction=cfg.data.label_fraction, seed=cfg.seed)
     layers = parse_layers(cfg.layers, model.num_layers)
-    pools = POOLS[cfg.pool]
+    pools = pool_names(cfg.pool)
     device = _device(cfg.device)
     log.info("probe %s: %d train / %d val images, %d classes, blocks %s, pooling %s", cfg.protocol, len(tr),
              len(va), len(tr.classes), layers, "/".join(pools))
