@@ -101,7 +101,7 @@ def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> torch.Tensor:
 # Attention with a bias on CUDA: SDPA by default. With a bias that needs its gradient (BEiT's relative position
 # bias), PyTorch dispatches SDPA to its memory-efficient kernel, which is fused and returns the bias gradient: on
 # an H100 (docs/results.md section 7, bench/attention_kernels.py) it is as exact as FlexAttention in bf16 and
-# 1.35x faster forward + backward at the base shape (1.15 vs 1.55 ms). FlexAttention (a score modifier adding
+# 1.8x faster forward + backward at the base shape (0.97 vs 1.72 ms). FlexAttention (a score modifier adding
 # the bias) stays opt-in with BEIT_FLEX_ATTENTION=1.
 USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "0") == "1"
 _flex_state: dict = {}
