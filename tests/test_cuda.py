@@ -12,45 +12,33 @@ computation from the same (bf16) inputs, and FlexAttention must be as exact as S
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from beit import precision
 from beit.models import vit
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import attention_kernels as ak  # noqa: E402 - the inputs, float64 reference and errors of the kernel benchmark
+
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
+NAMES, rel_err = ak.NAMES, ak.rel_err
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+def inputs(dtype, bias_batch: int):
+    """q, k, v, an fp32 bias (as the learned table) and an output gradient: batch 4, 6 heads, 197 tokens."""
+    return ak.inputs(DEV, dtype, bias_batch, B=4, H=6, T=197, hd=64)
 
 
-def inputs(dtype, bias_batch: int, B=4, H=6, T=197, hd=64, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q, k, v = (torch.randn(B, H, T, hd, generator=g, device=DEV).to(dtype).requires_grad_() for _ in range(3))
-    bias = (0.5 * torch.randn(bias_batch, H, T, T, generator=g, device=DEV)).requires_grad_()  # fp32, as the table
-    grad_out = torch.randn(B, H, T, hd, generator=g, device=DEV).to(dtype)
-    return q, k, v, bias, grad_out
-
-
-def run_kernel(kind: str, q, k, v, bias, grad_out):
-    cast = torch.Tensor.double if kind == "gold" else torch.Tensor.clone  # gold: float64 from the same values
-    leaves = [cast(t.detach()).requires_grad_() for t in (q, k, v, bias)]
-    q_, k_, v_, b_ = leaves
-    if kind == "flex":
-        out = vit._flex_with_bias(vit._compiled_flex(), q_, k_, v_, b_)
-    elif kind == "sdpa":
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=b_.to(q_.dtype))
-    else:
-        out = ((q_ @ k_.transpose(-2, -1)) / q_.shape[-1] ** 0.5 + b_).softmax(-1) @ v_
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [t.grad for t in leaves]
-
-
-NAMES = ("out", "dq", "dk", "dv", "dbias")
+def run_kernel(kind: str, *args):
+    """Output and gradients of q, k, v, bias; ``gold``: the formula in float64 from the same values."""
+    if kind == "gold":
+        return ak.forward_backward(ak.gold, *args, cast="double")
+    return ak.forward_backward(ak.kernels(DEV)[kind], *args)
 
 
 @pytest.fixture(autouse=True)
@@ -69,11 +57,9 @@ def test_default_attention_with_a_learned_bias_runs_fused(bias_batch):
 
     args = inputs(torch.bfloat16, bias_batch)
     gold = run_kernel("gold", *args)
-    q, k, v, bias, grad_out = (t.detach().clone().requires_grad_(t.requires_grad) for t in args)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        out = vit.attention(q, k, v, bias)
-        out.backward(grad_out)
-    errs = {n: rel_err(a, g) for n, a, g in zip(NAMES, (out, q.grad, k.grad, v.grad, bias.grad), gold)}
+        got = ak.forward_backward(vit.attention, *args)
+    errs = {n: rel_err(a, g) for n, a, g in zip(NAMES, got, gold)}
     print("bf16 fused SDPA vs float64, relative L2:", json.dumps(errs))
     assert max(errs.values()) < 5e-3, errs  # bf16 rounds at 2^-8 = 3.9e-3 per element; L2 errors land ~2-3e-3
 
