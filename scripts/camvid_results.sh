@@ -19,9 +19,10 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$RUNS"
 
 # budgets: steps (the schedule's length) sized from short timing runs on a 2-core Xeon with AMX, one thread per
-# run, two runs side by side (tokenizer 0.67 s/step of 32; BEiT 0.65 s/step; MAE at 120x160 1.0 s/step, or 0.55 on
-# both cores, and at 64 px 0.24 s/step of 64; segmentation 0.55-0.65 s/step of 8), and minutes as a guard: a run cut by --max-minutes
-# stops with its learning rate still high, so on a slower machine lower the steps rather than trust the guard.
+# run, two runs side by side (tokenizer 0.67 s/step of 32; BEiT 0.65 s/step; MAE at 120x160 1.0 s/step, 0.55 on
+# both cores, and at 64 px 0.24 s/step of 64; segmentation 0.55-0.65 s/step of 8), and minutes as a guard: a run
+# cut by --max-minutes stops with its learning rate still high, so on a slower machine lower the steps rather
+# than trust the guard.
 if [ "${SMOKE:-0}" = 1 ]; then
   TOK=(--steps 4); PRE=(--steps 4); PRE_MAE=(--steps 4); PRE_CIFAR=(--steps 4)
   PRE_CC=(--steps 6); SEG=(--steps 4 train.eval_every=4 train.ckpt_every=4); SEEDS="0"
@@ -33,7 +34,7 @@ else
   PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images, 39 min
   PRE_CC=(--steps 14500 --max-minutes 20.5) # ... then on the CamVid frames (64 px crops) for the hour's last 20 min
   SEG=(--steps 2200 --max-minutes 30)       # the preset's schedule at 2,200 steps of 8 (48 epochs), ~24 min
-  SEEDS="0 1"
+  SEEDS=${SEEDS:-"0 1"}                     # docs/results.md section 9.0: SEEDS="0 1 2 3"
 fi
 PX64=(model.img_size=64 model.patch_size=8)   # 64 px squares in 8 px patches: the 8x8 grid of the tokenizer
 
