@@ -39,7 +39,8 @@ from .checkpoint import (
     write_text_atomically,
 )
 from .checkpoint_io import file_digest, load_weights, read_json
-from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .config import ConfigError, ModelConfig, flatten, from_dict, to_dict
+from .models.tokenizer import TOKENIZER_FILE, is_tokenizer_file, tokenizer_file
 from .models.vit import VisionTransformer
 
 log = logging.getLogger("beit")
@@ -286,8 +287,6 @@ RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be
 def config_differences(saved: dict, new: dict, ignore: set[str] | frozenset = frozenset()) -> list[str]:
     """``key old -> new`` for every setting that differs between two resolved configs and changes what is
     trained (not in :data:`RESUME_FREE` or ``ignore``; a longer schedule is not a difference)."""
-    from .config import flatten
-
     a, b = flatten(saved), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
@@ -302,8 +301,6 @@ def config_differences(saved: dict, new: dict, ignore: set[str] | frozenset = fr
 
 def input_digest(path: str | Path) -> str:
     """SHA-256 of an input file (a tokenizer folder counts as its ``tokenizer.safetensors``)."""
-    from .models.tokenizer import tokenizer_file
-
     p = tokenizer_file(path)
     if not p.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -331,6 +328,21 @@ _KIND_WORDS = {"tokenizer": "a tokenizer run", "segment": "a segmentation run", 
 def describe_kind(kind: str) -> str:
     """``pretrain-mae`` -> ``a pretraining run (mae)``; the other kinds in words."""
     return f"a pretraining run ({kind.split('-', 1)[1]})" if kind.startswith("pretrain-") else _KIND_WORDS[kind]
+
+
+def not_a_tokenizer(path: Path) -> str:
+    """Why folder ``path`` holds no tokenizer, in the user's terms (a backbone run, an unfinished run...):
+    the wording of :class:`beit.models.tokenizer.TokenizerFileError` for a folder."""
+    if RunDir.holds_run(path):
+        try:
+            kind = RunDir(path).kind()
+        except CheckpointError:
+            kind = "unknown"
+        if kind == "tokenizer":
+            return f"{path}: tokenizer run without {TOKENIZER_FILE} (its training has not finished)"
+        return (f"{path} is {describe_kind(kind)}, not a tokenizer: give a tokenizer run "
+                f"(`beit tokenizer train`) or a {TOKENIZER_FILE} file")
+    return f"no tokenizer at {path / TOKENIZER_FILE}"
 
 
 def _backbone_prefix(path: Path, state: dict, which: str | None) -> str:
@@ -368,8 +380,6 @@ def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionT
 
 def _other_backbone(path: Path) -> VisionTransformer | None:
     """The backbone in a file or folder that is not a run (HF, timm, official BEiT); None for a tokenizer."""
-    from .models.tokenizer import is_tokenizer_file
-
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if is_tokenizer_file(path):

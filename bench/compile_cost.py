@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit import machine  # noqa: E402
-from beit.demo import run_command  # noqa: E402
+from beit.cli import run_command  # noqa: E402
 from beit.viz.curves import read_metrics  # noqa: E402
 
 

@@ -99,7 +99,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     import html
     import re
 
-    parser = demo._parser()
+    parser = cli.build_parser()
     blocks = re.findall(r"<pre><code>(.*?)</code></pre>", report, re.S)
     commands = [c for b in blocks for c in html.unescape(b).replace("\\\n", " ").splitlines()
                 if c.startswith("beit ")]
@@ -149,22 +149,26 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
 
 
 def test_hidden_flags_keep_the_command_parsable():
-    from beit import demo
+    from beit import cli, demo
 
     argv = ["tokenizer", "train", "--data", "d", "--out", "o", "--steps", "5", "model.n_hid=32"]
     full = demo.with_hidden(argv, ["--max-minutes", "2.50", "train.log_every=1"])
-    args = demo._parser().parse_args(full)
+    args = cli.build_parser().parse_args(full)
     assert args.max_minutes == 2.5 and args.overrides == ["model.n_hid=32", "train.log_every=1"]
     with pytest.raises(RuntimeError, match="not a valid command line"):
-        demo.run_command(["tokenizer", "train", "--no-such-flag"])
+        cli.run_command(["tokenizer", "train", "--no-such-flag"])
+    # the demo runs nothing without the runner the CLI hands it (it never imports the CLI)
+    with pytest.raises(RuntimeError, match="command runner"):
+        demo.Demo("unused", minutes=0.3).run_command(["presets"])
 
 
 def test_demo_baselines_are_the_raw_pixel_probes(tmp_path):
     """The demo's no-learning rows are `beit probe --init pixels` on the same labels and validation images."""
-    from beit.demo import Demo
+    from beit.cli import run_command
+    from beit.demo import Demo, summary_rows
     from beit.tasks import probe
 
-    demo = Demo(tmp_path / "demo", minutes=0.3)
+    demo = Demo(tmp_path / "demo", minutes=0.3, run_command=run_command)
     demo.prepare_data()
     demo.baselines()
     demo.total_seconds = 0.0  # set by Demo.run, which this test does not call
@@ -176,7 +180,7 @@ def test_demo_baselines_are_the_raw_pixel_probes(tmp_path):
         "data.labels_per_class": demo.labels_per_class, "k": min(20, 10 * demo.labels_per_class),
         "num_workers": 0}))
     assert px["knn_ft"]["top1"] == ref["best"]["top1"]
-    labels = [r[0] for r in Demo.summary_rows(summary)]
+    labels = [r[0] for r in summary_rows(summary)]
     assert labels.count("k-NN on raw pixels, same labels") == 2 and "linear on raw pixels, same labels" in labels
 
 
@@ -190,7 +194,8 @@ def _metrics(run, seconds_per_step, batch=32):
 def test_step_seconds_skips_a_slow_start(tmp_path):
     """A timing run whose first steps are slow (the cause of the demo's 50-step tokenizer) is read from the
     steps after the warm-up, and the run's own pace is compared with the plan in the report notes."""
-    from beit.demo import CALIBRATION_STEPS, Demo, StageResult, _step_seconds
+    from beit.demo import CALIBRATION_STEPS, Demo, StageResult
+    from beit.demo.run import _step_seconds
 
     _metrics(tmp_path / "calib", [4.0, 3.0, 0.2, 0.25, 0.2, 0.3][:CALIBRATION_STEPS])
     assert _step_seconds(tmp_path / "calib", 32, wall=9.0) == pytest.approx(0.25)

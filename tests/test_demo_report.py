@@ -5,7 +5,7 @@ from __future__ import annotations
 from beit.config import to_dict
 from beit.models.tokenizer import get_tokenizer_preset
 from beit.tasks import pretrain
-from beit.viz.demo_report import method_name, pretraining_text, tokenizer_text
+from beit.demo.report import method_name, pretraining_text, tokenizer_text
 
 
 def test_tokenizer_text_follows_the_quantizer_and_grid():

@@ -12,13 +12,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from types import ModuleType
+from typing import Any
 
 from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
+from .runner import run_with
 
 __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "main", "overrides",
-           "print_result", "user_errors", "with_paths"]
+           "print_result", "run_command", "user_errors", "with_paths"]
 
 log = logging.getLogger("beit")
 
@@ -44,7 +47,15 @@ def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.Argu
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in groups:
         group.add_commands(sub)
+    # a command that runs other commands (``beit demo``) takes them through the parser it was parsed by:
+    # handed down here, never imported back from this package
+    parser.set_defaults(run_command=partial(run_with, parser))
     return parser
+
+
+def run_command(argv: list[str], groups: Sequence[ModuleType] = COMMAND_GROUPS) -> Any:
+    """``beit ARGV`` run in this process (:func:`.runner.run_with`); returns what it printed (JSON)."""
+    return run_with(build_parser(groups), argv)
 
 
 def _load_extra_commands() -> None:

@@ -125,9 +125,13 @@ def one_line(e: BaseException) -> str:
     """The message of a user error on one line: a DataLoader worker's wrapper removed, an OS error as
     ``path: reason``, line breaks joined."""
     from ..data.folder import unwrap_worker_error
+    from ..models.tokenizer import TokenizerFileError
+    from ..runs import not_a_tokenizer
 
     e = unwrap_worker_error(e)
     text = str(e)
+    if isinstance(e, TokenizerFileError) and e.folder is not None:  # the model raises it plainly; words here
+        text = not_a_tokenizer(e.folder)
     if isinstance(e, OSError) and e.strerror and len(e.args) > 1:  # raised by the OS, not with our message
         text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__

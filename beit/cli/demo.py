@@ -1,17 +1,17 @@
-"""``beit demo``: the whole pipeline on the shipped images, with an HTML report (:mod:`beit.demo`)."""
+"""``beit demo``: the whole pipeline on the shipped images, with an HTML report (:mod:`beit.demo`), each step
+run through the CLI's runner (``args.run_command``, set by :func:`beit.cli.build_parser`)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..demo import DEFAULT_METHOD, METHODS, run_demo, summary_rows, summary_text
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import Demo, run_demo
-    from ..viz.demo_report import summary_text
-
-    report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed,
-                               method=args.method)
-    print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))
+    report, summary = run_demo(args.out, args.minutes, run_command=args.run_command, full_model=args.full_model,
+                               seed=args.seed, method=args.method)
+    print(summary_text(summary_rows(summary), summary["total_seconds"]))
     print(f"report: {report}")
     failed = [s["name"] for s in summary["stages"] if s["error"]]
     if failed:
@@ -21,8 +21,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..demo import DEFAULT_METHOD, METHODS
-
     p = sub.add_parser(
         "demo", help="the whole pipeline on the shipped Fashion-MNIST images, with an HTML report",
         description="MAE pretraining (or, with --method beit, tokenizer -> BEiT pretraining) -> fine-tuning "

@@ -382,30 +382,22 @@ def is_tokenizer_file(path: str | Path) -> bool:
 
 
 class TokenizerFileError(CheckpointError, ValueError):
-    """The path given as a tokenizer does not hold one (a backbone, an unfinished run, a damaged file)."""
+    """The path given as a tokenizer does not hold one (a backbone, an unfinished run, a damaged file).
 
+    ``folder``: the folder that holds no tokenizer file, if that is the mistake; what it holds instead (a
+    backbone run, an unfinished tokenizer run) is worded above the models (:func:`beit.runs.not_a_tokenizer`,
+    applied by the CLI), since a model file knows nothing of run folders."""
 
-def _not_a_tokenizer(path: Path) -> str:
-    """Why folder ``path`` holds no tokenizer, in the user's terms (a backbone run, an unfinished run...)."""
-    from ..runs import RunDir, describe_kind
-
-    if RunDir.holds_run(path):
-        try:
-            kind = RunDir(path).kind()
-        except CheckpointError:
-            kind = "unknown"
-        if kind == "tokenizer":
-            return f"{path}: tokenizer run without {TOKENIZER_FILE} (its training has not finished)"
-        return (f"{path} is {describe_kind(kind)}, not a tokenizer: give a tokenizer run "
-                f"(`beit tokenizer train`) or a {TOKENIZER_FILE} file")
-    return f"no tokenizer at {path / TOKENIZER_FILE}"
+    def __init__(self, message: str, folder: Path | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion)."""
     path = Path(path)
     if path.is_dir() and not tokenizer_file(path).is_file():
-        raise TokenizerFileError(_not_a_tokenizer(path))
+        raise TokenizerFileError(f"no tokenizer at {path / TOKENIZER_FILE}", folder=path)
     path = tokenizer_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")

@@ -2,8 +2,9 @@
 
 The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``decode`` ids -> images) lives in
 :mod:`beit.models.tokenizer`; this package holds what is done with it: :mod:`.base` (what every objective
-shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.train` (the run), :mod:`.evaluate`,
-:mod:`.dalle`.
+shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.metrics` (PSNR, codebook use),
+:mod:`.train` (the run), :mod:`.evaluate` (a saved tokenizer on a folder), :mod:`.dalle`; the dataset is
+:mod:`beit.data.tokenizer`.
 """
 
 from ..models.tokenizer import (
@@ -17,8 +18,9 @@ from ..models.tokenizer import (
 )
 from .base import ObjectiveConfig, TokenizerObjective
 from .dalle import ConversionError, convert_dalle
-from .evaluate import evaluate_cmd, evaluate_tokenizer, reconstruction_grid
+from .evaluate import evaluate_cmd, reconstruction_grid
 from .gumbel import GumbelObjective
+from .metrics import evaluate_tokenizer
 from .train import (
     OBJECTIVES,
     RUN_PRESETS,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, check_fields
 from ..methods.base import Method
 from ..models.tokenizer import LOGIT_LAPLACE_EPS, Tokenizer, map_pixels
+from .metrics import batch_images, code_perplexity, evaluate_tokenizer, psnr
 
 __all__ = [
     "ObjectiveConfig",
@@ -69,19 +69,6 @@ class ObjectiveConfig:
 
 
 
-def batch_images(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, ``(images, labels)`` or a dict with ``image(s)``."""
-    if torch.is_tensor(batch):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
-        return batch[0]
-    if isinstance(batch, dict):
-        for k in ("images", "image", "x"):
-            if k in batch:
-                return batch[k]
-    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}")
-
-
 def logit_laplace_nll(stats: torch.Tensor, x: torch.Tensor, logscale_min: float = -7.0) -> torch.Tensor:
     """Mean NLL (nats per sub-pixel) of ``x`` in [0, 1] under the decoder's logit-Laplace (DALL-E Eq. in A.3).
 
@@ -106,21 +93,6 @@ def recon_loss(stats: torch.Tensor, x: torch.Tensor, cfg: ObjectiveConfig) -> to
     if cfg.recon == "mse":
         return mse_recon(stats, x)
     return logit_laplace_nll(stats, x, cfg.logscale_min)
-
-
-@torch.no_grad()
-def psnr(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB of images in [0, 1] (peak 1), per image; MSE floored at 1e-10 (100 dB)."""
-    mse = (rec.float() - x.float()).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp(min=1e-10))
-
-
-@torch.no_grad()
-def code_perplexity(ids: torch.Tensor, vocab_size: int) -> float:
-    """exp(entropy) of the empirical code distribution: 1 = one code used, ``vocab_size`` = all equally."""
-    p = torch.bincount(ids.flatten(), minlength=vocab_size).double()
-    p = p / p.sum().clamp(min=1)
-    return float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()))
 
 
 class TokenizerObjective(Method):
@@ -150,6 +122,4 @@ class TokenizerObjective(Method):
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict[str, float]:
-        from .evaluate import evaluate_tokenizer
-
         return evaluate_tokenizer(self.tokenizer, loader)

@@ -10,6 +10,7 @@ Plain functions for the CLI: :func:`train_tokenizer`, :func:`build_config`, and
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,9 +21,14 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve, to_dict
+from ..data.tokenizer import build_dataset, image_transform
+from ..engine import finish_run, start_run, train
 from ..models.tokenizer import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig, save_tokenizer
+from ..viz.curves import run_curves
 from .base import ObjectiveConfig, TokenizerObjective
+from .evaluate import reconstruction_grid
 from .gumbel import GumbelObjective
+from .metrics import evaluate_tokenizer
 from .vq import VQObjective
 
 log = logging.getLogger("beit")
@@ -100,78 +106,11 @@ def build_objective(tokenizer: Tokenizer, cfg: ObjectiveConfig | None = None) ->
     return OBJECTIVES[tokenizer.cfg.quantizer](tokenizer, cfg)
 
 
-# --------------------------------------------------------------------------------------------- data
-
-
-class _FitShorterSide:
-    """Resize (antialiased) so the shorter side is ``size``; untouched if it already is."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img):
-        from torchvision.transforms import functional as TF
-
-        if min(img.size) == self.size:
-            return img
-        return TF.resize(img, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-
-
-def image_transform(img_size: int, train: bool, hflip: bool = True):
-    """PIL -> (3, img_size, img_size) float in [0, 1]: shorter side to img_size, random (train) or centre crop."""
-    from torchvision import transforms as T
-
-    ops: list = [_FitShorterSide(img_size)]
-    if train:
-        ops.append(T.RandomCrop(img_size))
-        if hflip:
-            ops.append(T.RandomHorizontalFlip())
-    else:
-        ops.append(T.CenterCrop(img_size))
-    ops.append(T.ToTensor())
-    return T.Compose(ops)
-
-
-class _Transformed(Dataset):
-    """Any dataset yielding PIL images or ``(image, label)``: applies ``transform`` to the image only."""
-
-    def __init__(self, dataset: Dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        item = self.dataset[i]
-        if isinstance(item, (tuple, list)):
-            item = item[0]
-        return self.transform(item)
-
-
-def build_dataset(data: str | Path | Dataset, img_size: int, train: bool, hflip: bool = True,
-                  limit: int = 0) -> Dataset:
-    """A folder path (:class:`beit.data.ImageFolder`) or any dataset of PIL images -> (3, S, S) tensors."""
-    from torch.utils.data import Subset
-
-    from ..data.folder import ImageFolder
-
-    tf = image_transform(img_size, train, hflip)
-    if isinstance(data, (str, Path)):
-        ds: Dataset = ImageFolder(data, transform=tf)
-    else:
-        ds = _Transformed(data, tf)
-    if limit and limit < len(ds):  # type: ignore[arg-type]
-        ds = Subset(ds, range(limit))
-    return ds
-
-
 # --------------------------------------------------------------------------------------------- the run
 
 
 def _reconstructions(tok: Tokenizer, show: Dataset, path: Path) -> None:
     """Up to 8 images of ``show`` above their reconstructions through the tokenizer's code."""
-    from .evaluate import reconstruction_grid
-
     images = torch.stack([show[i] for i in range(min(8, len(show)))])  # type: ignore[arg-type]
     reconstruction_grid(tok, images.to(next(tok.parameters()).device), path)
 
@@ -197,12 +136,6 @@ def train_tokenizer(
     reconstructions), ``RUN/checkpoints/`` (resume) and, with validation data, ``RUN/eval.json``.
     ``data_dir``/``val_dir`` override ``data.path``/``data.val_path``; ``steps`` overrides ``train.steps``.
     """
-    import json
-
-    from ..engine import finish_run, start_run, train
-    from ..viz.curves import run_curves
-    from .evaluate import evaluate_tokenizer
-
     if cfg is None:
         cfg = build_config(preset, config, overrides)
     if steps is not None:

@@ -3,7 +3,7 @@
 Every sentence that names a model, a method or a number is derived from the runs themselves: the
 tokenizer's quantizer, vocabulary and patch size from its ``config.yaml``, the pretraining method and its
 masking from the pretraining run's config, the curves from the keys its ``metrics.jsonl`` holds.
-:mod:`beit.demo` runs the stages; this module only reads their folders and results.
+:mod:`.run` runs the stages; this module only reads their folders and results (:class:`.plan.FinishedDemo`).
 """
 
 from __future__ import annotations
@@ -12,16 +12,23 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .report import Figure, Section, Table, format_cell, write_report
+import numpy as np
+import yaml
+from PIL import Image
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..demo import Demo, StageResult
+from ..data.embedded import CLASS_TITLES
+from ..data.folder import list_images
+from ..tasks.segment import palette
+from ..viz.curves import plot_metrics, read_metrics
+from ..viz.report import Figure, Section, Table, format_cell, write_report
+from .plan import DEFAULT_METHOD, FinishedDemo, StageResult
 
 log = logging.getLogger("beit")
 
-__all__ = ["finetune_recipe", "method_name", "pretraining_text", "summary_text", "tokenizer_text", "write_demo_report"]
+__all__ = ["finetune_recipe", "method_name", "pretraining_text", "probe_label", "summary_rows", "summary_text",
+           "tokenizer_text", "write_demo_report"]
 
 # Curves worth a panel, in this order, when the run logged them.
 TOKENIZER_CURVES = ("loss", "recon", "kl", "tau", "commitment", "perplexity", "psnr")
@@ -61,19 +68,56 @@ def summary_text(rows: list[list], total: float) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------- summary
+
+
+def summary_rows(summary: dict) -> list[list]:
+    """``[stage, metric, value, steps, seconds]`` rows for the terminal and the report."""
+    secs = {s["name"]: s for s in summary["stages"]}
+
+    def row(stage: str, label: str, metric: str, value):
+        s = secs.get(stage, {})
+        sec = s.get("seconds")
+        return [label, metric, value if not s.get("error") else "failed", s.get("steps") or None,
+                round(sec) if sec is not None else None]
+
+    t, p, f, pr, sg = (summary[k] for k in ("tokenizer", "pretrain", "finetune", "probe", "segment"))
+    px = summary["pixels"]
+    name = method_name(summary.get("method", DEFAULT_METHOD))
+    tokenizer = [row("tokenizer", "tokenizer", "PSNR (dB), val", t["psnr"]),
+                 row("tokenizer", "tokenizer", "codebook usage", t["codebook_usage"])] if "tokenizer" in secs else []
+    pre = (row("pretrain", f"{name} pretraining", "masked-token accuracy (train)", p["mlm_acc"])
+           if summary.get("method", DEFAULT_METHOD) == "beit"
+           else row("pretrain", f"{name} pretraining", "loss (train)", p["loss"]))
+    return [
+        *tokenizer,
+        pre,
+        row("finetune_pretrained", f"fine-tune from {name}", "top-1 % (val)", f["pretrained"]["top1"]),
+        row("finetune_scratch", "fine-tune from scratch", "top-1 % (val)", f["scratch"]["top1"]),
+        row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn_ft"]["top1"]),
+        row("probe", probe_label("linear probe", pr["linear"]), "top-1 % (val)", pr["linear"]["top1"]),
+        row("baselines", "linear on raw pixels, same labels", "top-1 % (val)", px["linear"]["top1"]),
+        row("probe", probe_label("k-NN probe", pr["knn"]), "top-1 % (val)", pr["knn"]["top1"]),
+        row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn"]["top1"]),
+        row("segment", "segmentation", "mIoU % (val)", sg["mIoU"]),
+        row("segment", "segmentation", "pixel accuracy % (val)", sg["pixel_acc"]),
+    ]
+
+
+def probe_label(name: str, best: dict) -> str:
+    """``"linear probe (grid pooling)"``: the pooling of the best probe, where the summary has it."""
+    return f"{name} ({best['pool']} pooling)" if best.get("pool") else name
+
+
 # --------------------------------------------------------------------------------------------- derived text
 
 
 def _config(run: Path) -> dict:
-    import yaml
-
     path = run / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _logged_keys(run: Path) -> set[str]:
-    from .curves import read_metrics
-
     path = run / "metrics.jsonl"
     return {k for r in read_metrics(path) for k in r} if path.is_file() else set()
 
@@ -136,11 +180,6 @@ def _safe(fn, *args, **kwargs):
 
 def _sample_grid(root: Path, out: Path, per_class: int = 6) -> Path | None:
     """One column per class folder: its first ``per_class`` images (white where a class has fewer)."""
-    import numpy as np
-    from PIL import Image
-
-    from ..data.folder import list_images
-
     cols = []
     for c in sorted(p for p in root.iterdir() if p.is_dir()):
         ims = [np.asarray(Image.open(f).convert("RGB")) for f in list_images(c)[:per_class]]
@@ -157,12 +196,6 @@ def _sample_grid(root: Path, out: Path, per_class: int = 6) -> Path | None:
 
 def _seg_examples(seg: Path, out: Path, n: int = 6) -> Path | None:
     """Images above their masks (VOC palette: 0 black, 255 white) for the first ``n`` training canvases."""
-    import numpy as np
-    from PIL import Image
-
-    from ..data.folder import list_images
-    from ..tasks.segment import palette
-
     files = list_images(seg / "images" / "train")[:n]
     if not files:
         return None
@@ -184,8 +217,6 @@ def _compare_curves(runs: dict[str, Path], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .curves import read_metrics
 
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.0))
     drawn = False
@@ -234,9 +265,7 @@ def _figures(*candidates: Figure | None) -> list[Figure]:
     return [f for f in candidates if f is not None]
 
 
-def _data_section(demo: Demo, summary: dict, figs: Path) -> Section:
-    from ..data.embedded import CLASS_TITLES
-
+def _data_section(demo: FinishedDemo, summary: dict, figs: Path) -> Section:
     c, st, found = summary["data"], demo.result("data"), []
     if hasattr(demo, "embedded"):
         grid = _safe(_sample_grid, demo.embedded.val, figs / "samples.png")
@@ -264,9 +293,7 @@ def _data_section(demo: Demo, summary: dict, figs: Path) -> Section:
         notes=_notes(st))
 
 
-def _tokenizer_section(demo: Demo, summary: dict, figs: Path) -> Section:
-    from .curves import plot_metrics
-
+def _tokenizer_section(demo: FinishedDemo, summary: dict, figs: Path) -> Section:
     run, st, t = demo.p.runs / "tokenizer", demo.result("tokenizer"), summary["tokenizer"]
     keys = [k for k in TOKENIZER_CURVES if k in _logged_keys(run)]
     curve = _safe(plot_metrics, run / "metrics.jsonl", figs / "tokenizer_curves.png", keys=keys,
@@ -282,7 +309,7 @@ def _tokenizer_section(demo: Demo, summary: dict, figs: Path) -> Section:
         commands=st.commands, notes=_notes(st))
 
 
-def _pretrain_section(demo: Demo, summary: dict) -> Section:
+def _pretrain_section(demo: FinishedDemo, summary: dict) -> Section:
     run, st, p = demo.p.runs / "pretrain", demo.result("pretrain"), summary["pretrain"]
     cfg = _config(run)
     method = cfg.get("method", "beit")
@@ -299,7 +326,7 @@ def _pretrain_section(demo: Demo, summary: dict) -> Section:
         commands=st.commands, notes=_notes(st))
 
 
-def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
+def _finetune_section(demo: FinishedDemo, summary: dict, figs: Path) -> Section:
     fb, fs, f = demo.result("finetune_pretrained"), demo.result("finetune_scratch"), summary["finetune"]
     px = summary["pixels"]
     runs = demo.p.runs
@@ -321,7 +348,7 @@ def _finetune_section(demo: Demo, summary: dict, figs: Path) -> Section:
         notes=[f"from {method}: {n}" for n in _notes(fb)] + [f"from scratch: {n}" for n in _notes(fs)])
 
 
-def _probe_section(demo: Demo, summary: dict) -> Section:
+def _probe_section(demo: FinishedDemo, summary: dict) -> Section:
     st, ps, px, bl = demo.result("probe"), summary["probe"], summary["pixels"], demo.result("baselines")
     return Section(
         "Probes of the frozen backbone",
@@ -338,9 +365,7 @@ def _probe_section(demo: Demo, summary: dict) -> Section:
         commands=st.commands + bl.commands, notes=_notes(st) + _notes(bl))
 
 
-def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
-    from .curves import plot_metrics
-
+def _segment_section(demo: FinishedDemo, summary: dict, figs: Path) -> Section:
     run, st, s = demo.p.runs / "segment", demo.result("segment"), summary["segment"]
     head = ((_config(run).get("head") or {}).get("kind") or "upernet")
     head = {"upernet": "An UperNet head", "pup": "A SETR-PUP head"}.get(head, f"A {head} head")
@@ -358,7 +383,7 @@ def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
         commands=st.commands, notes=_notes(st))
 
 
-def _pictures_section(demo: Demo) -> Section:
+def _pictures_section(demo: FinishedDemo) -> Section:
     st = demo.result("pictures")
     made: dict[str, Any] = getattr(demo, "pictures_made", {"attention": [], "masked": []})
     if demo.uses_tokenizer:
@@ -382,7 +407,7 @@ def precision_note(precisions: dict[str, str]) -> str:
             "matmul clearly faster than fp32, fp32 otherwise; bf16 on CUDA).")
 
 
-def write_demo_report(demo: Demo, summary: dict) -> Path:
+def write_demo_report(demo: FinishedDemo, summary: dict) -> Path:
     """``OUT/report.html``: one section per stage, the summary table, the machine."""
     figs = demo.p.out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -402,7 +427,7 @@ def write_demo_report(demo: Demo, summary: dict) -> Path:
         subtitle=f"{'Tokenizer, p' if demo.uses_tokenizer else 'P'}retraining, fine-tuning, probes and "
                  f"segmentation in one run: {budget}, "
                  f"{summary['total_seconds']:.0f} s in all, {arch}.",
-        summary=Table(["step", "metric", "value", "steps", "seconds"], demo.summary_rows(summary)),
+        summary=Table(["step", "metric", "value", "steps", "seconds"], summary_rows(summary)),
         footer=[f"Machine: {summary['machine']}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.",
                 precision_note(summary["precision"]),
                 "Images: Fashion-MNIST test set, Copyright 2017 Zalando SE, MIT licence "

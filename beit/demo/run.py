@@ -12,9 +12,9 @@
 
 and writes ``OUT/report.html`` (one self-contained file) and ``OUT/summary.json``.
 
-Every step *is* a ``beit`` command: the demo parses the command line shown in the report with the real
-parser and calls the function the CLI calls, so the report's "reproduce" commands are exactly what ran,
-with the demo's folders replaced by placeholders for the user's own.
+Every step *is* a ``beit`` command: the demo hands the command line shown in the report to the CLI's runner
+(``run_command``, given by ``beit demo``: the real parser, the function the CLI calls), so the report's
+"reproduce" commands are exactly what ran, with the demo's folders replaced by placeholders for the user's own.
 
 Budgets: each training step gets a share of the time left; its number of steps is derived from a timing
 run of 3 steps of the same command on a few images (so the cosine schedules run to their end, unlike a
@@ -26,163 +26,54 @@ fine-tunings classify from a 4x4 grid of the patch tokens (``model.head_grid=4``
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import logging
 import math
-import os
-import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import machine
-from .methods import registry as method_registry
+import yaml
+
+from .. import machine
+from ..config import ConfigError
+from ..data.embedded import materialize
+from ..data.folder import list_images
+from ..methods import registry as method_registry
+from ..viz.curves import read_metrics
+from .plan import (
+    CALIBRATION_STEPS,
+    CALIBRATION_WARMUP,
+    DEFAULT_METHOD,
+    DEMO_ARCH,
+    FINETUNE_RECIPE,
+    LABELS_PER_CLASS,
+    METHODS,
+    NO_TOKENIZER_TO_FINETUNE,
+    PLACEHOLDERS,
+    PRESET,
+    PROBE_POOLS,
+    SHARES,
+    TOKENIZER_PRESET,
+    Paths,
+    StageResult,
+    make_plan,
+    with_hidden,
+)
+from .report import method_name, write_demo_report
 
 log = logging.getLogger("beit")
 
-PRESET = "beit_tiny_patch4_32"  # the fine-tuning, probe and segmentation preset
-# The pretraining methods the demo runs (each with its registry's default, CPU-sized preset); BEiT needs the
-# tokenizer stage
-METHODS = ("mae", "beit")
-# MAE by default: on the demo's images (and on CIFAR-10, docs/results.md sections 6 and 8) it beats BEiT on every
-# learned number at the same budget, and needs no tokenizer; `--method beit` shows the tokenizer and BEiT.
-DEFAULT_METHOD = "mae"
-TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same BEiT result (docs/results.md 8.3)
-DEMO_ARCH = ["model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
-# Both fine-tunings (pretrained and scratch, the same recipe) classify from a 4x4 grid of the patch tokens: with
-# 20 labels per class it gave +6.4 (from MAE) and +23.4 (from scratch) over the mean; and at twice the preset's
-# lr (tuned on CIFAR-10's 1,000 labels): with 200 images it gave +2.0 from MAE and +4.6 from scratch, mean of
-# three label draws (docs/results.md section 6)
-FINETUNE_RECIPE = ["model.head_grid=4", "optim.lr=2e-3"]
-LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"
-# Shares of the time budget (re-balanced over the stages still to run, so an overrun is absorbed).
-SHARES = {"tokenizer": 0.18, "pretrain": 0.37, "finetune_pretrained": 0.10, "finetune_scratch": 0.10,
-          "probe": 0.07, "baselines": 0.02, "segment": 0.13, "pictures": 0.03}
-# mean, [CLS], 4x4 grid and every patch token (the demo's model is small: 8x8 tokens x 96), the best reported;
-# on the demo's images every token in place is what lifts the frozen k-NN over the raw pixels (docs section 6)
-PROBE_POOLS = "all,tokens"
-NO_TOKENIZER_TO_FINETUNE = 0.04  # of the tokenizer's share, to each fine-tuning when there is no tokenizer
-CALIBRATION_STEPS = 6  # the first steps of a run can be slow (allocator, kernel selection): the rate is read
-CALIBRATION_WARMUP = 2  # from the steps after these
-SMOKE_MINUTES = 1.0  # below this: tiny subsets, 2 steps per stage, no timing runs
+# ``beit ARGV`` run in this process -> what it printed (JSON): the CLI's runner, handed to the demo by
+# ``beit demo`` (:func:`beit.cli.run_command`), so that the demo, an application above the library, never
+# imports the command line it is a command of
+Runner = Callable[[list[str]], Any]
 
-# The user's folders in the reproduce commands
-PLACEHOLDERS = {"unlabelled": "MY_IMAGES", "val_images": "MY_HELD_OUT_IMAGES", "labelled": "MY_LABELLED",
-                "seg": "MY_SEGMENTATION", "image": "MY_PHOTO.png"}
-
-
-@dataclass
-class StageResult:
-    name: str
-    title: str
-    seconds: float = 0.0
-    steps: int = 0
-    commands: list[str] = field(default_factory=list)  # with the user's placeholders
-    outputs: list[Any] = field(default_factory=list)  # what each command printed (parsed JSON)
-    error: str = ""
-    notes: list[str] = field(default_factory=list)
-    planned_step_s: float = 0.0  # seconds per step the timing run predicted (0: no timing run)
-
-
-@dataclass
-class Plan:
-    minutes: float
-    smoke: bool
-    full_model: bool
-    batch: int
-    seg_batch: int
-    data: dict
-
-
-def make_plan(minutes: float, full_model: bool = False) -> Plan:
-    smoke = minutes < SMOKE_MINUTES
-    if smoke:
-        data = dict(unlabelled_per_class=8, labels_per_class=4, val_per_class=2, seg_train=16, seg_val=4)
-        return Plan(minutes, True, full_model, batch=16, seg_batch=8, data=data)
-    big = minutes >= 30
-    data = dict(unlabelled_per_class=None, labels_per_class=None, val_per_class=None if big else 50,
-                seg_train=800 if big else 400, seg_val=200 if big else 50)
-    return Plan(minutes, False, full_model, batch=64 if big else 32, seg_batch=16, data=data)
-
-
-# --------------------------------------------------------------------------------------------- commands
-
-
-def _parser() -> argparse.ArgumentParser:
-    from .cli import build_parser
-
-    return build_parser()
-
-
-def run_command(argv: list[str]) -> Any:
-    """Parse ``beit ARGV`` with the real parser and run it in this process; returns what it printed (JSON)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse has printed why; a demo stage fails, the demo goes on
-        raise RuntimeError(f"`beit {shlex.join(argv)}` is not a valid command line") from e
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = args.func(args)
-    if rc:
-        raise RuntimeError(f"`beit {shlex.join(argv)}` exited with status {rc}")
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        try:
-            return json.loads(ln)
-        except ValueError:
-            continue
-    return None
-
-
-def with_hidden(argv: list[str], hidden: list[str]) -> list[str]:
-    """``argv`` plus ``hidden``: its ``--flags`` go before the command's first flag (argparse takes trailing
-    ``key=value`` overrides only after the last flag), its ``key=value`` overrides at the end."""
-    flags = [h for h in hidden if "=" not in h or h.startswith("--")]
-    overrides = [h for h in hidden if h not in flags]
-    i = next((k for k, a in enumerate(argv) if a.startswith("--")), len(argv))
-    return [*argv[:i], *flags, *argv[i:], *overrides]
-
-
-class Paths:
-    """The demo's folders, and their placeholders in the commands shown to the user."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.data = out / "data"
-        self.runs = out / "runs"
-        self.calib = out / ".calibration"
-
-    def display(self, argv: list[str], mapping: dict[str, str]) -> str:
-        """``beit ...`` with each demo path replaced by the user's placeholder (longest first), wrapped
-        before flags with shell line continuations once a line passes 88 characters."""
-        items = sorted(mapping.items(), key=lambda kv: -len(kv[0]))
-        shown = []
-        for a in argv:
-            for real, placeholder in items:
-                if a == real or a.startswith(real + os.sep):
-                    a = placeholder + a[len(real):]
-                    break
-            shown.append(a)
-        lines, cur = [], "beit"
-        for i, tok in enumerate(shown):
-            q = shlex.quote(tok)
-            starts = tok.startswith("--") or ("=" in tok and not shown[i - 1].startswith("--"))
-            if starts and len(cur) + 1 + len(q) > 88 and cur.strip() != "beit":
-                lines.append(cur + " \\")
-                cur = "    " + q
-            else:
-                cur += " " + q
-        return "\n".join([*lines, cur])
 
 
 def _rows(metrics: Path) -> list[dict]:
-    from .viz.curves import read_metrics
-
     return read_metrics(metrics)
 
 
@@ -199,12 +90,16 @@ def _step_seconds(run_dir: Path, batch: int, wall: float, warmup: int = CALIBRAT
 # --------------------------------------------------------------------------------------------- the demo
 
 
+def _no_runner(argv: list[str]) -> Any:
+    raise RuntimeError(f"the demo runs `beit {' '.join(argv)}` through a command runner: give Demo(run_command=...) "
+                       "(beit.cli.run_command)")
+
+
 class Demo:
     def __init__(self, out: str | Path, minutes: float = 10.0, full_model: bool = False, seed: int = 0,
-                 method: str = DEFAULT_METHOD):
+                 method: str = DEFAULT_METHOD, run_command: Runner | None = None):
+        self.run_command: Runner = run_command or _no_runner
         if method not in METHODS:
-            from .config import ConfigError
-
             raise ConfigError(f"beit demo runs {' or '.join(METHODS)}, not {method!r}")
         self.method = method
         self.uses_tokenizer = method == "beit"
@@ -244,7 +139,7 @@ class Demo:
         run_dir = self.p.calib / stage.name
         shutil.rmtree(run_dir, ignore_errors=True)
         t = time.perf_counter()
-        run_command(calib_argv_fn(run_dir))
+        self.run_command(calib_argv_fn(run_dir))
         wall = time.perf_counter() - t
         step_s = _step_seconds(run_dir, batch, wall)
         fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
@@ -292,15 +187,13 @@ class Demo:
     def _run(self, st: StageResult, argv: list[str], mapping: dict[str, str], hidden: list[str] = ()) -> Any:
         """Run ``beit ARGV HIDDEN``; the report shows ``beit ARGV`` (``hidden``: the demo's own safety limits)."""
         st.commands.append(self.p.display(argv, mapping))
-        out = run_command(with_hidden(argv, hidden))
+        out = self.run_command(with_hidden(argv, hidden))
         st.outputs.append(out)
         return out
 
     # ---- data
 
     def prepare_data(self) -> None:
-        from .data.embedded import materialize
-
         st = self._stage("data", "Data: Fashion-MNIST folders")
         t = time.perf_counter()
         self.embedded = materialize(self.p.data, **self.plan.data, seed=self.seed)
@@ -313,8 +206,6 @@ class Demo:
         """A few files per folder for the timing runs (so a timing run never evaluates a full val set)."""
         if self.plan.smoke:
             return
-        from .data.folder import list_images
-
         c, e = self.p.calib / "data", self.embedded
         shutil.rmtree(c, ignore_errors=True)
         b = max(self.plan.batch, self.plan.seg_batch)
@@ -364,8 +255,6 @@ class Demo:
 
     @property
     def method_title(self) -> str:
-        from .viz.demo_report import method_name
-
         return method_name(self.method)
 
     def pretrain(self) -> None:
@@ -490,8 +379,6 @@ class Demo:
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def pictures(self) -> None:
-        from .data.folder import list_images
-
         st = self._stage("pictures", "Inside the model")
         t = time.perf_counter()
         e = self.embedded
@@ -548,8 +435,6 @@ class Demo:
         self.total_seconds = time.perf_counter() - self.t0
         summary = self.summary()
         (self.p.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from .viz.demo_report import write_demo_report
-
         return write_demo_report(self, summary)
 
     # ---- results
@@ -599,51 +484,8 @@ class Demo:
             "machine": machine.describe(),
         }
 
-    @staticmethod
-    def summary_rows(summary: dict) -> list[list]:
-        """``[stage, metric, value, steps, seconds]`` rows for the terminal and the report."""
-        secs = {s["name"]: s for s in summary["stages"]}
-
-        def row(stage: str, label: str, metric: str, value):
-            s = secs.get(stage, {})
-            sec = s.get("seconds")
-            return [label, metric, value if not s.get("error") else "failed", s.get("steps") or None,
-                    round(sec) if sec is not None else None]
-
-        from .viz.demo_report import method_name
-
-        t, p, f, pr, sg = (summary[k] for k in ("tokenizer", "pretrain", "finetune", "probe", "segment"))
-        px = summary["pixels"]
-        name = method_name(summary.get("method", DEFAULT_METHOD))
-        tokenizer = [row("tokenizer", "tokenizer", "PSNR (dB), val", t["psnr"]),
-                     row("tokenizer", "tokenizer", "codebook usage", t["codebook_usage"])] if "tokenizer" in secs else []
-        pre = (row("pretrain", f"{name} pretraining", "masked-token accuracy (train)", p["mlm_acc"])
-               if summary.get("method", DEFAULT_METHOD) == "beit"
-               else row("pretrain", f"{name} pretraining", "loss (train)", p["loss"]))
-        return [
-            *tokenizer,
-            pre,
-            row("finetune_pretrained", f"fine-tune from {name}", "top-1 % (val)", f["pretrained"]["top1"]),
-            row("finetune_scratch", "fine-tune from scratch", "top-1 % (val)", f["scratch"]["top1"]),
-            row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn_ft"]["top1"]),
-            row("probe", probe_label("linear probe", pr["linear"]), "top-1 % (val)", pr["linear"]["top1"]),
-            row("baselines", "linear on raw pixels, same labels", "top-1 % (val)", px["linear"]["top1"]),
-            row("probe", probe_label("k-NN probe", pr["knn"]), "top-1 % (val)", pr["knn"]["top1"]),
-            row("baselines", "k-NN on raw pixels, same labels", "top-1 % (val)", px["knn"]["top1"]),
-            row("segment", "segmentation", "mIoU % (val)", sg["mIoU"]),
-            row("segment", "segmentation", "pixel accuracy % (val)", sg["pixel_acc"]),
-        ]
-
-
-def probe_label(name: str, best: dict) -> str:
-    """``"linear probe (grid pooling)"``: the pooling of the best probe, where the summary has it."""
-    return f"{name} ({best['pool']} pooling)" if best.get("pool") else name
-
-
 def run_precisions(runs: Path) -> dict[str, str]:
     """``{run: precision}`` as each training run resolved it (``train.precision`` in its config.yaml)."""
-    import yaml
-
     out = {}
     for cfg in sorted(runs.glob("*/config.yaml")):
         train = (yaml.safe_load(cfg.read_text()) or {}).get("train") or {}
@@ -655,16 +497,15 @@ def run_precisions(runs: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, *, full_model: bool = False, seed: int = 0,
-             method: str = DEFAULT_METHOD) -> tuple[Path, dict]:
-    """Run the demo; returns ``(report path, summary)`` (see the module docstring)."""
+def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, *, run_command: Runner, full_model: bool = False,
+             seed: int = 0, method: str = DEFAULT_METHOD) -> tuple[Path, dict]:
+    """Run the demo, each step through ``run_command`` (``beit demo`` hands it :func:`beit.cli.run_command`);
+    returns ``(report path, summary)`` (see the module docstring)."""
     if minutes <= 0:
-        from .config import ConfigError
-
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
-    demo = Demo(out, minutes, full_model=full_model, seed=seed, method=method)
+    demo = Demo(out, minutes, full_model=full_model, seed=seed, method=method, run_command=run_command)
     report = demo.run()
     return report, json.loads((demo.p.out / "summary.json").read_text())
 
 
-__all__ = ["Demo", "Plan", "make_plan", "run_command", "run_demo", "run_precisions"]
+__all__ = ["Demo", "Runner", "run_demo", "run_precisions"]

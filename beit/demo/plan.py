@@ -1,0 +1,139 @@
+"""The demo's plan: what it runs (presets, recipes, the shares of the time budget), how the budget sizes the
+stages (:func:`make_plan`), the folders and their placeholders in the commands shown to the user
+(:class:`Paths`), and the result of each stage (:class:`StageResult`). :mod:`.run` runs the stages;
+:mod:`.report` reads them through :class:`FinishedDemo`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+PRESET = "beit_tiny_patch4_32"  # the fine-tuning, probe and segmentation preset
+# The pretraining methods the demo runs (each with its registry's default, CPU-sized preset); BEiT needs the
+# tokenizer stage
+METHODS = ("mae", "beit")
+# MAE by default: on the demo's images (and on CIFAR-10, docs/results.md sections 6 and 8) it beats BEiT on every
+# learned number at the same budget, and needs no tokenizer; `--method beit` shows the tokenizer and BEiT.
+DEFAULT_METHOD = "mae"
+TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same BEiT result (docs/results.md 8.3)
+DEMO_ARCH = ["model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
+# Both fine-tunings (pretrained and scratch, the same recipe) classify from a 4x4 grid of the patch tokens: with
+# 20 labels per class it gave +6.4 (from MAE) and +23.4 (from scratch) over the mean; and at twice the preset's
+# lr (tuned on CIFAR-10's 1,000 labels): with 200 images it gave +2.0 from MAE and +4.6 from scratch, mean of
+# three label draws (docs/results.md section 6)
+FINETUNE_RECIPE = ["model.head_grid=4", "optim.lr=2e-3"]
+LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"
+# Shares of the time budget (re-balanced over the stages still to run, so an overrun is absorbed).
+SHARES = {"tokenizer": 0.18, "pretrain": 0.37, "finetune_pretrained": 0.10, "finetune_scratch": 0.10,
+          "probe": 0.07, "baselines": 0.02, "segment": 0.13, "pictures": 0.03}
+# mean, [CLS], 4x4 grid and every patch token (the demo's model is small: 8x8 tokens x 96), the best reported;
+# on the demo's images every token in place is what lifts the frozen k-NN over the raw pixels (docs section 6)
+PROBE_POOLS = "all,tokens"
+NO_TOKENIZER_TO_FINETUNE = 0.04  # of the tokenizer's share, to each fine-tuning when there is no tokenizer
+CALIBRATION_STEPS = 6  # the first steps of a run can be slow (allocator, kernel selection): the rate is read
+CALIBRATION_WARMUP = 2  # from the steps after these
+SMOKE_MINUTES = 1.0  # below this: tiny subsets, 2 steps per stage, no timing runs
+
+# The user's folders in the reproduce commands
+PLACEHOLDERS = {"unlabelled": "MY_IMAGES", "val_images": "MY_HELD_OUT_IMAGES", "labelled": "MY_LABELLED",
+                "seg": "MY_SEGMENTATION", "image": "MY_PHOTO.png"}
+
+
+@dataclass
+class StageResult:
+    name: str
+    title: str
+    seconds: float = 0.0
+    steps: int = 0
+    commands: list[str] = field(default_factory=list)  # with the user's placeholders
+    outputs: list[Any] = field(default_factory=list)  # what each command printed (parsed JSON)
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+    planned_step_s: float = 0.0  # seconds per step the timing run predicted (0: no timing run)
+
+
+@dataclass
+class Plan:
+    minutes: float
+    smoke: bool
+    full_model: bool
+    batch: int
+    seg_batch: int
+    data: dict
+
+
+def make_plan(minutes: float, full_model: bool = False) -> Plan:
+    smoke = minutes < SMOKE_MINUTES
+    if smoke:
+        data = dict(unlabelled_per_class=8, labels_per_class=4, val_per_class=2, seg_train=16, seg_val=4)
+        return Plan(minutes, True, full_model, batch=16, seg_batch=8, data=data)
+    big = minutes >= 30
+    data = dict(unlabelled_per_class=None, labels_per_class=None, val_per_class=None if big else 50,
+                seg_train=800 if big else 400, seg_val=200 if big else 50)
+    return Plan(minutes, False, full_model, batch=64 if big else 32, seg_batch=16, data=data)
+
+
+def with_hidden(argv: list[str], hidden: list[str]) -> list[str]:
+    """``argv`` plus ``hidden``: its ``--flags`` go before the command's first flag (argparse takes trailing
+    ``key=value`` overrides only after the last flag), its ``key=value`` overrides at the end."""
+    flags = [h for h in hidden if "=" not in h or h.startswith("--")]
+    overrides = [h for h in hidden if h not in flags]
+    i = next((k for k, a in enumerate(argv) if a.startswith("--")), len(argv))
+    return [*argv[:i], *flags, *argv[i:], *overrides]
+
+
+class Paths:
+    """The demo's folders, and their placeholders in the commands shown to the user."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.data = out / "data"
+        self.runs = out / "runs"
+        self.calib = out / ".calibration"
+
+    def display(self, argv: list[str], mapping: dict[str, str]) -> str:
+        """``beit ...`` with each demo path replaced by the user's placeholder (longest first), wrapped
+        before flags with shell line continuations once a line passes 88 characters."""
+        items = sorted(mapping.items(), key=lambda kv: -len(kv[0]))
+        shown = []
+        for a in argv:
+            for real, placeholder in items:
+                if a == real or a.startswith(real + os.sep):
+                    a = placeholder + a[len(real):]
+                    break
+            shown.append(a)
+        lines, cur = [], "beit"
+        for i, tok in enumerate(shown):
+            q = shlex.quote(tok)
+            starts = tok.startswith("--") or ("=" in tok and not shown[i - 1].startswith("--"))
+            if starts and len(cur) + 1 + len(q) > 88 and cur.strip() != "beit":
+                lines.append(cur + " \\")
+                cur = "    " + q
+            else:
+                cur += " " + q
+        return "\n".join([*lines, cur])
+
+
+class FinishedDemo(Protocol):
+    """What the report reads of a demo that has run (:class:`beit.demo.run.Demo` is one): its folders, plan,
+    data and the result of each stage; never how it ran them."""
+
+    p: Paths
+    plan: Plan
+    embedded: Any  # the data folders (beit.data.embedded.EmbeddedData)
+    uses_tokenizer: bool
+
+    @property
+    def labels_per_class(self) -> int: ...
+
+    def result(self, name: str) -> StageResult: ...
+
+
+__all__ = ["CALIBRATION_STEPS", "CALIBRATION_WARMUP", "DEFAULT_METHOD", "DEMO_ARCH", "FINETUNE_RECIPE",
+           "LABELS_PER_CLASS", "METHODS", "NO_TOKENIZER_TO_FINETUNE", "PLACEHOLDERS", "PRESET", "PROBE_POOLS",
+           "SHARES", "SMOKE_MINUTES", "TOKENIZER_PRESET", "FinishedDemo", "Paths", "Plan", "StageResult",
+           "make_plan", "with_hidden"]
