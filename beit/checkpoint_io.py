@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(RuntimeError):
@@ -103,8 +105,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 
     ``metadata`` values may be any JSON-serialisable object; each is stored as its JSON string.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
@@ -119,8 +119,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file -> ``(state_dict, metadata)``; metadata values are JSON-decoded when they
     parse (files written by other tools keep their plain strings)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")

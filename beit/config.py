@@ -12,6 +12,7 @@ through the same functions.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -326,8 +327,6 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def _suggest(name: str, names: set[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, sorted(names), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
 

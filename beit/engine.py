@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .compiling import AUTO_EAGER_STEPS, decide
@@ -254,8 +257,6 @@ class _StopFlag:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -317,8 +318,6 @@ class MetricsWriter:
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
                 mininterval=1.0, leave=True)
 
@@ -351,8 +350,6 @@ def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | N
                  inputs: dict[str, str] | None, anyway: bool) -> Path | None:
     """Claim the run folder, find the checkpoint to resume from (rank 0 first: it drops damaged ones, then
     every rank agrees), check the resume against the saved config."""
-    import yaml
-
     from .runs import RunDir, run_kind
 
     kind = run_kind(yaml.safe_load(config_yaml) or {}) if config_yaml else "unknown"

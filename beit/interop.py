@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from beit.checkpoint_io import (
     CheckpointError,
@@ -647,8 +648,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
     """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.tmp")
     with removed_on_failure(path, tmp):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})

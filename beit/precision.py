@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from .config import TrainConfig
@@ -119,8 +120,6 @@ def rank0_value(value: float, device: torch.device | None = None) -> float:
     """Under torchrun every process must decide alike: all take rank 0's ``value`` (a timing), broadcast
     through a tensor on ``device`` (CPU by default; a CPU tensor cannot travel over nccl, where the value is
     returned unchanged: pass the CUDA device when it differs between processes)."""
-    import torch.distributed as dist
-
     device = device or torch.device("cpu")
     if not (dist.is_available() and dist.is_initialized()) or (dist.get_backend() == "nccl" and device.type != "cuda"):
         return value

@@ -19,6 +19,7 @@ and ``train()`` (it stays in eval mode). The price is that ``.to(device)`` does 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,8 +217,6 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
 
 def build(cfg):
     """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
-    import dataclasses
-
     tok, tok_size = None, None
     if cfg.beit.target == "tokens":
         if not cfg.tokenizer:

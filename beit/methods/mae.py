@@ -19,6 +19,7 @@ The encoder is the backbone every downstream command loads (``state_prefix = "en
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,8 +275,6 @@ def build_mae_transform(cfg: MAEConfig, model_cfg: ModelConfig) -> MAETransform:
 
 def build(cfg):
     """Registry builder for ``--method mae``: (method, per-sample transform, resolved PretrainConfig)."""
-    import dataclasses
-
     method = MAEMethod.build(cfg.model, cfg.mae)
     cfg = dataclasses.replace(cfg, model=method.encoder.cfg)
     return method, build_mae_transform(cfg.mae, cfg.model), cfg

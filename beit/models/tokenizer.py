@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint_io import CheckpointError, load_weights, removed_on_failure
@@ -346,8 +348,6 @@ def stats_to_images(stats: torch.Tensor, in_chans: int = 3) -> torch.Tensor:
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     """Write ``tokenizer.safetensors`` (weights + config in the header) into a folder or to a file path."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
@@ -369,8 +369,6 @@ def tokenizer_file(path: str | Path) -> Path:
 
 def is_tokenizer_file(path: str | Path) -> bool:
     """True if ``path`` (a file or a folder holding tokenizer.safetensors) is a tokenizer written here."""
-    from safetensors import safe_open
-
     path = tokenizer_file(path)
     if not path.is_file():
         return False

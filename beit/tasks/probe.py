@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -249,8 +250,6 @@ def _device(name: str) -> torch.device:
 
 def _native_size(path: str | Path) -> int:
     """The shorter side of the first training image: the pixel baseline's size when none is given."""
-    from PIL import Image
-
     first_path = ImageFolder(Path(path) / "train", with_labels=True).samples[0][0]
     with Image.open(first_path) as im:
         return min(im.size)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import InterpolationMode
 
 from ..checkpoint import CKPT_DIR
@@ -509,8 +509,6 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
     ``eval`` config says (whole image or sliding window). Writes ``RUN/eval.json`` (metrics in %, per-class
     IoU by name, confusion matrices), ``RUN/confusion_<split>.png`` and ``RUN/predictions_<split>.png``.
     Runs in the run's (resolved) precision, as its evaluations during training."""
-    from torch.utils.data import DataLoader
-
     run_dir = Path(path)
     best = run_dir / CKPT_DIR / "best"
     source = best if best.is_dir() else run_dir

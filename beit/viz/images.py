@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..config import image_hw
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD
@@ -20,7 +21,6 @@ def prepare_image(image: Any, size: int | tuple[int, int]) -> torch.Tensor:
     or ``(h, w)``: resized (bicubic) to the smallest size that covers ``(h, w)`` with the aspect ratio kept
     (for a square: the short side to ``h``), then a center crop."""
     import torchvision.transforms.v2.functional as TF
-    from PIL import Image
     from torchvision.transforms.v2 import InterpolationMode
 
     from ..data.folder import DataError, load_image

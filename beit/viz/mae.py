@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from ..config import ConfigError, from_dict
 from ..runs import RunDir
@@ -52,8 +53,6 @@ def mae_panels(method, images01: torch.Tensor, seed: int = 0) -> list[torch.Tens
 def show_mae(run: str | Path, image: str | Path, out: str | Path, seed: int = 0, size: int = 192) -> Path:
     """Draw the four panels for ``image`` with the MAE run ``run`` into ``out`` (PNG); ``seed`` picks the mask.
     Panels are scaled up to ``size`` pixels (nearest neighbour, so patches stay visible)."""
-    from PIL import Image, ImageDraw
-
     method = load_mae_method(run)
     panels = mae_panels(method, prepare_image(image, method.encoder.cfg.img_size)[None], seed)
     titles = ["original", f"masked {method.cfg.mask_ratio:.0%}", "reconstruction", "+ visible"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .attention import load_backbone
 from .images import masked_view, normalize, prepare_image
@@ -69,8 +70,6 @@ def mim_predict(init: Any, tokenizer: Any, image: Any, seed: int = 0,
     S = model.cfg.img_size
     x01 = prepare_image(image, S)  # (3, S, S)
     # the tokenizer sees the same crop at its own resolution, as in pretraining (BEiT's second view)
-    import torch.nn.functional as F
-
     tok_view = F.interpolate(x01[None], size=(tok.cfg.img_size,) * 2, mode="bicubic", align_corners=False,
                              antialias=True).clamp(0, 1)  # (1, 3, s, s)
     if mask is None:
