@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from beit.config import to_dict
+from beit.demo.report import method_name, pretraining_text, tokenizer_text
 from beit.models.tokenizer import get_tokenizer_preset
 from beit.tasks import pretrain
-from beit.demo.report import method_name, pretraining_text, tokenizer_text
 
 
 def test_tokenizer_text_follows_the_quantizer_and_grid():
