@@ -9,8 +9,9 @@ only when the steps left are many enough to win that time back. ``auto`` (the de
 with ``compile_seconds`` and ``speedup`` from :data:`ESTIMATES` for the device type. ``true``/``false``
 always win. A compile that fails (no C++ compiler, an unsupported op) falls back to eager with a warning.
 
-The CPU estimate is the tiny presets' measurement (``bench/compile_cost.py``, docs/results.md section 5:
-BEiT 58 s for 1.17x, MAE 61 s for 1.26x on one thread of an AMX Xeon; the lower speed-up is used), so on
+The CPU estimate is the tiny presets' measurement (``bench/compile_cost.py``,
+docs/notebook/2026-11-cpu-speed.md: BEiT 58 s for 1.17x, MAE 61 s for 1.26x on one thread of an AMX Xeon; the
+lower speed-up is used), so on
 CPU ``auto`` compiles a run with more than ~12 minutes of eager steps left. The CUDA figures are an
 assumption, not a measurement (no GPU run has timed compilation yet).
 """

@@ -108,7 +108,7 @@ class ModelConfig:
     use_mean_pooling: bool = True  # classification: mean of patch tokens -> LayerNorm -> Linear
     use_fc_norm: bool | None = None  # LayerNorm after pooling, none per token; None: with mean pooling + classes
     # >0: the classifier reads the patch tokens (each through fc_norm) averaged over a head_grid x head_grid grid
-    # (head_grid^2 * embed_dim inputs) instead of their mean: keeps the layout (docs/results.md section 6)
+    # (head_grid^2 * embed_dim inputs) instead of their mean: keeps the layout (docs/notebook/2026-11-demo.md)
     head_grid: int = 0
     num_classes: int = 0  # >0 adds a classification head
     vocab_size: int = 0  # >0 adds a masked-image-modeling head (and the [MASK] embedding)

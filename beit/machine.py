@@ -26,7 +26,7 @@ ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _TORCH_LEVELS = {"AVX512": "AVX-512", "AVX2": "AVX2"}
 # environment variables that cap the instruction set the libraries use below what the CPU has: with all three at
 # AVX2 an AVX-512/AMX CPU computes like an AVX2-only one (bf16 matmul ~100x slower than fp32), which is how the
-# AVX2 path is measured on a machine without such a CPU (docs/results.md section 5)
+# AVX2 path is measured on a machine without such a CPU (docs/notebook/2026-11-cpu-speed.md)
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ISA_LIMIT_VARS = tuple(AVX2_CAPS)
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The CamVid segmentation experiment of docs/results.md (issue 14), in order. Usage:
+# The CamVid segmentation experiment of docs/results.md (issue 14; every pass in
+# docs/notebook/2026-11-camvid-segmentation.md), in order. Usage:
 #   bash scripts/camvid_results.sh STEP     STEP: data baseline tokenizer pretrain cifar cifar_camvid segment table
 #                                            figure (or `all`)
 # Budgets (2 CPU cores): <= 60 min of pretraining per backbone (BEiT: tokenizer 10 + 46; MAE: 52 on CamVid
 # using both cores, CIFAR-10 39 then CamVid 20), each segmentation <= 30 min with the same head, schedule and
 # steps (2,200 steps of 8, ~20-24 min), two seeds each.
-# docs/results.md section 9 ran two of these at a time, one thread each (OMP_NUM_THREADS=1), except the MAE
+# The notebook's runs were two of these at a time, one thread each (OMP_NUM_THREADS=1), except the MAE
 # pretraining on the frames, which had the machine to itself (MAE_THREADS, default 2; section 9.0).
 # SMOKE=1 runs every command for a few steps only (checks the pipeline in minutes; numbers meaningless).
 # Data: ../shared/data/camvid-160x120.tar.gz (and cifar10-png.tar.gz for the CIFAR-10 backbone).
@@ -34,7 +35,7 @@ else
   PRE_CIFAR=(--steps 9000 --max-minutes 45) # MAE on CIFAR-10 at 64 px: ~11 epochs of the 50,000 images, 39 min
   PRE_CC=(--steps 14500 --max-minutes 20.5) # ... then on the CamVid frames (64 px crops) for the hour's last 20 min
   SEG=(--steps 2200 --max-minutes 30)       # the preset's schedule at 2,200 steps of 8 (48 epochs), ~24 min
-  SEEDS=${SEEDS:-"0 1"}                     # docs/results.md section 9.0: SEEDS="0 1 2 3"
+  SEEDS=${SEEDS:-"0 1"}                     # notebook/2026-11-camvid-segmentation.md, 9.0: SEEDS="0 1 2 3"
 fi
 PX64=(model.img_size=64 model.patch_size=8)   # 64 px squares in 8 px patches: the 8x8 grid of the tokenizer
 
@@ -50,8 +51,9 @@ step() {
       --preset vq_32 "${TOK[@]}" --batch-size 32 model.img_size=64 model.n_groups=4 model.n_hid=32 train.log_every=25 ;;
   pretrain)    # on CamVid train images without labels: BEiT on random 64 px crops (8x8 grid, the tokenizer's),
                # MAE on whole 120x160 frames (the segmenter's 15x20 grid; MAE's encoder sees only a quarter of it)
-    # (BEiT as docs/results.md 9.2 ran it: blockwise masking, crops from (0.08, 1); the tiny preset has since
-    # moved to random masking and (0.35, 1), section 8.5: drop the two overrides to pretrain with today's recipe)
+    # (BEiT as the notebook's section 9.2 ran it: blockwise masking, crops from (0.08, 1); the tiny preset has
+    # since moved to random masking and (0.35, 1), docs/notebook/2026-11-cifar10-hour.md, 8.5: drop the two
+    # overrides to pretrain with today's recipe)
     $BEIT pretrain --method beit --data "$CAMVID/images/train" --tokenizer "$RUNS/tok64_vq" --out "$RUNS/pre_beit" \
       --preset beit_tiny_patch4_32 "${PRE[@]}" "${PX64[@]}" train.log_every=25 train.ckpt_every=300 \
       beit.masking=block "beit.crop_scale=[0.08,1.0]"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CIFAR-10 experiments of docs/results.md, in order. Each step is one documented command; the budgets
-# are the ones reported there. Usage: bash scripts/cifar10_results.sh STEP   (or `all`)
+# The CIFAR-10 experiments of docs/notebook/2026-11-cifar10-*.md, sections 1-4, in order. Each step is one
+# documented command; the budgets are the ones reported there. Usage: bash scripts/cifar10_results.sh STEP   (or `all`)
 # Data: ../shared/data/cifar10-png.tar.gz extracted to $CIFAR (train/<class>/, test/<class>/).
 set -euo pipefail
 CIFAR=${CIFAR:-/tmp/cifar}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The learning-quality study of docs/results.md (issue 10): each method and BEiT ablation pretrained at one
-# budget, each fine-tuned with the same recipes and probed, next to raw pixels and the same recipes from
-# scratch; CIFAR-10, 100 labels per class, evaluated on the 10,000 test images.
+# The learning-quality study of docs/notebook/2026-11-cifar10-hour.md (issue 10): each method and BEiT
+# ablation pretrained at one budget, each fine-tuned with the same recipes and probed, next to raw pixels and
+# the same recipes from scratch; CIFAR-10, 100 labels per class, evaluated on the 10,000 test images.
 #
 # Usage: bash scripts/cifar10_study.sh RUNS
 #   env: CIFAR   folder with train/<class>/ and test/<class>/ (default /tmp/cifar)

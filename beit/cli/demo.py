@@ -35,6 +35,6 @@ def add_commands(sub) -> None:
                    help="train the preset's full ViT (192 x 6) instead of the demo's 96 x 4")
     p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
                    help=f"pretraining method (default {DEFAULT_METHOD}: better than beit at this scale, "
-                        "docs/results.md section 6); beit first trains the tokenizer")
+                        "docs/results.md); beit first trains the tokenizer")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
     p.set_defaults(func=cmd_demo)

@@ -16,22 +16,22 @@ PRESET = "beit_tiny_patch4_32"  # the fine-tuning, probe and segmentation preset
 # The pretraining methods the demo runs (each with its registry's default, CPU-sized preset); BEiT needs the
 # tokenizer stage
 METHODS = ("mae", "beit")
-# MAE by default: on the demo's images (and on CIFAR-10, docs/results.md sections 6 and 8) it beats BEiT on every
+# MAE by default: on the demo's images (and on CIFAR-10, docs/results.md) it beats BEiT on every
 # learned number at the same budget, and needs no tokenizer; `--method beit` shows the tokenizer and BEiT.
 DEFAULT_METHOD = "mae"
-TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same BEiT result (docs/results.md 8.3)
+TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same BEiT result (docs/notebook/2026-11-cifar10-hour.md, 8.3)
 DEMO_ARCH = ["model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
 # Both fine-tunings (pretrained and scratch, the same recipe) classify from a 4x4 grid of the patch tokens: with
 # 20 labels per class it gave +6.4 (from MAE) and +23.4 (from scratch) over the mean; and at twice the preset's
 # lr (tuned on CIFAR-10's 1,000 labels): with 200 images it gave +2.0 from MAE and +4.6 from scratch, mean of
-# three label draws (docs/results.md section 6)
+# three label draws (docs/notebook/2026-11-demo.md)
 FINETUNE_RECIPE = ["model.head_grid=4", "optim.lr=2e-3"]
 LABELS_PER_CLASS = 20  # fine-tuning "with a few labels"
 # Shares of the time budget (re-balanced over the stages still to run, so an overrun is absorbed).
 SHARES = {"tokenizer": 0.18, "pretrain": 0.37, "finetune_pretrained": 0.10, "finetune_scratch": 0.10,
           "probe": 0.07, "baselines": 0.02, "segment": 0.13, "pictures": 0.03}
 # mean, [CLS], 4x4 grid and every patch token (the demo's model is small: 8x8 tokens x 96), the best reported;
-# on the demo's images every token in place is what lifts the frozen k-NN over the raw pixels (docs section 6)
+# on the demo's images every token in place is what lifts the frozen k-NN over the raw pixels (docs/notebook/2026-11-demo.md)
 PROBE_POOLS = "all,tokens"
 NO_TOKENIZER_TO_FINETUNE = 0.04  # of the tokenizer's share, to each fine-tuning when there is no tokenizer
 CALIBRATION_STEPS = 6  # the first steps of a run can be slow (allocator, kernel selection): the rate is read

@@ -340,7 +340,8 @@ class Demo:
         st = self._stage("probe", "Frozen-backbone probes")
         t = time.perf_counter()
         lpc = self._probe_lpc = self._probe_labels_per_class(self.budget("probe"))
-        # every pooling: the mean of the patch tokens drops the layout that the raw pixels keep (docs section 6)
+        # every pooling: the mean of the patch tokens drops the layout that the raw pixels keep
+        # (docs/notebook/2026-11-demo.md)
         self._probes(st, str(self.p.runs / "pretrain"), lpc, pool=PROBE_POOLS)
         st.seconds = time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class for the probes; validation: {self.counts['val']} images; "

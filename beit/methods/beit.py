@@ -153,7 +153,8 @@ class BEiTMethod(Method):
         """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids, always in fp32: under bf16
         autocast 1-6% of the ids change (measured on Fashion-MNIST and CIFAR-10 with a trained ``vq_32``; 0.7-1.1%
         even with fp32 code distances), and the targets must not depend on the machine's precision. Its
-        ``encode`` runs channels-last, which makes fp32 faster than the bf16 it replaces (docs/results.md)."""
+        ``encode`` runs channels-last, which makes fp32 faster than the bf16 it replaces
+        (docs/notebook/2026-11-cpu-speed.md)."""
         tok = self.tokenizer
         if isinstance(tok, nn.Module):
             p = next(tok.parameters(), None)
@@ -252,11 +253,12 @@ PRESETS: dict[str, dict] = {
     },
     # The small presets mask uniformly at random: on their 8x8 grid the paper's blocks (>= 16 patches) hide a
     # quarter of the image at once and most masked tokens have no visible neighbour (on ImageNet's 14x14 grid a
-    # block is small). Measured on CIFAR-10 (docs/results.md 8.4-8.5): after the same hour of pretraining,
-    # fine-tuned 51.9% with random masking vs 47.9% blockwise (scratch 44.2%; random masking over three label
-    # draws: 52.9% vs scratch 44.6%). The tiny preset also crops its views
+    # block is small). Measured on CIFAR-10 (docs/notebook/2026-11-cifar10-hour.md, 8.4-8.5): after the same
+    # hour of pretraining, fine-tuned 51.9% with random masking vs 47.9% blockwise (scratch 44.2%; random masking
+    # over three label draws: 52.9% vs scratch 44.6%). The tiny preset also crops its views
     # from (0.35, 1) of the image, not (0.08, 1): 8% of a 32 px image is a 9 px patch blown up (with the cheaper
-    # tokenizer, online kNN 31.0 vs 27.6 at the hour, fine-tuned the same: docs/results.md 8.3).
+    # tokenizer, online kNN 31.0 vs 27.6 at the hour, fine-tuned the same: docs/notebook/2026-11-cifar10-hour.md,
+    # 8.3).
     "beit_small_patch8_64": {
         "model": preset_dict("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},

@@ -429,7 +429,8 @@ PRESETS: dict[str, dict] = {
     },
     # CPU-sized: 1024 prototypes and a 512-wide head (8192 x 2048 would dwarf the tiny backbone), no local
     # crops, teacher temperatures held at 0.04 (DINO's default): at the recipe's 0.07 the centred teacher of this
-    # small head is near uniform within ~40 steps and the [CLS] loss sits at ln K (docs/results.md section 8).
+    # small head is near uniform within ~40 steps and the [CLS] loss sits at ln K
+    # (docs/notebook/2026-11-cifar10-hour.md).
     "ibot_tiny_patch4_32": {
         "model": preset_dict("beit_tiny_patch4_32", **_IBOT_VIT),
         "optim": {"lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 0.05, "clip_grad": 3.0},

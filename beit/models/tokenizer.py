@@ -113,7 +113,8 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     "dvae_32": TokenizerConfig(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128),
     "vq_32": _VQ_32,
     # vq_32 at half the width: 3x fewer encode FLOPs (0.035 vs 0.106 GFLOP per image; the frozen encode runs on
-    # every BEiT step). At the hour on CIFAR-10: BEiT fine-tunes as well as with vq_32 (docs/results.md 8.3)
+    # every BEiT step). At the hour on CIFAR-10: BEiT fine-tunes as well as with vq_32
+    # (docs/notebook/2026-11-cifar10-hour.md, 8.3)
     "vq_32_small": replace(_VQ_32, n_hid=32),
     # 64px -> 8x8 tokens (8x8 pixels per token, like DALL-E)
     "dvae_64": TokenizerConfig(img_size=64, vocab_size=1024, n_hid=64, n_groups=4, n_blk_per_group=1, n_init=128),
@@ -300,7 +301,7 @@ class Tokenizer(nn.Module):
                 "(were the images normalised with a mean/std?)"
             )
         # channels-last: oneDNN's fast convolution layout on CPU (measured 2-2.6x faster encode in bf16 and
-        # fp32 for vq_32 and dalle_112, docs/results.md); the ids are the same computation
+        # fp32 for vq_32 and dalle_112, docs/notebook/2026-11-cpu-speed.md); the ids are the same computation
         return torch.cat(
             [self.encode_logits(chunk.contiguous(memory_format=torch.channels_last)).argmax(1)
              for chunk in images.split(batch_size)]

@@ -100,9 +100,9 @@ def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> torch.Tensor:
 
 # Attention with a bias on CUDA: SDPA by default. With a bias that needs its gradient (BEiT's relative position
 # bias), PyTorch dispatches SDPA to its memory-efficient kernel, which is fused and returns the bias gradient: on
-# an H100 (docs/results.md section 7, bench/attention_kernels.py) it is as exact as FlexAttention in bf16 and
-# 1.8x faster forward + backward at the base shape (0.97 vs 1.72 ms). FlexAttention (a score modifier adding
-# the bias) stays opt-in with BEIT_FLEX_ATTENTION=1.
+# an H100 (docs/notebook/2026-11-gpu-check-h100.md, bench/attention_kernels.py) it is as exact as FlexAttention
+# in bf16 and 1.8x faster forward + backward at the base shape (0.97 vs 1.72 ms). FlexAttention (a score
+# modifier adding the bias) stays opt-in with BEIT_FLEX_ATTENTION=1.
 USE_FLEX = os.environ.get("BEIT_FLEX_ATTENTION", "0") == "1"
 _flex_state: dict = {}
 
@@ -158,7 +158,8 @@ def _compiled_flex():
 
 def _flex_with_bias(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     # the bias in the inputs' dtype, as SDPA takes it: an fp32 bias with bf16 inputs makes Triton's backward
-    # kernel ask for more shared memory than an H100 has (245,760 of 232,448 bytes; section 7)
+    # kernel ask for more shared memory than an H100 has (245,760 of 232,448 bytes;
+    # docs/notebook/2026-11-gpu-check-h100.md)
     bias = bias.to(q.dtype)
     if bias.shape[0] == 1:  # shared over the batch: (1, H, T, T)
         def score_mod(score, b, h, q_idx, kv_idx):

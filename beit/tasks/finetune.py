@@ -114,9 +114,9 @@ PRESETS: dict[str, dict] = {
         "train": {"epochs": 50, "batch_size": 128},
         "aug": {"crop_scale": [0.25, 1.0], "eval_crop_pct": 0.875},
     },
-    # Small labelled sets (docs/results.md section 8: CIFAR-10, 1,000 labels, on the 2-core CPU): no Mixup/CutMix
-    # and lr 1e-3 ("R2") beat the ImageNet recipe from scratch (+8 points) and from MAE; RandAugment, random
-    # erasing, label smoothing, drop path and layer decay stay.
+    # Small labelled sets (docs/notebook/2026-11-cifar10-hour.md: CIFAR-10, 1,000 labels, on the 2-core CPU): no
+    # Mixup/CutMix and lr 1e-3 ("R2") beat the ImageNet recipe from scratch (+8 points) and from MAE; RandAugment,
+    # random erasing, label smoothing, drop path and layer decay stay.
     "beit_tiny_patch4_32": {
         "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 0.05, "layer_decay": 0.75,

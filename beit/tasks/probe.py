@@ -8,7 +8,7 @@ the features of each block are, without training the backbone:
   tokens average-pooled to a ``grid`` x ``grid`` map and flattened (the spatial-pooling protocol of linear
   probes on convolutional maps, e.g. Zhang et al. 2016, Goyal et al. 2019). A mean over all patches throws
   away the layout, which small centred images (Fashion-MNIST) are mostly told apart by and the raw-pixel
-  floor keeps in full (docs/results.md section 6); ``grid`` keeps a coarse layout at a fixed size;
+  floor keeps in full (docs/notebook/2026-11-demo.md); ``grid`` keeps a coarse layout at a fixed size;
   ``tokens`` keeps every patch token in its place (``N * width`` features: the whole layout, for small
   models and grids; 6,144 for the demo's 96-wide model on its 8x8 grid, 150k for ViT-B at 224 px);
 - ``linear``: BatchNorm1d without affine parameters + a linear layer on the cached features (as MAE's

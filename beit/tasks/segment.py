@@ -176,7 +176,7 @@ PRESETS: dict[str, dict] = {
     # CamVid at 160x120 (../shared/data/camvid-160x120.tar.gz): the tiny ViT (192 wide, 6 deep) in 8 px
     # patches on the whole non-square image, a 15x20 grid; a backbone pretrained on 64 px squares (8x8)
     # comes with its tables resized. 1,800 steps of 8 (39 epochs) take ~22 minutes on a Xeon with AMX in bf16,
-    # one thread, compiled (0.65 s per step; docs/results.md section 9).
+    # one thread, compiled (0.65 s per step; docs/notebook/2026-11-camvid-segmentation.md).
     "camvid_tiny_patch8_120x160": {
         "model": _model("beit_tiny_patch4_32", patch_size=8, img_size=[120, 160], drop_path_rate=0.1,
                         layer_scale_init=0.1),

@@ -71,10 +71,12 @@ _VQ_TRAINING = {"objective": {"recon": "mse"}, "optim": {"lr": 2e-3}}  # the VQ 
 # A run preset = the tokenizer architecture of the same name + training defaults sized for it.
 RUN_PRESETS: dict[str, dict] = {
     "dvae_32": _run_preset("dvae_32"),
-    # measured on CIFAR-10 (docs/results.md): 23.3 dB test PSNR, 99.6% of the codes in use after 20 minutes
-    # on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there fastest
+    # measured on CIFAR-10 (docs/notebook/2026-11-cifar10-tokenizer.md): 23.3 dB test PSNR, 99.6% of the codes
+    # in use after 20 minutes on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there
+    # fastest
     "vq_32": _run_preset("vq_32", **_VQ_TRAINING),
-    # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning (docs/results.md section 8.3)
+    # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning
+    # (docs/notebook/2026-11-cifar10-hour.md, 8.3)
     "vq_32_small": _run_preset("vq_32_small", **_VQ_TRAINING),
     "dvae_64": _run_preset("dvae_64"),
     "dalle_112": _run_preset(
