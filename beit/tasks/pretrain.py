@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
+from ..data.shards import open_images
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
@@ -25,7 +26,9 @@ log = logging.getLogger("beit")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder tree of images (labels, if any, are ignored)
+    # a folder tree of images (labels, if any, are ignored), WebDataset tar shards ('shards/train-{000000..000009}.tar',
+    # a list file, a folder of .tar) or a local HF datasets folder (save_to_disk): beit.data.shards
+    path: str = ""
     limit: int = 0  # use only the first N images in sorted order (0: all), for budgets and quick studies
     # decode each image once into OUT/decode_cache (uint8, memory-mapped; rebuilt when a file changes):
     # auto = when the decoded images fit in 4 GB (small images, the CPU presets) | on | off
@@ -93,10 +96,10 @@ def build_config(preset: str | None = None, config: str | None = None,
     return resolve(config_class(), registry.presets(), preset, config, overrides)
 
 
-def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
+def build_dataset(cfg: DataConfig, transform):
     if not cfg.path:
-        raise ConfigError("pretraining needs --data DIR (a folder of images)")
-    ds = ImageFolder(cfg.path, transform=transform)
+        raise ConfigError("pretraining needs --data DIR (a folder of images, tar shards or an HF datasets folder)")
+    ds = open_images(cfg.path, transform=transform)
     if cfg.limit and cfg.limit < len(ds):
         ds.samples = ds.samples[: cfg.limit]
     return ds
@@ -109,7 +112,8 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     method, transform, cfg = registry.build_method(cfg)
     dataset = build_dataset(cfg.data, transform)
     claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
-    decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
+    if isinstance(dataset, ImageFolder):  # shards hold data sets too large to decode once
+        decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
                  f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
