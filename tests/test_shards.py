@@ -143,3 +143,19 @@ def test_cli_pack_and_info(tmp_path, make_image_folder):
     again = subprocess.run([*run, "pack", str(folder), "--out", str(tmp_path / "sh")], env=env, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 2 and "Traceback" not in again.stderr and "already holds shards" in again.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_survive_the_kill_of_one(packed, tmp_path):
+    """scripts/two_node_sim.py: two torchrun agents (c10d rendezvous on 127.0.0.1, gloo), node 1 killed after a
+    checkpoint, both restarted with --resume: every step's loss equals the uninterrupted two-node run's."""
+    pattern = f"{tmp_path}/shards/train-{{000000..000004}}.tar"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "two_node_sim.py"), "--data", pattern,
+                          "--work", str(tmp_path / "two"), "--steps", "40", "--ckpt-every", "5", "--kill-after", "12",
+                          "--timeout", "240"],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert res.returncode == 0 and out["ok"], (out, res.stderr[-2000:])
+    assert out["rc_killed"] == [-9, -9] and 12 <= out["killed_after_step"] < 40
+    resumed_from = sorted(p.name for p in (tmp_path / "two" / "cut" / "checkpoints").glob("step_*"))
+    assert resumed_from[-1] == "step_00000040"
