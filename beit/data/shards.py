@@ -113,6 +113,7 @@ class _Sharded(Dataset):
         self.transform, self.with_labels = transform, with_labels
         self.max_pixels = max_pixels or default_max_pixels()
         self.cache = None  # no decode cache: shards are for data sets too large to decode once
+        self.decoder: Callable[[Any, int], Any] = load_image  # or beit.data.decode.decode_tensor (data.decode=fast)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -128,7 +129,7 @@ class _Sharded(Dataset):
     def image(self, ref: Any) -> Image.Image | None:
         raise NotImplementedError
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Any, int]:
         ref, target = self.samples[index]
         img = self.image(ref)
         if img is None:
@@ -208,7 +209,7 @@ class TarShards(_Sharded):
         if fd is None:
             fd = self._handles[si] = os.open(self.shards[si], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         # pread, not seek + read: forked DataLoader workers may share a descriptor opened before the fork
-        return load_image(_Named(os.pread(fd, size, offset), f"{self.shards[si]}:{name}"), self.max_pixels)
+        return self.decoder(_Named(os.pread(fd, size, offset), f"{self.shards[si]}:{name}"), self.max_pixels)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -257,8 +258,8 @@ class HFImageDataset(_Sharded):
         cell = self.table[int(ref)][self.image_col]
         data = cell.get("bytes")
         if data is None and cell.get("path"):
-            return load_image(cell["path"], self.max_pixels)
-        return load_image(_Named(data or b"", f"{self.root}[{ref}]"), self.max_pixels)
+            return self.decoder(cell["path"], self.max_pixels)
+        return self.decoder(_Named(data or b"", f"{self.root}[{ref}]"), self.max_pixels)
 
     def __repr__(self) -> str:
         return f"HFImageDataset({str(self.root)!r}, {len(self)} images)"
