@@ -482,6 +482,8 @@ class Trainer:
                  resume_anyway: bool = False, inputs: dict[str, str] | None = None) -> None:
         self.env = env or setup_distributed(train_cfg.device)
         self.dataset, self.val_dataset, self.collate_fn = dataset, val_dataset, collate_fn
+        # a collate function may leave the batch's last step to the device (uint8 transfer, data.views)
+        self.on_device: Callable | None = getattr(collate_fn, "on_device", None)
         self.probe, self.last_probe = probe, {}
         self.run_dir, self.desc, self.resume = Path(run_dir), desc, resume
         self.resume_anyway, self.inputs = resume_anyway, inputs
@@ -626,6 +628,8 @@ class Trainer:
         for micro in range(accum):
             t_wait = time.perf_counter()
             batch = to_device(next_batch(batches), env.device)
+            if self.on_device is not None:
+                batch = self.on_device(batch)
             self.window.data_wait += time.perf_counter() - t_wait
             last_micro = micro == accum - 1
             with contextlib.nullcontext() if (last_micro or not env.enabled) else self.model.no_sync():

@@ -19,6 +19,12 @@ Every output starts with the machine (CPU model and ISA level or GPU, threads, t
     python bench/pretrain_step.py --configs tiny --iters 20 --dtype auto,fp32 --threads 2
     python bench/pretrain_step.py --configs base --device cuda --dtype bf16,fp16 --json out.json
     python bench/pretrain_step.py --configs tiny --dtype auto --tokenizer vq_32
+    python bench/pretrain_step.py --configs base --device cuda --dtype bf16 --batch 128 \
+        --largest-batch beit_base_patch16_224,beit_large_patch16_224    # MFU, largest batch that fits
+    python bench/pretrain_step.py --dry-run                             # CI: checks the fields, one tiny step
+
+MFU is printed per row: counted model FLOPs (forward + backward) per second over the GPU's dense datasheet
+peak (``DATASHEET_PEAKS``), and on every device over the matmul ceiling measured in the same process.
 """
 
 from __future__ import annotations
@@ -101,21 +107,22 @@ def make_batch(setup: Setup, model_cfg, tok_size: int, vocab: int, device: torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool = False, count_flops: bool = True):
+def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool = False, count_flops: bool = True,
+             with_hf: bool = True):
     model_cfg = from_dict(type(get_preset(setup.preset)), {**to_dict(get_preset(setup.preset)), "drop_path_rate": 0.1})
     tok = Tokenizer(get_tokenizer_preset(setup.tokenizer)).eval().to(device)
     vocab, tok_size = tok.vocab_size, tok.cfg.img_size
     batch = make_batch(setup, model_cfg, tok_size, vocab, device)
     torch.manual_seed(0)
     ours = BEiTMethod.build(model_cfg, FixedIds(batch["ids"], vocab), BEiTConfig()).train().to(device)
-    hf = hf_model(ours.model.cfg, vocab).train().to(device)
+    hf = hf_model(ours.model.cfg, vocab).train().to(device) if with_hf else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
 
     def autocast(_dtype: str):
         return autocast_context(device, _dtype)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.05)
     run_ours = torch.compile(ours) if compile_ours else ours
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.05)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.05) if with_hf else None
     mask_flat = batch["mask"].flatten(1)
     labels = batch["ids"].flatten(1)[mask_flat]
 
@@ -160,8 +167,51 @@ def step_fns(setup: Setup, dtype: str, device: torch.device, compile_ours: bool 
         f_ours = flops(lambda: ours(batch)[0])
         f_hf = flops(lambda: hf(pixel_values=batch["images"], bool_masked_pos=mask_flat, labels=labels).loss)
     ours.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
+    if hf is not None:
+        hf.zero_grad(set_to_none=True)
     return ours_step, hf_step, tok_encode, f_ours, f_hf
+
+
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s, for MFU on GPUs: a name matched
+# as a substring of torch.cuda.get_device_name. bf16 and fp16 are equal on these cards; fp32 means TF32 off.
+DATASHEET_PEAKS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 80GB HBM3": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+}
+
+
+def datasheet_peak(dtype: str, device: torch.device) -> float | None:
+    """The card's dense datasheet peak for ``dtype`` (None on CPU or for an unlisted card)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[dtype] for key, p in DATASHEET_PEAKS.items() if key in name and dtype in p), None)
+
+
+def largest_batch(preset: str, dtype: str, device: torch.device, limit: int = 2048) -> int:
+    """The largest power-of-two batch (from 8) whose BEiT pretraining step (backbone + MIM head, AdamW) fits in
+    the device's memory in ``dtype``; 0 if even 8 does not."""
+    best, batch = 0, 8
+    while batch <= limit:
+        setup = Setup("probe", preset, "dalle_112" if "224" in preset else "vq_32_small", batch, 0, 1)
+        try:
+            ours_step = step_fns(setup, dtype, device, count_flops=False, with_hf=False)[0]
+            ours_step()
+            best = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            ours_step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        batch *= 2
+    return best
 
 
 def median_time(fn, n: int, device: torch.device) -> float:
@@ -245,9 +295,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--tokenizer", help="tokenizer preset for every config (default: vq_32_small tiny, dalle_112 base)")
     ap.add_argument("--json", metavar="PATH", help="also write the machine and every row as JSON here")
+    ap.add_argument("--largest-batch", metavar="PRESETS", default="",
+                    help="comma list of backbone presets (e.g. beit_base_patch16_224,beit_large_patch16_224): also "
+                         "report the largest power-of-two batch whose step fits in memory, in the first --dtype")
+    ap.add_argument("--dry-run", action="store_true", help="CI: tiny config, fp32, batch 2, one step (checks the output)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our method (HF stays eager: not a like-for-like ratio; minutes to compile)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.configs, args.dtype, args.iters, args.warmup, args.batch = "tiny", "fp32", 1, 0, 2
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -270,6 +327,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = bench_one(setup, dtype, device, args.compile, flops)
             flops = (row["ours_flops"], row["hf_flops"])  # the same FLOPs in every dtype: count once
             row["label"] = f"auto ({dtype})" if label == "auto" else dtype
+            row["gflop_per_image"] = row["ours_flops"] / row["batch"] / 1e9  # forward + backward, counted
+            row["mfu_vs_matmul"] = row["ours_flops"] / row["ours_s"] / peaks[dtype]
+            sheet = datasheet_peak(dtype, device)
+            row["mfu"] = row["ours_flops"] / row["ours_s"] / sheet if sheet else None  # the card's dense peak
             rows.append(row)
             print(markdown_row(row, peaks[dtype]), flush=True)
     print(f"\nmachine: {machine.describe(device)}\n{TABLE_HEAD}")
@@ -277,6 +338,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\nMFU: counted FLOPs of forward + backward (each model's own) per wall second over the matmul ceiling.")
     for d, p in peaks.items():
         print(f"matmul ceiling ({d}, 2048^3, same process): {p / 1e9:.0f} GFLOP/s")
+    for r in rows:
+        sheet = f"{100 * r['mfu']:.1f}% of the datasheet's dense peak" if r["mfu"] is not None else "no datasheet peak"
+        print(f"MFU {r['config']} {r['label']} batch {r['batch']}: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), "
+              f"{r['ours_img_s']:.1f} img/s, {100 * r['mfu_vs_matmul']:.1f}% of the measured matmul ceiling, {sheet}")
+    largest = {}
+    for preset in filter(None, args.largest_batch.split(",")):  # in the first precision asked (auto's choice)
+        d = next(iter(resolved.values()))
+        largest[f"{preset}/{d}"] = largest_batch(preset, d, device)
+        print(f"largest batch {preset} {d}: {largest[f'{preset}/{d}']}", flush=True)
     for name in args.configs.split(","):
         by = {r["label"].split(" ")[0]: r for r in rows if r["config"] == name}
         if "auto" in by and "fp32" in by:
@@ -285,7 +355,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"8x8/26: {masks_per_s((8, 8), 26):.0f} masks/s (one core)")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine.info(device), "auto": auto.__dict__,
-                                               "matmul_ceiling_flops": peaks, "rows": rows}, indent=1))
+                                               "matmul_ceiling_flops": peaks, "rows": rows,
+                                               "largest_batch": largest}, indent=1))
     return rows
 
 

@@ -7,7 +7,9 @@ Steps (each a subprocess with its own timeout; a failure is recorded and the nex
 environment, tiny data folders written from the shipped Fashion-MNIST images (no network), the CUDA-marked
 tests (FlexAttention vs SDPA in fp32/bf16 with gradients, half-precision steps), a tokenizer, BEiT/MAE/iBOT
 pretraining in bf16 and fp16 (gradient scaler), fine-tuning, segmentation, torchrun with one process
-(nccl), resume after SIGKILL, and ``bench/pretrain_step.py`` against HF at base/224. The JSON is rewritten
+(nccl), resume after SIGKILL, ``bench/pretrain_step.py`` against HF at base/224 (with MFU against the card's
+datasheet peak and the largest batch that fits for base and large in the auto precision) and
+``bench/loader.py`` (images/s per CPU core of each loader path against torchvision's). The JSON is rewritten
 after every step, so a run cut short still leaves its results. Exit status 1 if any step failed.
 """
 
@@ -320,15 +322,24 @@ def bench(c: Check, py: str) -> None:
                 "--batch", "4", "--json", str(out)]
     else:
         argv = [py, "bench/pretrain_step.py", "--configs", "base", "--device", "cuda", "--dtype", "auto,fp32,bf16,fp16",
-                "--batch", "64", "--iters", "10", "--warmup", "3", "--json", str(out)]
+                "--batch", "64", "--iters", "10", "--warmup", "3", "--json", str(out),
+                "--largest-batch", "beit_base_patch16_224,beit_large_patch16_224"]
 
     def check(st: Step, _out: str) -> None:
         doc = json.loads(out.read_text())
         keep = ("config", "dtype", "label", "batch", "ours_img_s", "hf_img_s", "ours_over_hf", "tokenizer_s",
-                "tokenizer_share", "ours_plus_tokenizer_img_s")
-        st.details.update(machine=doc["machine"], auto=doc["auto"], rows=[{k: r[k] for k in keep} for r in doc["rows"]])
+                "tokenizer_share", "ours_plus_tokenizer_img_s", "gflop_per_image", "mfu", "mfu_vs_matmul")
+        st.details.update(machine=doc["machine"], auto=doc["auto"], rows=[{k: r[k] for k in keep} for r in doc["rows"]],
+                          largest_batch=doc["largest_batch"])
 
-    c.run("bench_pretrain_step", argv, 240, check=check)
+    c.run("bench_pretrain_step", argv, 420, check=check)
+    loader = c.work / "loader.json"
+
+    def loader_check(st: Step, _out: str) -> None:
+        st.details.update(json.loads(loader.read_text()))
+
+    c.run("bench_loader", [py, "bench/loader.py", "--json", str(loader), "--work", str(c.work / "loader"),
+                           *(["--dry-run"] if c.dry else [])], 240, check=loader_check)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,41 @@ def test_batched_collate_equals_per_sample_transform():
     assert set(batch) == {"images", "tok_images", "mask"}
 
 
+def test_uint8_batches_finished_on_the_device_by_the_engine(tmp_path, make_image_folder):
+    """``batched(on_device=True)``: the loader's batch stays uint8 (a quarter of the bytes to move) and the
+    engine finishes it after the transfer: the same losses as the batch finished in the loader."""
+    import dataclasses
+
+    from beit.config import OptimConfig, TrainConfig
+    from beit.data.folder import ImageFolder
+    from beit.engine import train
+    from beit.methods.mae import MAEConfig, MAEMethod
+    from beit.models.presets import get_preset
+
+    views = TwoViewTransform(32, None, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    t = BeitPretrainTransform(views, MaskGenerator((8, 8), MaskingConfig(num_masked=20)))
+    split = t.batched(on_device=True)
+    torch.manual_seed(3)
+    samples = [t(_quadrants()) for _ in range(4)]
+    raw = split(samples)
+    assert raw["images"].dtype == torch.uint8 and "jitter" in raw
+    for k, v in split.on_device(raw).items():
+        torch.testing.assert_close(v, t.collate(samples)[k], atol=0, rtol=0)
+
+    data = make_image_folder(classes=(), per_class=8)
+    cfg = TrainConfig(steps=3, batch_size=4, num_workers=0, log_every=1, precision="fp32", device="cpu")
+    losses = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model_cfg = dataclasses.replace(get_preset("beit_tiny_patch4_32"), embed_dim=48, num_heads=3, depth=1)
+        method = MAEMethod.build(model_cfg, MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+        ds = ImageFolder(data, transform=t)
+        res = train(method, ds, train_cfg=cfg, optim_cfg=OptimConfig(), run_dir=tmp_path / f"run{on_device}",
+                    collate_fn=t.batched(on_device=on_device))
+        losses.append(res.last_metrics["loss"])
+    assert losses[0] == losses[1]
+
+
 def test_color_jitter_matches_torchvision_kernels():
     import torchvision.transforms.v2.functional as TF
 

@@ -16,7 +16,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
+from . import data, demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 from .runner import run_with
 
@@ -25,7 +25,7 @@ __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "
 
 log = logging.getLogger("beit")
 
-COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo)
+COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo, data)
 
 
 class Parser(argparse.ArgumentParser):

@@ -231,6 +231,8 @@ class ImageFolder(Dataset):
             )
         self._bad: set[int] = set()  # per process: DataLoader workers each keep their own
         self.cache = None  # a beit.data.cache.DecodeCache of self.paths (decode once), or None
+        # (path, max_pixels) -> image or None: load_image (PIL), or beit.data.decode.decode_tensor (data.decode=fast)
+        self.decoder: Callable[[Any, int], Any] = load_image
 
     @property
     def paths(self) -> list[Path]:
@@ -253,7 +255,7 @@ class ImageFolder(Dataset):
             path, target = self.samples[i]
             img = self.cache.get(i) if self.cache is not None else None  # None: changed file, not cached
             if img is None:
-                img = load_image(path, self.max_pixels)  # warns once: the index is remembered as bad below
+                img = self.decoder(path, self.max_pixels)  # warns once: the index is remembered as bad below
             if img is not None:
                 return img, target
             self._bad.add(i)

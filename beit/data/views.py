@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BeitPretrainTransform",
+    "DeviceCollate",
     "TwoViewTransform",
     "interpolation",
     "random_resized_crop_params",
@@ -72,8 +73,8 @@ def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     brightness ``f x``; contrast: blend with the image's mean grey; saturation: blend with its grey image;
     hue: shift in HSV. All in float (no rounding to 8 bits between the steps). Where an adjustment is not
     at this position for an image, its factor is the identity, so each step is one batched blend."""
-    order, f = params[:, :4].long(), params[:, 4:].to(x.dtype)
-    gray_w = _GRAY.to(x.dtype)
+    order, f = params[:, :4].long(), params[:, 4:].to(x)
+    gray_w = _GRAY.to(x)
     for pos in range(4):
         op = order[:, pos].view(-1, 1, 1, 1)  # which adjustment each image makes at this position
         factor = f.gather(1, order[:, pos:pos + 1].clamp(max=2)).view(-1, 1, 1, 1)
@@ -137,7 +138,8 @@ class TwoViewTransform:
     view's mean grey, which the two resolutions share up to resampling error), which is far cheaper than
     jittering the full-resolution crop.
 
-    Inputs: a PIL image (any mode; converted to RGB) or a ``(3, H, W)`` uint8 / ``[0, 1]`` float tensor.
+    Inputs: a PIL image (any mode; converted to RGB) or a ``(3, H, W)`` uint8 / ``[0, 1]`` float tensor (through
+    PIL, so both give the same numbers; with ``resize="tensor"`` a uint8 tensor is resampled as a tensor).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class TwoViewTransform:
         std: Sequence[float] = IMAGENET_STD,
         patch_interp: str = "bicubic",
         tokenizer_interp: str = "lanczos",
+        resize: str = "pil",
     ) -> None:
         self.img_size, self.tokenizer_size = img_size, tokenizer_size
         self.img_hw = image_hw(img_size)  # (height, width): rectangles too
@@ -178,6 +181,11 @@ class TwoViewTransform:
         self._std = torch.tensor(self.std).view(3, 1, 1)
         self.patch_interp = interpolation(patch_interp, "patch_interp")
         self.tokenizer_interp = interpolation(tokenizer_interp, "tokenizer_interp")
+        if resize not in ("pil", "tensor"):
+            raise ValueError(f"resize must be pil or tensor, got {resize!r}")
+        # tensor: uint8 (3, H, W) inputs (data.decode=fast) are resampled as tensors, without a PIL round trip;
+        # torchvision has no tensor Lanczos, so a Lanczos view is resampled bicubic there
+        self.resize = resize
 
     def _jitter_params(self, generator: torch.Generator | None) -> torch.Tensor:
         """``(8,)``: the order of the four adjustments (a permutation of 0..3, as torchvision's ColorJitter)
@@ -193,8 +201,12 @@ class TwoViewTransform:
                    _between(-h, h, u[3]) if h else 0.0]
         return torch.tensor(order + factors, dtype=torch.float64)
 
-    def _view(self, img: Image.Image, box, size: tuple[int, int], interp, flip: bool) -> torch.Tensor:
+    def _view(self, img: Image.Image | torch.Tensor, box, size: tuple[int, int], interp, flip: bool) -> torch.Tensor:
         top, left, h, w = box
+        if isinstance(img, torch.Tensor):  # uint8 (3, H, W), resize="tensor"
+            interp = InterpolationMode.BICUBIC if interp == InterpolationMode.LANCZOS else interp
+            out = F.resized_crop(img, top, left, h, w, list(size), interpolation=interp, antialias=True)
+            return F.horizontal_flip(out) if flip else out
         out = F.resized_crop(img, top, left, h, w, list(size), interpolation=interp, antialias=True)
         if flip:
             out = F.horizontal_flip(out)
@@ -205,8 +217,12 @@ class TwoViewTransform:
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The per-sample part: ``(patch uint8, tokenizer view uint8 or None, jitter parameters (8,))``;
         :meth:`finish` turns a batch of them into the views (crop and flip here, jitter there)."""
-        img = to_rgb_pil(img)
-        width, height = img.size
+        if self.resize == "tensor" and isinstance(img, torch.Tensor) and img.dtype == torch.uint8 and img.ndim == 3 \
+                and img.shape[0] == 3:
+            height, width = img.shape[1:]
+        else:
+            img = to_rgb_pil(img)
+            width, height = img.size
         box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
         flip = _rand(generator)[0] < self.hflip
         jitter = self._jitter_params(generator)
@@ -222,7 +238,7 @@ class TwoViewTransform:
         tokenizer view (float32). The same factors act on both views."""
         jittered = color_jitter if any(self.color_jitter) else (lambda x, _: x)
         patch = jittered(patch.float().div_(255.0), jitter)
-        patch = patch.sub_(self._mean).div_(self._std)  # F.normalize, without its dispatch cost
+        patch = patch.sub_(self._mean.to(patch.device)).div_(self._std.to(patch.device))  # F.normalize, cheaper
         if tok is not None:
             tok = jittered(tok.float().div_(255.0), jitter)
         return patch, tok
@@ -265,33 +281,61 @@ class BeitPretrainTransform:
     few tensor ops (same numbers as the per-sample path: the same parameters and :func:`color_jitter`).
     """
 
-    def __init__(self, views: TwoViewTransform, mask_generator: Callable[[torch.Generator], torch.Tensor]):
+    def __init__(self, views: TwoViewTransform, mask_generator: Callable[[torch.Generator], torch.Tensor],
+                 mask_key: str = "mask"):
         self.views = views
         self.mask_generator = mask_generator
+        self.mask_key = mask_key  # MAE: "noise" (per-patch uniform noise; its method masks from it)
         self.deferred = False  # True after batched(): samples are uint8 + jitter parameters
 
     def __call__(self, img: Any) -> dict[str, torch.Tensor]:
         seed = int(torch.randint(0, 2**62, (1,)).item())
         g = torch.Generator().manual_seed(seed)
         patch, tok, jitter = self.views.raw(img, generator=g)
-        out = {"images": patch, "mask": self.mask_generator(g), "jitter": jitter}
+        out = {"images": patch, self.mask_key: self.mask_generator(g), "jitter": jitter}
         if tok is not None:
             out["tok_images"] = tok
         return out if self.deferred else self.collate([out], stack=False)
 
-    def batched(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-        """Defer the per-pixel work to the batch: returns the collate function for the DataLoader."""
+    def batched(self, on_device: bool = False) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """Defer the per-pixel work to the batch: returns the collate function for the DataLoader. With
+        ``on_device`` the batch stays uint8 through the transfer and is finished on the accelerator
+        (a :class:`DeviceCollate`: the engine calls its ``on_device`` after moving the batch)."""
         self.deferred = True
-        return self.collate
+        return DeviceCollate(self.collate_uint8, self.finish_batch) if on_device else self.collate
 
     def collate(self, samples: list[dict[str, torch.Tensor]], stack: bool = True) -> dict[str, torch.Tensor]:
         """uint8 samples -> finished batch (``stack=False``: one sample in, one finished sample out)."""
-        b = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        b = self.finish_batch(self.collate_uint8(samples))
+        return b if stack else {k: v[0] for k, v in b.items()}
+
+    @staticmethod
+    def collate_uint8(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """uint8 samples -> a uint8 batch (views, masks, jitter parameters): a quarter of the float batch's
+        bytes to move; :meth:`finish_batch` completes it after the transfer, on the accelerator."""
+        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def finish_batch(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A :meth:`collate_uint8` batch, on any device -> the finished batch (the same numbers as
+        :meth:`collate`: float conversion, colour jitter, normalisation)."""
+        b = dict(b)
         patch, tok = self.views.finish(b["images"], b.get("tok_images"), b.pop("jitter"))
         b["images"] = patch
         if tok is not None:
             b["tok_images"] = tok
-        return b if stack else {k: v[0] for k, v in b.items()}
+        return b
 
     def __repr__(self) -> str:
         return f"BeitPretrainTransform(views={self.views!r}, mask_generator={self.mask_generator!r})"
+
+
+class DeviceCollate:
+    """A collate function whose batches are finished on the device: ``collate(samples)`` runs in the loader
+    workers, ``on_device(batch)`` after the transfer (:class:`beit.engine.Trainer` calls it when the
+    collate function it is given has one). Picklable for spawned workers."""
+
+    def __init__(self, collate: Callable[[list], Any], on_device: Callable[[Any], Any]) -> None:
+        self.collate, self.on_device = collate, on_device
+
+    def __call__(self, samples: list) -> Any:
+        return self.collate(samples)

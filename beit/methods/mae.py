@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, check_fields, replace
-from ..data.views import TwoViewTransform
+from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..models.presets import preset_dict
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
 from .base import Method
@@ -247,24 +248,25 @@ class MAEMethod(Method):
 # --------------------------------------------------------------------------------------------- data
 
 
-class MAETransform:
+class MAETransform(BeitPretrainTransform):
     """``image -> {"images": (3, H, W) normalised, "noise": (N,) uniform}``: random resized crop + flip.
 
     All randomness comes from one generator seeded by a single draw from torch's global RNG (which the
     engine seeds per sample), so masks and crops are fixed by the sample: exact resume, DDP == 1 process.
+    It is the BEiT pretraining transform with per-patch noise in place of the mask, so it shares its
+    batched loader path (per-pixel work once per batch; on CUDA after the transfer, from uint8).
     """
 
     def __init__(self, views: TwoViewTransform, num_patches: int):
-        self.views = views
+        super().__init__(views, partial(_uniform_noise, num_patches), mask_key="noise")
         self.num_patches = num_patches
-
-    def __call__(self, img: Any) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        patch, _ = self.views(img, generator=g)
-        return {"images": patch, "noise": torch.rand(self.num_patches, generator=g)}
 
     def __repr__(self) -> str:
         return f"MAETransform(views={self.views!r}, num_patches={self.num_patches})"
+
+
+def _uniform_noise(num_patches: int, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(num_patches, generator=g)  # (N,): MAE keeps the patches with the smallest noise
 
 
 def build_mae_transform(cfg: MAEConfig, model_cfg: ModelConfig) -> MAETransform:

@@ -37,6 +37,7 @@ from ..config import (
     to_dict,
 )
 from ..data.folder import DataError, ImageFolder
+from ..data.shards import open_images
 from ..engine import TrainResult, finish_run, start_run, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
@@ -170,8 +171,8 @@ def labelled_splits(path: str | Path, train_transform, val_transform, *, labels_
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root} has no {split}/ folder: expected {root}/train/<class>/ and {root}/val/<class>/")
-    tr = ImageFolder(root / "train", transform=train_transform, with_labels=True)
-    va = ImageFolder(root / "val", transform=val_transform, with_labels=True)
+    tr = open_images(root / "train", transform=train_transform, with_labels=True)  # class folders, shards or HF
+    va = open_images(root / "val", transform=val_transform, with_labels=True)
     if tr.classes != va.classes:
         extra = sorted(set(va.classes) ^ set(tr.classes))
         raise DataError(f"{root}: train/ and val/ have different class folders (e.g. {extra[:3]})")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
+from ..data.decode import decode_tensor
 from ..data.folder import ImageFolder
+from ..data.shards import open_images
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
@@ -25,16 +27,24 @@ log = logging.getLogger("beit")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder tree of images (labels, if any, are ignored)
+    # a folder tree of images (labels, if any, are ignored), WebDataset tar shards ('shards/train-{000000..000009}.tar',
+    # a list file, a folder of .tar) or a local HF datasets folder (save_to_disk): beit.data.shards
+    path: str = ""
     limit: int = 0  # use only the first N images in sorted order (0: all), for budgets and quick studies
     # decode each image once into OUT/decode_cache (uint8, memory-mapped; rebuilt when a file changes):
     # auto = when the decoded images fit in 4 GB (small images, the CPU presets) | on | off
     decode_cache: str = "auto"
+    # pil: PIL decodes and resamples (every format) | fast: JPEGs decoded by torchvision (libjpeg-turbo) into
+    # uint8 tensors and the views resampled as tensors (Lanczos views bicubic): faster for large JPEGs
+    # (bench/loader.py); other files still go through PIL
+    decode: str = "pil"
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"limit": "count"})
         if self.decode_cache not in ("auto", "on", "off"):
             raise ConfigError(f"data.decode_cache must be auto, on or off, got {self.decode_cache!r}")
+        if self.decode not in ("pil", "fast"):
+            raise ConfigError(f"data.decode must be pil or fast, got {self.decode!r}")
 
 
 @dataclass
@@ -93,10 +103,10 @@ def build_config(preset: str | None = None, config: str | None = None,
     return resolve(config_class(), registry.presets(), preset, config, overrides)
 
 
-def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
+def build_dataset(cfg: DataConfig, transform):
     if not cfg.path:
-        raise ConfigError("pretraining needs --data DIR (a folder of images)")
-    ds = ImageFolder(cfg.path, transform=transform)
+        raise ConfigError("pretraining needs --data DIR (a folder of images, tar shards or an HF datasets folder)")
+    ds = open_images(cfg.path, transform=transform)
     if cfg.limit and cfg.limit < len(ds):
         ds.samples = ds.samples[: cfg.limit]
     return ds
@@ -108,8 +118,14 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
     dataset = build_dataset(cfg.data, transform)
+    if cfg.data.decode == "fast":
+        views = getattr(transform, "views", None)
+        if views is None:
+            raise ConfigError(f"data.decode=fast works with methods that crop views (beit, mae), not {cfg.method}")
+        views.resize, dataset.decoder = "tensor", decode_tensor
     claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
-    decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
+    if isinstance(dataset, ImageFolder):  # shards hold data sets too large to decode once
+        decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
                  f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
@@ -125,7 +141,8 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     batched = getattr(transform, "batched", None)  # per-pixel work once per batch, in the loader workers
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
                 config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
-                max_minutes=max_minutes, env=env, probe=probe, collate_fn=batched() if batched else None,
+                max_minutes=max_minutes, env=env, probe=probe,
+                collate_fn=batched(on_device=env.device.type == "cuda") if batched else None,
                 resume_anyway=resume_anyway, inputs={"tokenizer": cfg.tokenizer} if cfg.tokenizer else None)
     if batched:
         transform.deferred = False  # the pictures below take finished samples
