@@ -40,6 +40,7 @@ LAZY_THIRD_PARTY = {
     "dall_e": "optional: DALL-E tokenizer conversion only",
     "wandb": "optional logger",
     "mlflow": "optional logger",
+    "datasets": "optional: --data on an HF datasets folder, `pip install beit[shards]`",
 }
 
 
