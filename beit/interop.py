@@ -28,6 +28,7 @@ from beit.checkpoint_io import (
     read_torch_file,
     removed_on_failure,
     save_weights,
+    write_safetensors,
 )
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
 from beit.models.vit import VisionTransformer, num_relative_distance, uses_fc_norm
@@ -646,12 +647,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for."""
-    from safetensors.torch import save_file
-
+    """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for (and the file's
+    own SHA-256, which transformers ignores); non-finite weights are refused."""
     tmp = path.with_name(f".{path.name}.tmp")
     with removed_on_failure(path, tmp):
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        write_safetensors({k: v.contiguous() for k, v in sd.items()}, tmp, {"format": "pt"})
         tmp.replace(path)
 
 

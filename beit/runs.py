@@ -278,6 +278,7 @@ def read_config(path: Path) -> dict:
 RESUME_FREE = frozenset({
     "train.num_workers", "train.log_every", "train.ckpt_every", "train.eval_every", "train.device",
     "train.tensorboard", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
+    "train.nonfinite", "train.max_nonfinite_skips",
     "data.val_path", "data.val_limit"})
 RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training
 RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be extended
