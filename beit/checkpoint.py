@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 
 from .checkpoint_io import (
     CheckpointError,
-    describe_tensors,
     file_digest,
+    holding_nonfinite,
     load_weights,
     nonfinite_tensors,
     read_json,
@@ -234,7 +234,7 @@ class NonFiniteCheckpointError(CheckpointError, ValueError):
 
     def __init__(self, where: Path, names: list[str]) -> None:
         self.names = names
-        super().__init__(f"refusing to write checkpoint {where}: {describe_tensors(names)} hold NaN or inf values")
+        super().__init__(f"refusing to write checkpoint {where}: {holding_nonfinite(names)}")
 
 
 def refuse_nonfinite(model_tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -282,7 +282,7 @@ def _nonfinite_problem(ckpt: Path) -> str | None:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             return f"{name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         if bad:
-            return f"{name}: {describe_tensors(bad)} hold NaN or inf values"
+            return f"{name}: {holding_nonfinite(bad)}"
     return None
 
 

@@ -85,7 +85,7 @@ class NonFiniteError(CheckpointError, ValueError):
 
     def __init__(self, where: str, names: list[str]) -> None:
         self.where, self.names = where, names
-        super().__init__(f"{where}: {describe_tensors(names)} hold NaN or inf values: the weights are unusable "
+        super().__init__(f"{where}: {holding_nonfinite(names)}: the weights are unusable "
                          "(the training that wrote them diverged); nothing was read or written")
 
 
@@ -93,6 +93,11 @@ def describe_tensors(names: list[str]) -> str:
     """``3 tensors (a, b, c)`` or ``104 tensors (a, b, c, d, and 100 more)``."""
     shown = ", ".join(names[:_SHOWN]) + (f", and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown})"
+
+
+def holding_nonfinite(names: list[str]) -> str:
+    """``1 tensor (a) holds NaN or inf values`` / ``3 tensors (a, b, c) hold NaN or inf values``."""
+    return f"{describe_tensors(names)} {'holds' if len(names) == 1 else 'hold'} NaN or inf values"
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -357,6 +362,6 @@ def _nested_tensors(obj: Any, prefix: str = "", depth: int = 0):
 
 
 __all__ = ["DIGEST_KEY", "CheckpointError", "CheckpointWriteError", "NonFiniteError", "check_finite", "describe_tensors",
-           "digest_problem", "file_digest", "load_weights", "nonfinite_tensors", "read_json", "read_safetensors",
+           "digest_problem", "file_digest", "holding_nonfinite", "load_weights", "nonfinite_tensors", "read_json", "read_safetensors",
            "read_torch_file", "recorded_digest", "removed_on_failure", "save_weights", "seal", "sealable",
            "write_error", "write_safetensors"]

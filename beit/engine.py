@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
-from .checkpoint_io import describe_tensors, nonfinite_tensors
+from .checkpoint_io import holding_nonfinite, nonfinite_tensors
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .methods.base import hooks as method_hooks
@@ -780,7 +780,7 @@ class Trainer:
         bad = nonfinite_tensors(method_state(self.method))  # every rank: all of them stop together
         if bad:
             raise TrainingError(
-                f"the weights are not finite at step {st.step}: {describe_tensors(bad)} hold NaN or inf; not "
+                f"the weights are not finite at step {st.step}: {holding_nonfinite(bad)}; not "
                 f"saved, the last good checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir) or 'none yet'}). "
                 + self.guard.cause(Seen(st.step, float("nan"), float("nan"), self.optimizer.param_groups[0]["lr"])))
         if self.env.is_main:

@@ -19,6 +19,7 @@ is written: :func:`beit.checkpoint.save_checkpoint` refuses it too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,9 @@ class NonFiniteGuard:
         self.in_a_row = 0  # consecutive skipped steps
         self.skipped = 0  # skipped steps in this process's part of the run
 
-    def judge(self, seen: Seen, last_good: str) -> bool:
-        """True to update, False to skip; :class:`NonFiniteStepError` to stop. ``last_good`` names the
-        checkpoint that stays the run's latest (for the message)."""
+    def judge(self, seen: Seen, last_good: Callable[[], str]) -> bool:
+        """True to update, False to skip; :class:`NonFiniteStepError` to stop. ``last_good()`` names the
+        checkpoint that stays the run's latest (asked only for the message)."""
         if math.isfinite(seen.loss) and math.isfinite(seen.norm):
             self.in_a_row = 0
             return True
@@ -87,13 +88,13 @@ class NonFiniteGuard:
             self.in_a_row += 1
             self.skipped += 1
             return False
-        raise NonFiniteStepError(self.message(seen, bad_weights, last_good))
+        raise NonFiniteStepError(self.message(seen, bad_weights, last_good()))
 
     def message(self, seen: Seen, bad_weights: list[str], last_good: str) -> str:
         what = (f"the loss is {seen.loss}" if not math.isfinite(seen.loss)
                 else f"the gradient norm is {seen.norm} (loss {seen.loss:.4g})")
         if self.in_a_row:
-            what += f", the {self.in_a_row + 1}th non-finite step in a row (train.max_nonfinite_skips={self.max_skips})"
+            what += f", {self.in_a_row + 1} non-finite steps in a row (train.max_nonfinite_skips={self.max_skips})"
         if bad_weights:
             first = f"the weights themselves are not finite: {describe_tensors(bad_weights)}"
         else:

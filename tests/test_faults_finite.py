@@ -1,0 +1,259 @@
+"""The fault catalogue, issue 26 (finite weights, file integrity): nothing non-finite is saved, loaded, resumed
+from or exported; every file the tool writes and reads back is verified.
+
+Each case failed before the issue: a diverging run kept a NaN checkpoint as "the last good" one; load,
+export, ``--init`` and ``--resume`` took NaN weights silently; garbage in ``tokenizer.safetensors`` loaded
+as NaN; deleting ``manifest.json`` turned corruption detection off. Damaged files are made the way a user
+would meet them: a NaN written by hand into a checkpoint whose hashes are then recomputed (so that only
+the finiteness check can see it), garbage in the middle of a file, a deleted manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import test_faults
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from synthetic import make_colour_dataset
+from test_faults import assert_user_error, damage, pretrain, rows, step_dir
+
+import beit
+from beit.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    NonFiniteCheckpointError,
+    _write_manifest,
+    checkpoint_problem,
+    save_checkpoint,
+)
+from beit.checkpoint_io import NonFiniteError, save_weights, write_safetensors
+
+ENC = "encoder.blocks.1.mlp.fc2.weight"  # a weight of the tiny MAE's backbone
+base, cli = test_faults.base, test_faults.cli  # the catalogue's fixtures: its data, MAE and tokenizer runs
+
+
+@pytest.fixture
+def run(base, tmp_path) -> Path:
+    """A private copy of the base run (checkpoints at steps 2 and 4), free to damage."""
+    return Path(shutil.copytree(base["run"], tmp_path / "run"))
+
+
+def all_finite(folder: Path) -> bool:
+    """Every floating tensor of every safetensors file under ``folder``, read raw (no checks of ours)."""
+    files = sorted(folder.rglob("*.safetensors"))
+    return all(torch.isfinite(t).all() for f in files for t in load_file(f).values() if t.is_floating_point())
+
+
+def inject_nan(file: Path, key: str) -> None:
+    """Write NaN into tensor ``key`` of ``file`` and record the file's new hashes (its own SHA-256 and, in a
+    checkpoint folder, the manifest): a file that is intact as far as hashes go, only not finite."""
+    with safe_open(str(file), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "beit.sha256"}
+    tensors = load_file(file)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    write_safetensors(tensors, file, meta, finite=False)
+    if (file.parent / MANIFEST).is_file():
+        (file.parent / MANIFEST).unlink()
+        _write_manifest(file.parent)
+
+
+# --------------------------------------------------------------------------------------------- case 1: diverging
+
+
+def test_diverging_run_never_leaves_a_nonfinite_checkpoint(base, tmp_path, cli):
+    """The issue's command shape: lr 1e3 makes the gradient norm NaN at step 2 (a finite loss of ~1e14);
+    the run stops naming the loss, the gradient norm and the learning rate, and writes nothing non-finite
+    (before: step_00000002 held 104 NaN tensors and was called "the last good checkpoint")."""
+    out = tmp_path / "dv1"
+    code, err = cli(["pretrain", "--data", base["data"], "--method", "mae", "--preset", "mae_tiny_patch4_32",
+                     "--batch-size", "8", "--steps", "12", "--out", out, "--precision", "fp32",
+                     "optim.lr=1e3", "train.ckpt_every=2", "train.num_workers=0", "train.log_every=1"])
+    line = assert_user_error(code, err, "stopping without saving", "optim.lr=", "Lower optim.lr")
+    assert "gradient norm is nan" in line or "loss is nan" in line, line
+    assert "non-finite gradients in" in line or "weights themselves" in line, line
+    assert all_finite(out)
+    for ck in sorted((out / "checkpoints").glob("step_*")):
+        assert checkpoint_problem(ck) is None
+    named = line.split("the last good checkpoint is kept (")[1].split(")")[0]
+    assert named == "none yet" or all_finite(Path(named))
+
+
+def test_nonfinite_skip_skips_then_stops_after_the_bound(base, tmp_path, cli):
+    """``train.nonfinite=skip``: the NaN steps are skipped (logged, weights unchanged), at most
+    ``train.max_nonfinite_skips`` in a row; the checkpoints written meanwhile hold the last finite weights."""
+    out = tmp_path / "skip"
+    code, err = cli(["pretrain", "--data", base["data"], "--method", "mae", "--preset", "mae_tiny_patch4_32",
+                     "--batch-size", "8", "--steps", "12", "--out", out, "--precision", "fp32", "optim.lr=1e3",
+                     "train.ckpt_every=2", "train.num_workers=0", "train.log_every=1", "train.nonfinite=skip",
+                     "train.max_nonfinite_skips=3"])
+    line = assert_user_error(code, err, "4 non-finite steps in a row (train.max_nonfinite_skips=3) at step 5",
+                             "the last good checkpoint is kept (")
+    assert err.count("update skipped") == 3
+    logged = rows(out)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert "loss" in logged[0] and all(r.get("nonfinite_skipped") == 1.0 and "loss" not in r for r in logged[1:])
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert all_finite(out) and "step_00000004" in line
+    w2, w4 = (load_file(step_dir(out, s) / "model.safetensors") for s in (2, 4))
+    assert all(torch.equal(w2[k], w4[k]) for k in w2)  # skipped steps do not move the weights
+
+
+def test_nonfinite_policy_is_checked_at_parse_time(base, tmp_path, cli):
+    code, err = cli(pretrain(base["data"], tmp_path / "r", 2, "train.nonfinite=ignore"))
+    assert_user_error(code, err, "train.nonfinite must be stop or skip")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_nonfinite_model_is_never_written(tmp_path):
+    sd = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "c": torch.tensor([float("nan")])}
+    with pytest.raises(NonFiniteCheckpointError, match=r"2 tensors \(b, c\) hold NaN or inf"):
+        save_checkpoint(tmp_path, 2, sd)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    with pytest.raises(NonFiniteError, match=r"2 tensors \(b, c\)"):
+        save_weights(sd, tmp_path / "w.safetensors")
+    assert list(tmp_path.glob("*w.safetensors*")) == []
+
+
+# --------------------------------------------------------------------------------------------- case 1: reading
+
+
+def test_load_export_and_init_refuse_nonfinite_weights_written_by_hand(base, run, tmp_path, cli):
+    """A checkpoint whose hashes are all right but which holds a NaN: named directly, it is refused with one
+    line naming the tensor by ``beit.load``, ``export`` and ``--init``."""
+    ck = step_dir(run, 4)
+    inject_nan(ck / "model.safetensors", ENC)
+    assert "SHA-256" not in (checkpoint_problem(ck) or "")  # only finiteness catches it
+    with pytest.raises(CheckpointError, match=f"1 tensor \\({ENC}\\) holds NaN or inf"):
+        beit.load(ck)
+    code, err = cli(["export", ck, "--format", "timm", "--out", tmp_path / "exp"])
+    assert_user_error(code, err, ENC, "NaN or inf")
+    assert not (tmp_path / "exp").exists() or not any((tmp_path / "exp").iterdir())
+    labelled = make_colour_dataset(tmp_path / "cls", n_train=2, n_val=1, size=32)
+    code, err = cli(["finetune", "--data", labelled, "--init", ck, "--out", tmp_path / "ft", "--steps", "1",
+                     "--batch-size", "3", "--precision", "fp32", "--workers", "0"])
+    assert_user_error(code, err, ENC, "NaN or inf")
+    # a lone weights file (not a run) with a NaN, as another tool might write it
+    sd = load_file(ck / "model.safetensors")
+    sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    save_file(sd, tmp_path / "lone.safetensors")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.fc2\.weight"):
+        beit.load(tmp_path / "lone.safetensors")
+
+
+def test_run_falls_back_past_a_nonfinite_checkpoint_and_refuses_when_none_is_finite(base, run, tmp_path, cli):
+    inject_nan(step_dir(run, 4) / "model.safetensors", ENC)
+    older = load_file(step_dir(run, 2) / "model.safetensors")[ENC]
+    code, err = cli(["export", run, "--format", "hf", "--out", tmp_path / "exp"])
+    assert code == 0 and "skipping checkpoint" in err and ENC in err and "Traceback" not in err, err
+    model = beit.load(run)  # the newest finite checkpoint (the warning was said once, above)
+    assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], older)
+    inject_nan(step_dir(run, 2) / "state.safetensors", next(k for k in load_file(step_dir(run, 2) / "state.safetensors")
+                                                             if k.startswith("optim.")))
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*NaN or inf"):
+        beit.load(run)
+    code, err = cli(["export", run, "--format", "hf", "--out", tmp_path / "exp2"])
+    assert_user_error(code, err, "no intact checkpoint", "step_00000004", ENC)
+
+
+def test_resume_falls_back_past_a_nonfinite_checkpoint(base, run, cli):
+    inject_nan(step_dir(run, 4) / "model.safetensors", ENC)
+    code, err = cli(pretrain(base["data"], run, 6, "--resume"))
+    assert code == 0, err
+    assert "skipping checkpoint" in err and "step_00000004" in err and "NaN or inf" in err
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert all_finite(run) and checkpoint_problem(step_dir(run, 4)) is None  # written again, finite
+
+
+# --------------------------------------------------------------------------------------------- case 3: tokenizer
+
+
+def test_garbled_tokenizer_file_is_detected(base, tmp_path, cli):
+    """4 KB of garbage in the middle of ``tokenizer.safetensors`` (finite floats: only a hash sees it)."""
+    tok = Path(shutil.copytree(base["tok"], tmp_path / "tok"))
+    damage(tok / "tokenizer.safetensors", "garbage")
+    with pytest.raises(CheckpointError, match="does not match the SHA-256 recorded in it"):
+        beit.load(tok)
+    code, err = cli(["pretrain", "--data", base["data"], "--tokenizer", tok, "--out", tmp_path / "b", "--steps", "2",
+                     "--batch-size", "4", "--precision", "fp32", "model.depth=1", "model.embed_dim=32",
+                     "model.num_heads=2", "beit.min_block=4", "train.num_workers=0"])
+    assert_user_error(code, err, "tokenizer.safetensors", "SHA-256")
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_nonfinite_tokenizer_is_refused(base, tmp_path, cli):
+    tok = Path(shutil.copytree(base["tok"], tmp_path / "tok"))
+    key = next(iter(load_file(tok / "tokenizer.safetensors")))
+    inject_nan(tok / "tokenizer.safetensors", key)
+    with pytest.raises(CheckpointError, match=f"1 tensor \\({key}\\) holds NaN or inf"):
+        beit.load(tok)
+    code, err = cli(["tokenizer", "eval", "--tokenizer", tok, "--data", base["data"]])
+    assert_user_error(code, err, key, "NaN or inf")
+
+
+# --------------------------------------------------------------------------------------------- case 4: manifest
+
+
+def test_missing_manifest_on_a_new_checkpoint_is_an_error_and_resume_falls_back(base, run, tmp_path, cli):
+    """Deleting manifest.json no longer turns detection off: garbage in that checkpoint is not loaded, a
+    resume takes the older intact checkpoint (before: it took the damaged one and failed at the lr)."""
+    ck = step_dir(run, 4)
+    (ck / MANIFEST).unlink()
+    damage(ck / "model.safetensors", "garbage")
+    assert "manifest.json is missing" in checkpoint_problem(ck)
+    code, err = cli(["export", ck, "--format", "hf", "--out", tmp_path / "exp"])
+    assert_user_error(code, err, "manifest.json is missing")
+    code, err = cli(pretrain(base["data"], run, 6, "--resume"))
+    assert code == 0, err
+    assert "skipping checkpoint" in err and "manifest.json is missing" in err
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint_problem(step_dir(run, 4)) is None and (step_dir(run, 4) / MANIFEST).is_file()
+
+
+def test_missing_manifest_alone_is_an_error(run):
+    (step_dir(run, 4) / MANIFEST).unlink()  # no other damage: still unverifiable, so not trusted
+    assert "manifest.json is missing" in checkpoint_problem(step_dir(run, 4))
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        beit.load(step_dir(run, 4))
+
+
+def test_checkpoint_older_than_manifests_loads_with_one_warning(run, caplog):
+    """Written before manifests (no manifest, no ``format`` in state.json, no SHA-256 in the weights):
+    loaded, with one warning; NaN in such a checkpoint is still refused."""
+    ck = step_dir(run, 4)
+    (ck / MANIFEST).unlink()
+    for name in ("model.safetensors", "state.safetensors"):
+        save_file(load_file(ck / name), ck / name)
+    state = json.loads((ck / "state.json").read_text())
+    del state["format"]
+    (ck / "state.json").write_text(json.dumps(state))
+    want = load_file(ck / "model.safetensors")[ENC]
+    assert torch.equal(beit.load(ck).state_dict()["blocks.1.mlp.fc2.weight"], want)
+    beit.load(ck)
+    assert sum("predates manifests" in r.getMessage() for r in caplog.records) == 1
+    sd = load_file(ck / "model.safetensors")
+    sd[ENC].view(-1)[0] = float("nan")
+    save_file(sd, ck / "model.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        beit.load(ck)
+
+
+def test_every_safetensors_file_written_carries_its_digest(base, run, tmp_path, cli):
+    """Checkpoints, tokenizers and exports record their own SHA-256, so a copy taken out of its folder is
+    still verified; transformers and timm ignore the extra header key."""
+    assert cli(["export", run, "--format", "timm", "--out", tmp_path / "timm"])[0] == 0
+    assert cli(["export", run, "--format", "hf", "--out", tmp_path / "hf"])[0] == 0
+    files = [step_dir(run, 4) / "model.safetensors", step_dir(run, 4) / "state.safetensors",
+             base["tok"] / "tokenizer.safetensors", tmp_path / "timm" / "model.safetensors",
+             tmp_path / "hf" / "model.safetensors"]
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            assert len((h.metadata() or {}).get("beit.sha256", "")) == 64, f
+    damage(tmp_path / "hf" / "model.safetensors", "garbage")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        beit.load(tmp_path / "hf")
