@@ -46,6 +46,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteStepError, Seen, clip_grads, gra
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
 from .precision import rank0_value
+from .runs import RunDir, run_kind
 
 log = logging.getLogger("beit")
 
@@ -342,8 +343,6 @@ def claim_run(env: DistEnv, run_dir: str | Path, kind: str | None, resume: bool)
     """Rank 0 claims the run folder (:meth:`beit.runs.RunDir.claim`: lock, kind, leftovers); the other
     ranks wait until it has, so none of them writes into a folder that is not yet (or never) the run's."""
     if env.is_main:
-        from .runs import RunDir
-
         RunDir(run_dir).claim(kind, resume)
     if env.enabled:
         dist.barrier()
@@ -354,8 +353,6 @@ def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | N
     """Claim the run folder, find the checkpoint to resume from (rank 0 first: it drops damaged ones, then
     every rank agrees), check the resume against the saved config."""
     import yaml
-
-    from .runs import RunDir, run_kind
 
     kind = run_kind(yaml.safe_load(config_yaml) or {}) if config_yaml else "unknown"
     claim_run(env, run_dir, None if kind == "unknown" else kind, resume)
@@ -548,6 +545,7 @@ class Trainer:
             self.metrics.path.unlink()
         if self.env.is_main and self.config_yaml is not None:
             ckpt.write_text_atomically(self.run_dir / "config.yaml", self.config_yaml)
+            RunDir(self.run_dir).record_files("config.yaml")
 
     def _load(self, existing: Path) -> None:
         model_state, state, tensors = ckpt.load_checkpoint(existing)

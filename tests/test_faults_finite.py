@@ -257,3 +257,37 @@ def test_every_safetensors_file_written_carries_its_digest(base, run, tmp_path, 
     damage(tmp_path / "hf" / "model.safetensors", "garbage")
     with pytest.raises(CheckpointError, match="SHA-256"):
         beit.load(tmp_path / "hf")
+
+
+def test_files_at_the_top_of_a_run_are_hashed_and_checked(tmp_path, cli):
+    """``config.yaml`` and ``classes.txt`` carry their SHA-256 in ``run.json``; a ``config.yaml`` changed
+    since the run wrote it is refused when read back (here: by ``--resume``, which rebuilds the model
+    from it)."""
+    from beit.checkpoint_io import file_digest
+
+    data = make_colour_dataset(tmp_path / "cls", n_train=2, n_val=1, size=16)
+    out = tmp_path / "ft"
+    args = ["finetune", "--data", data, "--init", "none", "--out", out, "--batch-size", "3", "--precision", "fp32",
+            "--workers", "0", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.img_size=16",
+            "model.patch_size=4", "train.ckpt_every=1"]
+    code, err = cli([*args, "--steps", "1"])
+    assert code == 0, err
+    files = json.loads((out / "run.json").read_text())["files"]
+    assert files == {n: file_digest(out / n) for n in ("config.yaml", "classes.txt")}
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(text.replace("depth: 1", "depth: 2"))
+    code, err = cli([*args, "--steps", "2", "--resume"])
+    assert_user_error(code, err, "config.yaml does not match the SHA-256 recorded in")
+    (out / "config.yaml").write_text(text)
+    code, err = cli([*args, "--steps", "2", "--resume"])
+    assert code == 0, err
+
+
+def test_export_folder_is_checked_against_its_manifest(run, tmp_path, cli):
+    assert cli(["export", run, "--format", "timm", "--out", tmp_path / "timm"])[0] == 0
+    manifest = json.loads((tmp_path / "timm" / "manifest.json").read_text())
+    assert manifest["format"] == "beit-export/1" and set(manifest["files"]) == {"config.json", "model.safetensors"}
+    cfg = tmp_path / "timm" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"num_heads": 2', '"num_heads": 1'))
+    with pytest.raises(CheckpointError, match="config.json does not match the SHA-256"):
+        beit.load(tmp_path / "timm")
