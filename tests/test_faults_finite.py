@@ -291,3 +291,62 @@ def test_export_folder_is_checked_against_its_manifest(run, tmp_path, cli):
     cfg.write_text(cfg.read_text().replace('"num_heads": 2', '"num_heads": 1'))
     with pytest.raises(CheckpointError, match="config.json does not match the SHA-256"):
         beit.load(tmp_path / "timm")
+
+
+# --------------------------------------------------------------------------------------------- the guard itself
+
+
+def _guard(policy: str, max_skips: int = 2, loss_scaling: bool = False):
+    from beit.nonfinite import NonFiniteGuard
+
+    net = torch.nn.Linear(2, 2)
+    net.weight.grad = torch.zeros(2, 2)
+    net.bias.grad = torch.tensor([0.0, float("nan")])
+    return net, NonFiniteGuard(net, policy, max_skips, loss_scaling)
+
+
+def test_guard_policies_and_the_fp16_overflow_case():
+    from beit.nonfinite import NonFiniteStepError, Seen
+
+    def last():
+        return "step_00000004"
+
+    nan, ok = Seen(3, 1.5, float("nan"), 1e-3), Seen(3, 1.5, 2.0, 1e-3)
+    _, g = _guard("stop")
+    with pytest.raises(NonFiniteStepError, match=r"gradient norm is nan .* at step 3: .*kept \(step_00000004\). "
+                                                 r"Seen: non-finite gradients in 1 tensor \(bias\)"):
+        g.judge(nan, last)
+    _, g = _guard("skip", max_skips=2)
+    assert g.judge(nan, last) is False and g.judge(nan, last) is False
+    assert g.judge(ok, last) is True and g.in_a_row == 0  # a finite step resets the count
+    assert g.judge(nan, last) is False and g.judge(nan, last) is False
+    with pytest.raises(NonFiniteStepError, match=r"3 non-finite steps in a row \(train.max_nonfinite_skips=2\)"):
+        g.judge(nan, last)
+    _, g = _guard("stop", loss_scaling=True)  # fp16: an overflow (finite loss) is the scaler's to skip
+    assert g.judge(nan, last) is False and g.judge(nan, last) is False
+    with pytest.raises(NonFiniteStepError):
+        g.judge(nan, last)
+    _, g = _guard("stop", loss_scaling=True)
+    with pytest.raises(NonFiniteStepError, match="the loss is nan"):  # a NaN loss is not an overflow
+        g.judge(Seen(3, float("nan"), float("nan"), 1e-3), last)
+    net, g = _guard("skip")
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStepError, match=r"weights themselves are not finite: 1 tensor \(weight\)"):
+        g.judge(nan, last)  # skipping cannot help weights that are already gone
+
+
+def test_grad_norm_and_clipping_match_torch():
+    from beit.nonfinite import clip_grads, grad_norm
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Linear(8, 8) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    a(torch.randn(4, 8)).pow(2).sum().backward()
+    for pb, pa in zip(b.parameters(), a.parameters()):
+        pb.grad = pa.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(list(a.parameters()), 0.5)
+    norm = grad_norm(list(b.parameters()))
+    clip_grads(list(b.parameters()), 0.5, norm)
+    assert torch.allclose(norm, want)
+    assert all(torch.equal(pa.grad, pb.grad) for pa, pb in zip(a.parameters(), b.parameters()))
