@@ -459,10 +459,11 @@ def discard_after(run_dir: str | Path, step: int) -> None:
 
 def load_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
     """Return (model_state, state_json, state_tensors) of a checkpoint directory, verified first."""
-    ckpt = verify_checkpoint(ckpt)
-    model_state = load_weights(ckpt / "model.safetensors")[0]
+    ckpt = verify_checkpoint(ckpt)  # content hashes and finiteness: not checked again while reading
+    model_state = load_weights(ckpt / "model.safetensors", verified=True)[0]
     state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
-    tensors = load_weights(ckpt / "state.safetensors")[0] if (ckpt / "state.safetensors").is_file() else {}
+    has_state = (ckpt / "state.safetensors").is_file()
+    tensors = load_weights(ckpt / "state.safetensors", verified=True)[0] if has_state else {}
     return model_state, state, tensors
 
 

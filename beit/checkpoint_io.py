@@ -267,15 +267,17 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
     return path
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, *, verified: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file -> ``(tensors, raw string metadata)``, checked: a file that records its SHA-256
     must match it, and every floating-point tensor must be finite (one-line :class:`CheckpointError` /
-    :class:`NonFiniteError` naming the file otherwise). Every safetensors read of the package comes here."""
+    :class:`NonFiniteError` naming the file otherwise). Every safetensors read of the package comes here.
+    ``verified``: the caller has just checked this very file (a checkpoint folder, by its manifest and
+    :func:`beit.checkpoint.checkpoint_problem`), so neither check is repeated."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        problem = digest_problem(path)
+        problem = None if verified else digest_problem(path)
     except OSError as e:
         raise CheckpointError(f"{path}: not readable ({e.strerror or e})") from None
     if problem:
@@ -286,15 +288,17 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    check_finite(sd, path)
+    if not verified:
+        check_finite(sd, path)
     raw.pop(DIGEST_KEY, None)
     return sd, raw
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a safetensors file -> ``(state_dict, metadata)``, checked by :func:`read_safetensors`; metadata
-    values are JSON-decoded when they parse (files written by other tools keep their plain strings)."""
-    sd, raw = read_safetensors(path)
+def load_weights(path: str | Path, *, verified: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file -> ``(state_dict, metadata)``, checked by :func:`read_safetensors` (unless
+    ``verified``: see there); metadata values are JSON-decoded when they parse (files written by other
+    tools keep their plain strings)."""
+    sd, raw = read_safetensors(path, verified=verified)
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:

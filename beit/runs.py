@@ -263,7 +263,8 @@ class RunDir:
             raise CheckpointError(f"{self.path}: its config has no model section")
         state = read_json(ck / "state.json") if (ck / "state.json").is_file() else {}
         prefix = _backbone_prefix(self.path, state, which)
-        weights = load_weights(ck / "model.safetensors")[0]
+        # self.checkpoint() verified the folder that holds it (hashes, finiteness): not checked twice
+        weights = load_weights(ck / "model.safetensors", verified=True)[0]
         sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{ck}: no weights under {prefix!r}")
