@@ -101,6 +101,10 @@ class NonFiniteGuard:
             grads = {n: p.grad for n, p in self.module.named_parameters() if p.grad is not None}
             bad_grads = nonfinite_tensors(grads)
             first = f"non-finite gradients in {describe_tensors(bad_grads)}" if bad_grads else "weights finite"
+            # an overflow (inf) is where it started; NaN is what inf - inf and 0 * inf spread from there
+            overflow = [n for n in bad_grads if torch.isinf(grads[n]).any()]
+            if overflow and len(overflow) < len(bad_grads):
+                first += f", of which {describe_tensors(overflow)} overflowed to inf"
         return (f"{what} at step {seen.step}: stopping without saving; the last good checkpoint is kept "
                 f"({last_good}). Seen: {first}. {self.cause(seen)}")
 

@@ -329,6 +329,11 @@ def test_guard_policies_and_the_fp16_overflow_case():
     _, g = _guard("stop", loss_scaling=True)
     with pytest.raises(NonFiniteStepError, match="the loss is nan"):  # a NaN loss is not an overflow
         g.judge(Seen(3, float("nan"), float("nan"), 1e-3), last)
+    net, g = _guard("stop")
+    net.weight.grad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStepError, match=r"in 2 tensors \(weight, bias\), of which 1 tensor \(weight\) "
+                                                 r"overflowed to inf"):
+        g.judge(nan, last)
     net, g = _guard("skip")
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
