@@ -29,17 +29,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint_io import CheckpointError, file_digest, load_weights, read_json, removed_on_failure
+from .checkpoint_io import (
+    CheckpointError,
+    file_digest,
+    holding_nonfinite,
+    load_weights,
+    nonfinite_tensors,
+    read_json,
+    recorded_digest,
+    removed_on_failure,
+    seal,
+    sealable,
+)
 
 log = logging.getLogger("beit")
 
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"  # in every checkpoint folder: size + SHA-256 of each file, written last
 MANIFEST_FORMAT = "beit-checkpoint/1"
+# state.json of every checkpoint written since issue 26 says so: such a checkpoint without its manifest is
+# damaged, not old (checkpoints written before manifests existed have no "format" and load with a warning)
+CHECKPOINT_FORMAT = "beit-checkpoint/2"
 TMP_PREFIX = ".tmp-"  # interrupted writes; removed at the start of the next run (under its lock)
 OLD_PREFIX = ".old-"
-__all__ = ["CKPT_DIR", "CheckpointError", "checkpoint_problem", "find_checkpoints", "latest_checkpoint",
-           "load_checkpoint", "remove_stale", "require_checkpoint", "save_checkpoint", "verify_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CKPT_DIR", "CheckpointError", "NonFiniteCheckpointError", "checkpoint_problem",
+           "find_checkpoints", "latest_checkpoint", "load_checkpoint", "refuse_nonfinite", "remove_stale",
+           "require_checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 
 # --------------------------------------------------------------------------------------------- flattening
@@ -153,6 +168,12 @@ def _write_dir_atomically(final: Path, write) -> None:
         _fsync_dir(final.parent)
 
 
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file of a checkpoint, carrying its own SHA-256 (it may be copied out of the folder)."""
+    save_file(tensors, str(path), metadata=sealable())
+    seal(path)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step (temporary file + rename); a failure leaves it as it was."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
@@ -181,8 +202,12 @@ def save_checkpoint(
     state = dict(state or {})
     state["step"] = step
 
+    state["format"] = CHECKPOINT_FORMAT
+    model_tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    refuse_nonfinite(model_tensors, ckdir / name)
+
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        _write_tensors(model_tensors, tmp / "model.safetensors")
         tensors, rng_meta = rng_state()
         state["rng"] = rng_meta
         if optimizer is not None:
@@ -191,7 +216,7 @@ def save_checkpoint(
             state["optimizer"] = skeleton
         if scaler is not None and scaler.is_enabled():
             state["scaler"] = {k: (float(v) if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
-        save_file(tensors, tmp / "state.safetensors")
+        _write_tensors(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(state))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
@@ -204,12 +229,29 @@ def save_checkpoint(
     return ckdir / name
 
 
+class NonFiniteCheckpointError(CheckpointError, ValueError):
+    """A checkpoint was not written because its weights hold NaN or inf (``names``: which tensors)."""
+
+    def __init__(self, where: Path, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"refusing to write checkpoint {where}: {holding_nonfinite(names)}")
+
+
+def refuse_nonfinite(model_tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """A checkpoint of non-finite weights is never written: :class:`NonFiniteCheckpointError` naming them."""
+    names = nonfinite_tensors(model_tensors)
+    if names:
+        raise NonFiniteCheckpointError(where, names)
+
+
 def save_weights_dir(path: str | Path, model_state: dict[str, torch.Tensor], info: dict, config_yaml: str | None) -> None:
-    """Weights-only checkpoint directory (``best``), written atomically."""
+    """Weights-only checkpoint directory (``best``), written atomically; non-finite weights are refused."""
+    model_tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    refuse_nonfinite(model_tensors, Path(path))
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-        (tmp / "state.json").write_text(json.dumps(info))
+        _write_tensors(model_tensors, tmp / "model.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**info, "format": CHECKPOINT_FORMAT}))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
 
@@ -226,10 +268,45 @@ def _fingerprint(ckpt: Path) -> tuple:
     return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir() if f.is_file()))
 
 
+def _weights_files(ckpt: Path) -> list[str]:
+    return ["model.safetensors"] + (["state.safetensors"] if (ckpt / "state.safetensors").is_file() else [])
+
+
+def _nonfinite_problem(ckpt: Path) -> str | None:
+    """Which tensors of the checkpoint's safetensors files hold NaN or inf (a diverged run written before
+    saves were checked, or a file edited by hand), or None."""
+    for name in _weights_files(ckpt):
+        try:
+            with safe_open(str(ckpt / name), framework="pt") as f:
+                bad = [k for k in f.keys() if nonfinite_tensors({k: f.get_tensor(k)})]
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        if bad:
+            return f"{name}: {holding_nonfinite(bad)}"
+    return None
+
+
+def _written_with_manifest(ckpt: Path) -> bool:
+    """Whether the checkpoint says it was written with a manifest (``format`` in state.json, or weights that
+    record their own SHA-256): then a missing manifest is damage, not age."""
+    try:
+        if recorded_digest(ckpt / "model.safetensors") is not None:
+            return True
+    except (OSError, CheckpointError):
+        return False  # an unreadable header: the parse check below reports it
+    try:
+        state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+    except CheckpointError:
+        return False
+    return isinstance(state, dict) and "format" in state
+
+
 def _legacy_problem(ckpt: Path) -> str | None:
-    """Checkpoints written before manifests existed: every file must at least parse."""
-    names = ["model.safetensors"] + (["state.safetensors"] if (ckpt / "state.safetensors").is_file() else [])
-    for name in names:
+    """Checkpoints written before manifests existed: every file must at least parse (weights finite, checked
+    by the caller); they load with one warning. One written since, whose manifest is gone, is damaged."""
+    if _written_with_manifest(ckpt):
+        return f"{MANIFEST} is missing, so its files cannot be verified (this version writes one with every checkpoint)"
+    for name in _weights_files(ckpt):
         try:
             with safe_open(str(ckpt / name), framework="pt") as f:
                 f.keys()
@@ -261,8 +338,10 @@ def _manifest_problem(ckpt: Path) -> str | None:
 
 
 def checkpoint_problem(ckpt: str | Path) -> str | None:
-    """Why the checkpoint folder ``ckpt`` cannot be trusted (missing/damaged file, content hash mismatch),
-    or ``None`` if it is intact. Results are cached while the folder's files stay the same."""
+    """Why the checkpoint folder ``ckpt`` cannot be trusted (missing/damaged file, content hash mismatch,
+    manifest missing from a checkpoint written with one, weights holding NaN or inf), or ``None`` if it is
+    intact. A checkpoint older than manifests is checked as far as it can be and warned about once.
+    Results are cached while the folder's files stay the same."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         return "no such folder"
@@ -272,7 +351,13 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     hit = _verified.get(str(ckpt))
     if hit is not None and hit[0] == key:
         return hit[1]
-    problem = _manifest_problem(ckpt) if (ckpt / MANIFEST).is_file() else _legacy_problem(ckpt)
+    legacy = not (ckpt / MANIFEST).is_file()
+    problem = _legacy_problem(ckpt) if legacy else _manifest_problem(ckpt)
+    problem = problem or _nonfinite_problem(ckpt)
+    if legacy and problem is None and str(ckpt) not in _warned:
+        _warned.add(str(ckpt))
+        log.warning("checkpoint %s predates manifests (written by an older version): its files parse and its "
+                    "weights are finite, but their content cannot be verified", ckpt)
     _verified[str(ckpt)] = (key, problem)
     return problem
 
@@ -374,10 +459,11 @@ def discard_after(run_dir: str | Path, step: int) -> None:
 
 def load_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
     """Return (model_state, state_json, state_tensors) of a checkpoint directory, verified first."""
-    ckpt = verify_checkpoint(ckpt)
-    model_state = load_weights(ckpt / "model.safetensors")[0]
+    ckpt = verify_checkpoint(ckpt)  # content hashes and finiteness: not checked again while reading
+    model_state = load_weights(ckpt / "model.safetensors", verified=True)[0]
     state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
-    tensors = load_weights(ckpt / "state.safetensors")[0] if (ckpt / "state.safetensors").is_file() else {}
+    has_state = (ckpt / "state.safetensors").is_file()
+    tensors = load_weights(ckpt / "state.safetensors", verified=True)[0] if has_state else {}
     return model_state, state, tensors
 
 

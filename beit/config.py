@@ -195,14 +195,21 @@ class TrainConfig:
     compile: bool | str = "auto"
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # a step whose loss or gradient norm is NaN/inf (docs/runs.md): stop (nothing saved; the last checkpoint,
+    # always finite, is kept) | skip (no update; more than max_nonfinite_skips in a row stops). With fp16 a
+    # gradient overflow is the loss scaler's signal and is always skipped (the scale is lowered), bounded alike.
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite must be stop or skip, got {self.nonfinite!r}")
         if not isinstance(self.compile, bool) and self.compile != "auto":
             raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         check_fields(self, "train", {"batch_size accum_steps log_every ckpt_every probe_every": "size",
-                                     "steps num_workers eval_every": "count", "epochs": "nonneg"})
+                                     "steps num_workers eval_every max_nonfinite_skips": "count", "epochs": "nonneg"})
 
 
 # --------------------------------------------------------------------------------------------- machinery

@@ -41,12 +41,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .checkpoint_io import holding_nonfinite, nonfinite_tensors
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .methods.base import hooks as method_hooks
+from .nonfinite import NonFiniteGuard, NonFiniteStepError, Seen, clip_grads, grad_norm
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
 from .precision import rank0_value
+from .runs import RunDir, run_kind
 
 log = logging.getLogger("beit")
 
@@ -339,8 +342,6 @@ def claim_run(env: DistEnv, run_dir: str | Path, kind: str | None, resume: bool)
     """Rank 0 claims the run folder (:meth:`beit.runs.RunDir.claim`: lock, kind, leftovers); the other
     ranks wait until it has, so none of them writes into a folder that is not yet (or never) the run's."""
     if env.is_main:
-        from .runs import RunDir
-
         RunDir(run_dir).claim(kind, resume)
     if env.enabled:
         dist.barrier()
@@ -350,7 +351,6 @@ def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | N
                  inputs: dict[str, str] | None, anyway: bool) -> Path | None:
     """Claim the run folder, find the checkpoint to resume from (rank 0 first: it drops damaged ones, then
     every rank agrees), check the resume against the saved config."""
-    from .runs import RunDir, run_kind
 
     kind = run_kind(yaml.safe_load(config_yaml) or {}) if config_yaml else "unknown"
     claim_run(env, run_dir, None if kind == "unknown" else kind, resume)
@@ -457,6 +457,7 @@ class _Window:
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # per metric: a skipped step (train.nonfinite=skip) adds none
         self.count = 0
         self.images = 0
         self.data_wait = 0.0  # seconds this process waited for batches
@@ -465,10 +466,12 @@ class _Window:
     def add(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: v / self.count for k, v in self.sums.items()}
+        """Mean of each metric over the steps that reported it; ``nonfinite_skipped``: skipped steps, counted."""
+        return {k: v if k == "nonfinite_skipped" else v / self.counts[k] for k, v in self.sums.items()}
 
 
 class Trainer:
@@ -506,6 +509,8 @@ class Trainer:
         self.metrics: MetricsWriter | None = None
         self.window = _Window()
         self.bar = None
+        self.guard = NonFiniteGuard(unwrap(method), train_cfg.nonfinite, train_cfg.max_nonfinite_skips,
+                                    loss_scaling=self.scaler.is_enabled())
 
     def _check_batch(self) -> None:
         cfg, env = self.cfg, self.env
@@ -540,6 +545,7 @@ class Trainer:
             self.metrics.path.unlink()
         if self.env.is_main and self.config_yaml is not None:
             ckpt.write_text_atomically(self.run_dir / "config.yaml", self.config_yaml)
+            RunDir(self.run_dir).record_files("config.yaml")
 
     def _load(self, existing: Path) -> None:
         model_state, state, tensors = ckpt.load_checkpoint(existing)
@@ -639,23 +645,42 @@ class Trainer:
             for k, v in step_metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / accum
             self.window.images += batch_size_of(batch) * env.world_size
-        if not math.isfinite(loss_val):
-            raise TrainingError(
-                f"loss is {loss_val} at step {self.state.step + 1}: stopping without saving; the last good "
-                f"checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir) or 'none yet'}). Lower the "
-                "learning rate, use fp32, or raise optim.clip_grad"
-            )
-        if self.optim_cfg.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        update = self._judge_step(loss_val, metrics)
+        if update:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # no-op without fp16; with it, lowers the scale after an overflow
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.hooks.after_step(self.state.step, self.state.total_steps)
-        metrics["loss"] = loss_val
+        if update:
+            metrics["loss"] = loss_val
         return metrics
+
+    def _judge_step(self, loss_val: float, metrics: dict[str, float]) -> bool:
+        """The non-finite guard (:mod:`beit.nonfinite`): the global gradient norm (unscaled, computed whether
+        or not it clips) is read with the loss, then the step is updated (clipped), skipped or stopped."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = grad_norm(params)
+        norm_val = float(norm)  # the host already waited for this step's loss: no extra stall
+        if self.optim_cfg.clip_grad > 0:
+            metrics["grad_norm"] = norm_val
+        seen = Seen(self.state.step + 1, loss_val, norm_val, self.optimizer.param_groups[0]["lr"])
+        try:
+            update = self.guard.judge(seen, lambda: str(ckpt.latest_checkpoint(self.run_dir) or "none yet"))
+        except NonFiniteStepError as e:
+            raise TrainingError(str(e)) from None
+        if update and self.optim_cfg.clip_grad > 0:
+            clip_grads(params, self.optim_cfg.clip_grad, norm)
+        if not update:
+            for k in list(metrics):  # a skipped step's metrics are not averaged into the log
+                metrics.pop(k)
+            metrics["nonfinite_skipped"] = 1.0
+            if self.env.is_main:
+                log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row, at most %d: "
+                            "train.max_nonfinite_skips)", seen.step, loss_val, norm_val, self.guard.in_a_row,
+                            self.guard.max_skips)
+        return update
 
     # ------------------------------------------------------------------------------------------ outputs
 
@@ -752,6 +777,12 @@ class Trainer:
     def save(self) -> None:
         """An atomic checkpoint of everything needed to resume exactly (rank 0 writes, all wait)."""
         st = self.state
+        bad = nonfinite_tensors(method_state(self.method))  # every rank: all of them stop together
+        if bad:
+            raise TrainingError(
+                f"the weights are not finite at step {st.step}: {holding_nonfinite(bad)}; not "
+                f"saved, the last good checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir) or 'none yet'}). "
+                + self.guard.cause(Seen(st.step, float("nan"), float("nan"), self.optimizer.param_groups[0]["lr"])))
         if self.env.is_main:
             ckpt.save_checkpoint(self.run_dir, st.step, method_state(self.method), optimizer=self.optimizer,
                                  scaler=self.scaler, config_yaml=self.config_yaml,

@@ -20,15 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from beit.checkpoint_io import (
     CheckpointError,
+    file_digest,
     load_weights,
     read_json,
     read_torch_file,
     removed_on_failure,
     save_weights,
+    write_safetensors,
 )
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
 from beit.models.vit import VisionTransformer, num_relative_distance, uses_fc_norm
@@ -575,6 +576,9 @@ def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: folder without config.json (expected an HF or timm export)")
+        problem = export_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
         meta = read_json(cfg_file)
         if not isinstance(meta, dict):
             raise CheckpointError(f"{cfg_file}: not a model config (a JSON object was expected)")
@@ -637,7 +641,35 @@ def export_hf(model: VisionTransformer, out_dir: str | Path, arch: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     _save_plain(ours_to_hf(_state_dict(model), cfg, arch), out / "model.safetensors")
     _write_text(out / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    _write_export_manifest(out, ("config.json", "model.safetensors"))
     return out
+
+
+EXPORT_MANIFEST = "manifest.json"  # next to an export: size + SHA-256 of its files (transformers, timm ignore it)
+EXPORT_FORMAT = "beit-export/1"
+
+
+def _write_export_manifest(out: Path, names: tuple[str, ...]) -> None:
+    files = {n: {"size": (out / n).stat().st_size, "sha256": file_digest(out / n)} for n in names}
+    _write_text(out / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1) + "\n")
+
+
+def export_problem(folder: Path) -> str | None:
+    """Why an export folder written here does not hold what was written (a file differs from the SHA-256 in
+    its manifest), or None; folders of other tools (no manifest of ours) are not checked."""
+    manifest = folder / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return None
+    data = read_json(manifest)
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        return None
+    for name, want in (data.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing (listed in {EXPORT_MANIFEST})"
+        if file_digest(f) != (want or {}).get("sha256"):
+            return f"{name} does not match the SHA-256 in {EXPORT_MANIFEST} (damaged or edited since the export)"
+    return None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -647,10 +679,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for."""
+    """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for (and the file's
+    own SHA-256, which transformers ignores); non-finite weights are refused."""
     tmp = path.with_name(f".{path.name}.tmp")
     with removed_on_failure(path, tmp):
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        write_safetensors({k: v.contiguous() for k, v in sd.items()}, tmp, {"format": "pt"})
         tmp.replace(path)
 
 
@@ -689,6 +722,7 @@ def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
         ),
     )
     _write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
+    _write_export_manifest(out, ("config.json", "model.safetensors"))
     return out
 
 
@@ -729,6 +763,7 @@ __all__ = [
     "check_export_target",
     "export",
     "export_hf",
+    "export_problem",
     "export_timm",
     "hf_config_to_model_config",
     "hf_to_ours",

@@ -202,6 +202,23 @@ class RunDir:
     def write_manifest(self, **changes) -> None:
         write_text_atomically(self.path / MANIFEST, json.dumps({**self.manifest(), **changes}, indent=1) + "\n")
 
+    def record_files(self, *names: str) -> None:
+        """Record in ``run.json`` the SHA-256 of files the run wrote at its top (``config.yaml``,
+        ``classes.txt``): what is read back later is checked against it (:meth:`checked`)."""
+        files = dict(self.manifest().get("files") or {})
+        files.update({name: file_digest(self.path / name) for name in names})
+        self.write_manifest(files=files)
+
+    def checked(self, name: str) -> Path:
+        """``RUN/name``, after checking it against the SHA-256 ``run.json`` recorded for it (files of runs
+        made before hashes were recorded pass): a one-line :class:`CheckpointError` when it differs."""
+        path = self.path / name
+        want = (self.manifest().get("files") or {}).get(name) if (self.path / MANIFEST).is_file() else None
+        if want and path.is_file() and file_digest(path) != want:
+            raise CheckpointError(f"{path} does not match the SHA-256 recorded in {self.path / MANIFEST} when the "
+                                  "run wrote it (damaged or edited since)")
+        return path
+
     # ----------------------------------------------------------------------------------------- reading a run
 
     def latest(self) -> Path | None:
@@ -221,7 +238,7 @@ class RunDir:
         """The resolved config (a dict) saved with the checkpoint, or else with the run."""
         for cand in (self.checkpoint() / self.CONFIG, self.config_path):
             if cand.is_file():
-                return read_config(cand)
+                return read_config(self.checked(self.CONFIG) if cand == self.config_path else cand)
         raise CheckpointError(f"{self.path}: no config.yaml next to the checkpoint")
 
     def kind(self) -> str:
@@ -232,7 +249,7 @@ class RunDir:
         """The model config of a run that has a checkpoint to resume from (None otherwise)."""
         if self.latest() is None or not self.config_path.is_file():
             return None
-        saved = read_config(self.config_path)
+        saved = read_config(self.checked(self.CONFIG))
         if not isinstance(saved.get("model"), dict):
             return None
         return from_dict(ModelConfig, saved["model"], prefix="model.")
@@ -247,7 +264,8 @@ class RunDir:
             raise CheckpointError(f"{self.path}: its config has no model section")
         state = read_json(ck / "state.json") if (ck / "state.json").is_file() else {}
         prefix = _backbone_prefix(self.path, state, which)
-        weights = load_weights(ck / "model.safetensors")[0]
+        # self.checkpoint() verified the folder that holds it (hashes, finiteness): not checked twice
+        weights = load_weights(ck / "model.safetensors", verified=True)[0]
         sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{ck}: no weights under {prefix!r}")
@@ -279,6 +297,7 @@ def read_config(path: Path) -> dict:
 RESUME_FREE = frozenset({
     "train.num_workers", "train.log_every", "train.ckpt_every", "train.eval_every", "train.device",
     "train.tensorboard", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
+    "train.nonfinite", "train.max_nonfinite_skips",
     "data.val_path", "data.val_limit"})
 RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training
 RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be extended

@@ -96,7 +96,11 @@ def test_manifest_catches_corruption_that_stays_finite(tmp_path):
     data = bytearray((ck / "model.safetensors").read_bytes())
     data[-64:] = torch.full((16,), 0.25).numpy().tobytes()  # still a valid file of finite floats
     (ck / "model.safetensors").write_bytes(bytes(data))
-    assert torch.isfinite(load_weights(ck / "model.safetensors")[0]["w"]).all()
+    from safetensors.torch import load_file
+
+    assert torch.isfinite(load_file(ck / "model.safetensors")["w"]).all()
+    with pytest.raises(CheckpointError, match="does not match the SHA-256 recorded in it"):
+        load_weights(ck / "model.safetensors")  # the file carries its own digest too (issue 26)
     assert "SHA-256" in checkpoint_problem(ck)
     assert latest_checkpoint(tmp_path) is None
     with pytest.raises(CheckpointError, match="no intact checkpoint .*step_00000005: model.safetensors does not match"):
@@ -105,13 +109,31 @@ def test_manifest_catches_corruption_that_stays_finite(tmp_path):
         load_checkpoint(ck)
 
 
-def test_checkpoint_without_manifest_is_checked_by_parsing(tmp_path):
-    from beit.checkpoint import MANIFEST, checkpoint_problem, load_checkpoint
+def _as_written_before_manifests(ck: Path) -> None:
+    """Turn a checkpoint into one of a version before manifests: no manifest, no ``format`` in state.json, no
+    SHA-256 in the safetensors headers."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from beit.checkpoint import MANIFEST
+
+    (ck / MANIFEST).unlink()
+    for name in ("model.safetensors", "state.safetensors"):
+        save_file(load_file(ck / name), ck / name)
+    state = json.loads((ck / "state.json").read_text())
+    del state["format"]
+    (ck / "state.json").write_text(json.dumps(state))
+
+
+def test_checkpoint_without_manifest_is_checked_by_parsing(tmp_path, caplog):
+    from beit.checkpoint import checkpoint_problem, load_checkpoint
 
     ck = _checkpoint(tmp_path)
-    (ck / MANIFEST).unlink()  # as written before manifests existed
+    _as_written_before_manifests(ck)
     assert checkpoint_problem(ck) is None
     assert torch.equal(load_checkpoint(ck)[0]["w"], torch.linspace(-1, 1, 4096))
+    assert sum("predates manifests" in r.getMessage() for r in caplog.records) == 1  # said once
     (ck / "state.json").write_text('{"step": ')
     assert checkpoint_problem(ck) == "state.json is not readable JSON"
 

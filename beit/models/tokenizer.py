@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint_io import CheckpointError, load_weights, removed_on_failure
+from ..checkpoint_io import CheckpointError, check_finite, load_weights, removed_on_failure, write_safetensors
 from ..config import ConfigError, from_dict, replace, to_dict
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -348,16 +347,19 @@ def stats_to_images(stats: torch.Tensor, in_chans: int = 3) -> torch.Tensor:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
-    """Write ``tokenizer.safetensors`` (weights + config in the header) into a folder or to a file path."""
+    """Write ``tokenizer.safetensors`` (weights + config in the header, and the file's own SHA-256, so that
+    damage is found wherever the file travels) into a folder or to a file path. Non-finite weights are
+    refused (:class:`~beit.checkpoint_io.NonFiniteError`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / TOKENIZER_FILE
     tensors = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
+    check_finite(tensors, f"refusing to write the tokenizer {path}")
     meta = {"format": _FORMAT, "config": json.dumps(to_dict(tok.cfg))}
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with removed_on_failure(path, tmp):
-        save_file(tensors, str(tmp), metadata=meta)
+        write_safetensors(tensors, tmp, meta, finite=False)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
     return path
 
@@ -402,8 +404,11 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
         raise FileNotFoundError(f"no tokenizer at {path}")
     try:
         tensors, meta = load_weights(path)
-    except CheckpointError as e:
-        raise TokenizerFileError(f"{path}: not a safetensors file{str(e).split('safetensors file', 1)[-1]}") from None
+    except CheckpointError as e:  # unreadable, damaged (its recorded SHA-256 differs) or not finite
+        msg = str(e)
+        if "not a readable safetensors file" in msg:
+            msg = f"{path}: not a safetensors file{msg.split('safetensors file', 1)[-1]}"
+        raise TokenizerFileError(msg) from None
     if meta.get("format") != _FORMAT or not isinstance(meta.get("config"), dict):
         what = "a model (a backbone, not a tokenizer)" if "model_config" in meta or any(
             k.startswith(("blocks.", "encoder.layer.")) for k in tensors) else "not a beit tokenizer"

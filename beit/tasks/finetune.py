@@ -274,6 +274,7 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
                  len(va), cfg.data.path, cfg.init or "none")
         RunDir(out).claim("finetune", resume)  # before classes.txt: never written into a folder of the user's
         (Path(out) / "classes.txt").write_text("".join(c + "\n" for c in tr.classes))
+        RunDir(out).record_files("classes.txt")  # its SHA-256 in run.json, like every file a run writes
     res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
                 resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env,
                 resume_anyway=resume_anyway)
