@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import checkpoint as ckpt
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
+from .data.folder import SKIP_LIST, DropUnreadable, write_skip_list
 from .methods.base import hooks as method_hooks
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
@@ -528,6 +529,9 @@ class Trainer:
         resume = self.resume
         existing = _prepare_run(self.run_dir, resume, self.env, self.config_yaml, self.inputs,
                                 self.resume_anyway)
+        if self.env.is_main:  # the files the datasets left out, listed in the run (a Subset: its dataset's)
+            write_skip_list(self.run_dir / SKIP_LIST, *(getattr(d, "dataset", d) for d in
+                                                        (self.dataset, self.val_dataset) if d is not None))
         self.method.to(self.env.device)
         self.optimizer = build_optimizer(self.hooks.param_groups(self.optim_cfg), self.optim_cfg)
         if resume and existing is not None:
@@ -598,7 +602,7 @@ class Trainer:
         sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.state.step,  # type: ignore[arg-type]
                                    self.state.total_steps, env.rank, env.world_size, cfg.accum_steps)
         loader = DataLoader(SeededDataset(self.dataset, cfg.seed), batch_sampler=sampler,
-                            num_workers=cfg.num_workers, collate_fn=self.collate_fn,
+                            num_workers=cfg.num_workers, collate_fn=DropUnreadable(self.collate_fn),
                             pin_memory=env.device.type == "cuda", persistent_workers=False,
                             # its own generator: creating the iterator must not draw from the global RNG,
                             # whose state is part of the checkpoint (exact resume)
@@ -695,7 +699,7 @@ class Trainer:
         if self.env.is_main:
             micro = max(1, self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps)
             vl = DataLoader(self.val_dataset, batch_size=micro * 2, shuffle=False,
-                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
+                            num_workers=self.cfg.num_workers, collate_fn=DropUnreadable(self.collate_fn),
                             worker_init_fn=_ignore_stop_signals)
             self.method.eval()
             with torch.no_grad(), autocast_context(self.env.device, self.cfg.precision):
