@@ -45,6 +45,7 @@ from .methods.base import hooks as method_hooks
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
 from .precision import rank0_value
+from .runs import release_in_child
 
 log = logging.getLogger("beit")
 
@@ -242,13 +243,28 @@ def shutdown_loader(batches: Any) -> None:
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
     """Loader workers leave SIGTERM / Ctrl-C to the main process, which saves and then shuts them down: a
     signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, a batch scheduler) must not kill
-    a worker first and turn a clean stop into a "worker exited unexpectedly" error."""
+    a worker first and turn a clean stop into a "worker exited unexpectedly" error. The worker also closes its
+    copy of the run lock's descriptor, so the lock dies with the main process (a kill -9 leaves workers
+    running for a few seconds, and ``--resume`` right after was refused while they held it)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    release_in_child()
+
+
+_received: list[int] = []  # the stop signals train() received in this process (the CLI's exit status)
+
+
+def take_stop_signal() -> int | None:
+    """The signal that stopped the last interrupted :func:`train` of this process (SIGINT, SIGTERM), or None;
+    forgotten once read. The CLI exits with 128 + it after the run saved (130 for Ctrl-C, 143 for SIGTERM)."""
+    sig = _received[-1] if _received else None
+    _received.clear()
+    return sig
 
 
 class _StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to save and stop after the current step."""
+    """SIGTERM / Ctrl-C ask the loop to save and stop after the current step; a second Ctrl-C stops at once
+    (KeyboardInterrupt, which the CLI turns into one line and exit status 130)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -266,6 +282,7 @@ class _StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.signal = signum
+        _received.append(signum)
         log.warning("received %s: saving a checkpoint after this step, then stopping",
                     signal.Signals(signum).name)
 

@@ -46,7 +46,7 @@ def command(data: Path, out: Path, steps: int, when: str) -> list[str]:
     flags = [a for a in TINY if "=" not in a]
     pairs = [a for a in TINY if "=" in a]
     return [sys.executable, str(ROOT / "tests" / "kill_driver.py"), when, "pretrain", "--data", str(data),
-            "--out", str(out), "--steps", str(steps), "--resume", *flags, *pairs]
+            "--out", str(out), "--steps", str(steps), "--resume-or-start", *flags, *pairs]
 
 
 def steps_logged(out: Path) -> list[int]:

@@ -196,9 +196,7 @@ def test_huge_images_are_downscaled_at_decode_or_skipped(tmp_path, caplog):
 def test_worker_error_comes_back_as_the_original_line(tmp_path):
     from torch.utils.data import DataLoader
 
-    from beit.data.folder import unwrap_worker_error
-
-    from beit.data.folder import DropUnreadable
+    from beit.data.folder import DropUnreadable, unwrap_worker_error
 
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "a.png")
     ds = ImageFolder(tmp_path, transform=lambda im: 0)  # the header reads: kept
