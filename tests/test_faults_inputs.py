@@ -216,18 +216,18 @@ def test_resume_of_a_path_with_no_run_is_an_error(tmp_path, cli):
 
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path, cli):
-    """A start that fails after claiming the folder (here: a tokenizer path that does not exist, found when
-    the method is built) removes what it created (.lock, run.json, decode_cache/), never the user's files."""
+    """A start that fails after claiming the folder (here: the online probe's data is missing, found after the
+    lock, run.json and the decode cache were made) removes what it created, never the user's files."""
     data = make_colour_dataset(tmp_path / "d", n_train=4, n_val=1)
     fresh = tmp_path / "fresh"
-    code, err = cli(["pretrain", "--data", data / "train", "--out", fresh, "--steps", "2", "--batch-size", "4",
-                     "--tokenizer", tmp_path / "nope", "train.num_workers=0"])
-    assert_user_error(code, err)
-    assert not fresh.exists()
+    failing = ["--probe-data", str(tmp_path / "no_such_folder"), "data.decode_cache=on"]
+    code, err = cli([*pretrain(data / "train", fresh, 2, *failing)])
+    assert_user_error(code, err, "no_such_folder")
+    assert not fresh.exists(), sorted(p.name for p in fresh.iterdir())
     users = tmp_path / "empty_but_mine"
-    users.mkdir()
-    code, err = cli([*pretrain(data / "train", users, 2), "optim.lr=-1"])
-    assert_user_error(code, err)
+    users.mkdir()  # the user's (empty) folder: emptied of what the start made, but kept
+    code, err = cli([*pretrain(data / "train", users, 2, *failing)])
+    assert_user_error(code, err, "no_such_folder")
     assert users.is_dir() and list(users.iterdir()) == []
 
 
