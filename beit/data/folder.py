@@ -36,7 +36,6 @@ import re
 import stat
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +142,10 @@ def header_problem(path: str | Path, max_pixels: int | None = None) -> str | Non
 
 
 def header_problems(paths: list[Path], max_pixels: int | None = None) -> list[str | None]:
-    """:func:`header_problem` of each path, read by a few threads (the time is spent waiting for the disk)."""
-    if len(paths) < 64:
-        return [header_problem(p, max_pixels) for p in paths]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda p: header_problem(p, max_pixels), paths, chunksize=64))
+    """:func:`header_problem` of each path. One after another: measured on CIFAR-10's 50,000 train PNGs (page
+    cache warm, 2-core Xeon), 43-52 us a file (2.3 s for all, a quarter of one decode each), and 8 threads
+    were 2.5x slower (the work is Python under the GIL), so ImageNet's 1.28M files cost about a minute."""
+    return [header_problem(p, max_pixels) for p in paths]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
