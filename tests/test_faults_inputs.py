@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from synthetic import make_colour_dataset
 from test_faults import assert_user_error, cli_runner, pretrain
 
@@ -360,3 +361,22 @@ def test_decode_cache_off_as_written_in_the_readme(tmp_path, cli):
     code, err = cli([*pretrain(data / "train", tmp_path / "r", 2), "data.decode_cache=off"])
     assert code == 0, err
     assert not (tmp_path / "r" / "decode_cache").exists()
+
+
+def test_segmentation_folder_leaves_unreadable_images_out(tmp_path):
+    """The segmentation folder follows the same rule: an unreadable image (with its mask) is left out, not
+    replaced by the next image and mask; one that fails only when drawn gives None, never another sample."""
+    from test_segment import make_shapes_dataset
+
+    from beit.tasks.segment import SegmentationFolder
+
+    root = make_shapes_dataset(tmp_path / "seg", n_train=4, n_val=2)
+    (root / "images" / "val" / "0.png").write_bytes(b"")
+    shutil.copy(root / "masks" / "val" / "0.png", root / "masks" / "val" / "9.png")
+    Image.new("RGB", (16, 16)).save(root / "images" / "val" / "9.png")
+    ds = SegmentationFolder(root, "val")
+    assert [p.name for p, _ in ds.samples] == ["1.png", "9.png"]
+    assert [(p.name, r) for p, r in ds.skipped] == [("0.png", "an empty file")]
+    (root / "images" / "val" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n" + (root / "images" / "val" / "9.png")
+                                                   .read_bytes()[8:40])  # truncated after the header check
+    assert ds[1] is None and ds[0] is not None

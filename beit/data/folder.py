@@ -413,7 +413,8 @@ def write_skip_list(path: str | Path, *datasets: ImageFolder) -> Path | None:
     path.unlink(missing_ok=True)
     entries = [e for ds in datasets for e in getattr(ds, "skipped", [])]
     for ds in datasets:
-        ds.skip_log = path
+        if hasattr(ds, "skip_log"):  # ours (ImageFolder, SegmentationFolder); a dataset of the user's is left alone
+            ds.skip_log = path
     if not entries:
         return None
     append_skipped(path, entries)
