@@ -90,10 +90,10 @@ def list_images(root: str | Path) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        for name in [*dirnames, *filenames]:
-            if not _is_hidden(name):
-                _check_name(dirpath, name)
-        found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
+        images = [f for f in filenames if _is_image_name(f)]
+        for name in [*dirnames, *images]:  # other files are never read: their names do not matter
+            _check_name(dirpath, name)
+        found.extend(Path(dirpath) / f for f in images)
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
