@@ -49,6 +49,7 @@ __all__ = [
     "RunDir",
     "RunError",
     "abandon_failed_starts",
+    "forget_starts",
     "is_run",
     "release_in_child",
     "adopt_architecture",
@@ -104,8 +105,8 @@ class RunDir:
         remembered, for :func:`abandon_failed_starts`."""
         existed = self.path.is_dir()
         self._create()
-        _STARTED.setdefault(str(self.path.resolve()),
-                            (self.path, not existed, frozenset(p.name for p in self.path.iterdir()) if existed else frozenset()))
+        before = frozenset(p.name for p in self.path.iterdir()) if existed else frozenset()
+        _STARTED.setdefault(str(self.path.resolve()), (self.path, not existed, before))
         self._check_kind(kind)  # before the lock file is made: a folder of the user's stays untouched
         self.lock()
         recorded = self._check_kind(kind)  # again, now that no other writer can change it
@@ -201,7 +202,6 @@ class RunDir:
         if fd is not None:
             os.close(fd)
 
-
     def manifest(self) -> dict:
         """``run.json`` (kind, creation, content hashes of inputs), or {} for a folder without one."""
         path = self.path / MANIFEST
@@ -290,6 +290,12 @@ def release_in_child() -> None:
         except OSError:
             pass
     _HELD.clear()
+
+
+def forget_starts() -> None:
+    """Forget the run folders claimed so far (a command ended well, or a new one begins in this process):
+    :func:`abandon_failed_starts` only ever cleans up after the command that failed."""
+    _STARTED.clear()
 
 
 def abandon_failed_starts() -> list[Path]:

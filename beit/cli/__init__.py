@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from ..engine import take_stop_signal
-from ..runs import abandon_failed_starts
+from ..runs import abandon_failed_starts, forget_starts
 from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     take_stop_signal()  # a signal an earlier command of this process received is not this one's
+    forget_starts()  # and the run folders it claimed are not this one's to clean up
     try:
         code = int(args.func(args) or 0)
     except user_errors() as e:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
             raise
         print("beit: interrupted: stopped at once, without saving (the run keeps its last checkpoint)", file=sys.stderr)
         return 128 + signal.SIGINT
+    forget_starts()
     received = take_stop_signal()
     return 128 + received if received and code == 0 else code
 
