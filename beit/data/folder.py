@@ -20,7 +20,7 @@
   found when it is drawn: it is then dropped from its batch (:class:`DropUnreadable`; the batch is one image
   smaller), warned about once and appended to the list; it is never replaced by another image.
 
-Names holding control characters (a class folder ``cat\ndog``) are refused when the folder is read: they
+Names holding control characters (a class folder ``cat\\ndog``) are refused when the folder is read: they
 would break ``classes.txt`` and every list written one name per line.
 
 Hidden files and folders (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.ipynb_checkpoints``) are
