@@ -115,9 +115,10 @@ def test_one_warning_counts_the_skipped_files(tmp_path, cli):
     add_bad_files(data / "train" / "red", 5)
     code, err = cli([*pretrain(data / "train", tmp_path / "r", 2)])
     assert code == 0, err
-    lines = [ln for ln in err.splitlines() if "unreadable" in ln]
-    assert len(lines) == 2, lines  # the count, then where the list is
-    assert "5 of 17 files are left out" in lines[0] and "skipped_files.txt" in lines[1]
+    lines = [ln for ln in err.splitlines() if "unreadable" in ln or "left out" in ln]
+    assert len(lines) == 1, lines  # once, with the count and where the list goes
+    assert "5 of 17 files are left out" in lines[0] and "RUN/skipped_files.txt" in lines[0]
+    assert len((tmp_path / "r" / "skipped_files.txt").read_text().splitlines()) == 5
 
 
 # --------------------------------------------------------------------------------------------- cases 6, 8, 9

@@ -46,6 +46,7 @@ from torch.utils.data import Dataset, default_collate
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SKIP_LIST = "skipped_files.txt"  # in a run folder: the data files left out, one "path<TAB>reason" a line
 DEFAULT_MAX_PIXELS = 40_000_000  # larger images are downscaled at decode (JPEG) or skipped; BEIT_MAX_PIXELS
 
 
@@ -332,8 +333,8 @@ class ImageFolder(Dataset):
         shown = "; ".join(f"{p.relative_to(self.root)}: {r}" for p, r in gone[:3]) + ("; ..." if len(gone) > 3 else "")
         if not self.samples:
             raise DataError(f"none of the {n} image files under {self.root} could be read ({shown})")
-        logger.warning("skipping unreadable image(s) under %s: %d of %d files are left out (%s)", self.root,
-                       len(gone), n, shown)
+        logger.warning("skipping unreadable image(s) under %s: %d of %d files are left out (%s; a training run "
+                       "lists them in RUN/%s)", self.root, len(gone), n, shown, SKIP_LIST)
 
     @property
     def paths(self) -> list[Path]:
@@ -390,8 +391,6 @@ class DropUnreadable:
         return self.collate(kept)
 
 
-SKIP_LIST = "skipped_files.txt"
-
 
 def append_skipped(path: str | Path, entries: list[tuple[Path, str]]) -> None:
     """Append ``path<TAB>reason`` lines to the skip list ``path`` (one ``write`` call with ``O_APPEND``:
@@ -418,7 +417,7 @@ def write_skip_list(path: str | Path, *datasets: ImageFolder) -> Path | None:
     if not entries:
         return None
     append_skipped(path, entries)
-    logger.warning("%d unreadable file(s) were left out; the list is in %s", len(entries), path)
+    logger.info("the %d file(s) left out are listed in %s", len(entries), path)  # counted once, when found
     return path
 
 
