@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -353,10 +354,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return conv(cfg)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only ``true``/``false``. PyYAML's 1.1 rules also read ``on``,
+    ``off``, ``yes``, ``no``, ``y``, ``n`` as booleans, so the README's ``data.decode_cache=off`` reached a
+    string field as ``False`` (issue 26). Boolean fields still take those words (:func:`_coerce`)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (:class:`_Loader`): how configs and overrides are read."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def _parse_scalar(text: str) -> Any:
-    """Parse the value side of ``key=value`` with YAML rules (numbers, booleans, lists, null)."""
+    """Parse the value side of ``key=value`` with YAML rules (numbers, true/false, lists, null)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml_text(text)
     except yaml.YAMLError:
         return text
 
@@ -395,7 +415,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml_text(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return from_dict(cls, data)
@@ -418,6 +438,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_yaml",
+    "load_yaml_text",
     "replace",
     "resolve",
     "save_yaml",
@@ -452,7 +473,7 @@ def resolve(
         cfg = apply_overrides(cfg, flatten(presets[preset]))
     if yaml_path:
         try:
-            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            data = load_yaml_text(Path(yaml_path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read config {yaml_path}: {e}") from None
         cfg = apply_overrides(cfg, flatten(data))

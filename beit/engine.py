@@ -44,12 +44,14 @@ from . import checkpoint as ckpt
 from .checkpoint_io import holding_nonfinite, nonfinite_tensors
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
+from .data.folder import SKIP_LIST, DropUnreadable, write_skip_list
 from .methods.base import hooks as method_hooks
 from .nonfinite import NonFiniteGuard, NonFiniteStepError, Seen, clip_grads, grad_norm
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
 from .precision import rank0_value
 from .runs import RunDir, run_kind
+from .runs import release_in_child
 
 log = logging.getLogger("beit")
 
@@ -247,13 +249,28 @@ def shutdown_loader(batches: Any) -> None:
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
     """Loader workers leave SIGTERM / Ctrl-C to the main process, which saves and then shuts them down: a
     signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, a batch scheduler) must not kill
-    a worker first and turn a clean stop into a "worker exited unexpectedly" error."""
+    a worker first and turn a clean stop into a "worker exited unexpectedly" error. The worker also closes its
+    copy of the run lock's descriptor, so the lock dies with the main process (a kill -9 leaves workers
+    running for a few seconds, and ``--resume`` right after was refused while they held it)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    release_in_child()
+
+
+_received: list[int] = []  # the stop signals train() received in this process (the CLI's exit status)
+
+
+def take_stop_signal() -> int | None:
+    """The signal that stopped the last interrupted :func:`train` of this process (SIGINT, SIGTERM), or None;
+    forgotten once read. The CLI exits with 128 + it after the run saved (130 for Ctrl-C, 143 for SIGTERM)."""
+    sig = _received[-1] if _received else None
+    _received.clear()
+    return sig
 
 
 class _StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to save and stop after the current step."""
+    """SIGTERM / Ctrl-C ask the loop to save and stop after the current step; a second Ctrl-C stops at once
+    (KeyboardInterrupt, which the CLI turns into one line and exit status 130)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -269,6 +286,7 @@ class _StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.signal = signum
+        _received.append(signum)
         log.warning("received %s: saving a checkpoint after this step, then stopping",
                     signal.Signals(signum).name)
 
@@ -532,6 +550,9 @@ class Trainer:
         resume = self.resume
         existing = _prepare_run(self.run_dir, resume, self.env, self.config_yaml, self.inputs,
                                 self.resume_anyway)
+        if self.env.is_main:  # the files the datasets left out, listed in the run (a Subset: its dataset's)
+            write_skip_list(self.run_dir / SKIP_LIST, *(getattr(d, "dataset", d) for d in
+                                                        (self.dataset, self.val_dataset) if d is not None))
         self.method.to(self.env.device)
         self.optimizer = build_optimizer(self.hooks.param_groups(self.optim_cfg), self.optim_cfg)
         if resume and existing is not None:
@@ -603,7 +624,7 @@ class Trainer:
         sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.state.step,  # type: ignore[arg-type]
                                    self.state.total_steps, env.rank, env.world_size, cfg.accum_steps)
         loader = DataLoader(SeededDataset(self.dataset, cfg.seed), batch_sampler=sampler,
-                            num_workers=cfg.num_workers, collate_fn=self.collate_fn,
+                            num_workers=cfg.num_workers, collate_fn=DropUnreadable(self.collate_fn),
                             pin_memory=env.device.type == "cuda", persistent_workers=False,
                             # its own generator: creating the iterator must not draw from the global RNG,
                             # whose state is part of the checkpoint (exact resume)
@@ -721,7 +742,7 @@ class Trainer:
         if self.env.is_main:
             micro = max(1, self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps)
             vl = DataLoader(self.val_dataset, batch_size=micro * 2, shuffle=False,
-                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
+                            num_workers=self.cfg.num_workers, collate_fn=DropUnreadable(self.collate_fn),
                             worker_init_fn=_ignore_stop_signals)
             self.method.eval()
             with torch.no_grad(), autocast_context(self.env.device, self.cfg.precision):

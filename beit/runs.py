@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -48,6 +49,10 @@ log = logging.getLogger("beit")
 __all__ = [
     "RunDir",
     "RunError",
+    "abandon_failed_starts",
+    "forget_starts",
+    "is_run",
+    "release_in_child",
     "adopt_architecture",
     "describe_kind",
     "backbone_state",
@@ -97,8 +102,12 @@ class RunDir:
         """Make this folder the run of this process: take its lock (held until the process ends; a second
         writer gets a one-line :class:`RunError` naming the holder), check that it is new, empty or a run
         of the same ``kind`` (a folder of the user's is never written into), record ``run.json`` and remove
-        what interrupted writers left. Idempotent within one process."""
+        what interrupted writers left. Idempotent within one process. What this start adds to the folder is
+        remembered, for :func:`abandon_failed_starts`."""
+        existed = self.path.is_dir()
         self._create()
+        before = frozenset(p.name for p in self.path.iterdir()) if existed else frozenset()
+        _STARTED.setdefault(str(self.path.resolve()), (self.path, not existed, before))
         self._check_kind(kind)  # before the lock file is made: a folder of the user's stays untouched
         self.lock()
         recorded = self._check_kind(kind)  # again, now that no other writer can change it
@@ -173,7 +182,10 @@ class RunDir:
         key = str(self.path.resolve())
         if key in _HELD:
             return
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_CLOEXEC: a program this process starts does not inherit the lock; forked DataLoader workers do
+        # inherit the descriptor (fork copies it), and flock() is held while any copy is open, so the engine's
+        # worker_init_fn closes theirs (release_in_child): the lock ends with the main process, even by kill -9
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -276,6 +288,59 @@ _BACKBONE_HINT = "give a pretraining or fine-tuning run, or a model file"
 MANIFEST = "run.json"  # what the run is (kind), when and where it was made, content hashes of its inputs
 LOCK = ".lock"  # flock'ed by the process writing the run; holds "pid N on host H"
 _HELD: dict[str, int] = {}  # run folders this process has locked -> file descriptor (kept open)
+# run folders this process claimed -> (path, whether it made the folder, the names the folder held before)
+_STARTED: dict[str, tuple[Path, bool, frozenset[str]]] = {}
+
+
+def is_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run to resume: checkpoints, a config, or a ``run.json`` (a start that was
+    killed before writing anything else)."""
+    p = Path(path)
+    return RunDir.holds_run(p) or (p / MANIFEST).is_file()
+
+
+def release_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors of the run locks, so the lock
+    is held by the main process alone and ends when it dies. Closing a copy does not unlock the parent's:
+    flock() locks belong to the open file description, released when its last descriptor closes."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+def forget_starts() -> None:
+    """Forget the run folders claimed so far (a command ended well, or a new one begins in this process):
+    :func:`abandon_failed_starts` only ever cleans up after the command that failed."""
+    _STARTED.clear()
+
+
+def abandon_failed_starts() -> list[Path]:
+    """After a start failed (a user error before training): remove what this process added to each run folder
+    it claimed (``.lock``, ``run.json``, ``decode_cache/``, ``config.yaml``...), and the folder itself if this
+    process made it and it is empty now; never what was there before. A folder where training began (a
+    checkpoint, or a logged step in ``metrics.jsonl``) is kept as it is: its record explains the failure.
+    Returns the folders cleaned."""
+    cleaned = []
+    for key, (path, made, before) in list(_STARTED.items()):
+        del _STARTED[key]
+        metrics = path / RunDir.METRICS
+        if (not path.is_dir() or any((path / CKPT_DIR).glob("step_*"))
+                or (metrics.is_file() and metrics.stat().st_size > 0)):
+            continue
+        RunDir(path).release()
+        for entry in path.iterdir():
+            if entry.name not in before:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        cleaned.append(path)
+    return cleaned
 
 
 class RunError(RuntimeError):

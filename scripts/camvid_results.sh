@@ -59,7 +59,7 @@ step() {
       beit.masking=block "beit.crop_scale=[0.08,1.0]"
     MAE=(--preset mae_tiny_patch4_32 "model.img_size=[120,160]" model.patch_size=8 train.log_every=25 train.ckpt_every=250)
     OMP_NUM_THREADS=${MAE_THREADS:-2} MKL_NUM_THREADS=${MAE_THREADS:-2} \
-      $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" --resume "${PRE_MAE[@]}" "${MAE[@]}" ;;
+      $BEIT pretrain --method mae --data "$CAMVID/images/train" --out "$RUNS/pre_mae" --resume-or-start "${PRE_MAE[@]}" "${MAE[@]}" ;;
   cifar)       # MAE (the best method on CIFAR-10, section 8.1) on CIFAR-10 train, 32 px images upsampled to 64
     $BEIT pretrain --method mae --data "$CIFAR/train" --out "$RUNS/pre_mae_cifar" \
       --preset mae_tiny_patch4_32 "${PRE_CIFAR[@]}" "${PX64[@]}" train.log_every=50 train.ckpt_every=1000 ;;

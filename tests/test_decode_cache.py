@@ -53,15 +53,23 @@ def test_unchanged_folder_reuses_the_cache(make_image_folder, tmp_path, monkeypa
     assert ds.cache.get(0) is not None
 
 
-def test_unreadable_file_falls_back_to_the_loader(make_image_folder, tmp_path):
-    root = make_image_folder(per_class=2, size=16)
-    (root / "a" / "2.png").write_bytes(b"not an image")
+def test_file_that_fails_to_decode_is_left_out(make_image_folder, tmp_path):
+    """Issue 26: a file whose header reads but whose pixels do not is found when the cache decodes it and
+    left out of the dataset (cache rows and samples together), never replaced by the next image."""
+    root = make_image_folder(per_class=3, size=16)
+    bad = root / "a" / "1.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated: the header check passes, decoding fails
     ds = ImageFolder(root)
+    assert bad in ds.paths and len(ds) == 6
     cache.attach(ds, tmp_path / "c", "on")
-    bad = ds.paths.index(root / "a" / "2.png")
-    assert ds.cache.get(bad) is None
-    img, _ = ds.load(bad)  # the next readable image, as without a cache
-    np.testing.assert_array_equal(pixels(img), pixels(load_image(ds.paths[bad + 1])))
+    assert bad not in ds.paths and len(ds) == 5 and len(ds.cache) == 5
+    assert [(p, r) for p, r in ds.skipped] == [(bad, "could not be decoded")]
+    for i, p in enumerate(ds.paths):
+        np.testing.assert_array_equal(pixels(ds.cache.get(i)), pixels(load_image(p)))
+    again = ImageFolder(root)  # the cache reused: the same file left out
+    cache.attach(again, tmp_path / "c", "on")
+    assert again.paths == ds.paths
 
 
 def test_auto_skips_large_datasets(make_image_folder, tmp_path):

@@ -48,6 +48,11 @@ def snapshot(root: Path) -> dict[str, str]:
 def cli(capsys, caplog):
     """``cli(ARGS)``: ``beit ARGS`` in this process -> (exit status, stderr + log records); argparse's own
     exits count as statuses."""
+    return cli_runner(capsys, caplog)
+
+
+def cli_runner(capsys, caplog):
+    """The function behind the :func:`cli` fixture (other fault modules build their own fixture on it)."""
 
     def call(args: list) -> tuple[int, str]:
         caplog.clear()

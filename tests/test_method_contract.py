@@ -118,7 +118,7 @@ def test_toy_method_trains_checkpoints_resumes_and_loads(tmp_path, make_image_fo
 
     base = ["-q", "pretrain", "--data", str(data), "--method", "toy", "--steps", "8"]  # default preset: the toy's
     assert main([*base, "--out", str(tmp_path / "full")]) == 0
-    assert main([*base, "--out", str(tmp_path / "cut"), "toy.sigterm_at=5"]) == 0
+    assert main([*base, "--out", str(tmp_path / "cut"), "toy.sigterm_at=5"]) == 143  # 128 + SIGTERM (issue 26)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "interrupted"
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step_00000005"
     # the same config as the interrupted run (a resume that changes it is refused); step 5 is not met again

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
 from typing import Any
 
+from ..engine import take_stop_signal
+from ..runs import abandon_failed_starts, forget_starts
 from . import data, demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 from .runner import run_with
@@ -76,18 +79,33 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_GROUPS) -> int:
+    """Run one command. Exit status: 0 done, 2 a user error (one line), 128 + N after signal N: 130 for
+    Ctrl-C (SIGINT), 143 for SIGTERM, whether the run saved and stopped (first signal) or stopped at once
+    (a second Ctrl-C), so ``beit pretrain ... && beit finetune ...`` never goes on from a partial run."""
     parser = build_parser(groups)
     args = parse(parser, argv)
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
+    take_stop_signal()  # a signal an earlier command of this process received is not this one's
+    forget_starts()  # and the run folders it claimed are not this one's to clean up
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except user_errors() as e:
+        abandon_failed_starts()
         if args.debug:
             raise
         print(f"beit: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        abandon_failed_starts()
+        if args.debug:
+            raise
+        print("beit: interrupted: stopped at once, without saving (the run keeps its last checkpoint)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    forget_starts()
+    received = take_stop_signal()
+    return 128 + received if received and code == 0 else code
 
 
 if __name__ == "__main__":  # pragma: no cover

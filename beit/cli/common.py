@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 
+from ..runs import RunError, is_run
+
 __all__ = ["TRAIN_FLAGS", "add_train_flags", "one_line", "overrides", "print_result", "run_options", "user_errors",
            "with_paths"]
 
@@ -44,7 +46,10 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
     g.add_argument("--workers", type=int, help="data loading processes (train.num_workers)")
     g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--device", help="auto | cpu | cuda (train.device)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (an error if --out holds no run)")
+    g.add_argument("--resume-or-start", action="store_true",
+                   help="continue the run in --out if there is one, else start it (for scripts that rerun a command)")
     g.add_argument("--resume-anyway", action="store_true",
                    help="with --resume: accept changes to what is trained (each is logged) instead of refusing")
     g.add_argument("--max-minutes", type=float, default=0.0,
@@ -84,8 +89,17 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
 
 
 def run_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments every training run takes from the shared flags (resume, time limit)."""
-    return {"resume": args.resume, "resume_anyway": args.resume_anyway, "max_minutes": args.max_minutes}
+    """The keyword arguments every training run takes from the shared flags (resume, time limit).
+    ``--resume`` on a folder that holds no run is an error (a mistyped path would start a new run and exit 0);
+    ``--resume-or-start`` resumes when there is a run and starts one when there is none."""
+    out = getattr(args, "out", None)
+    resume = bool(args.resume)
+    if resume and out is not None and not is_run(out):
+        raise RunError(f"--resume {out}: no run there (no run.json, config.yaml or checkpoints/); check the path, "
+                       "or pass --resume-or-start to start a new run when there is none")
+    if getattr(args, "resume_or_start", False):
+        resume = out is not None and is_run(out)
+    return {"resume": resume, "resume_anyway": args.resume_anyway, "max_minutes": args.max_minutes}
 
 
 def with_paths(cfg, init: str | None, data: str | None):

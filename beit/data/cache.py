@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .folder import load_image
+from .folder import load_image, not_a_file
 
 log = logging.getLogger("beit")
 
@@ -50,6 +51,15 @@ class DecodeCache:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the entries ``indices`` (in that order): the dataset left the others out."""
+        self.paths = [self.paths[i] for i in indices]
+        self.index = self.index[np.asarray(indices, dtype=np.int64)]
+
+    def undecodable(self) -> list[int]:
+        """The entries whose file could not be decoded when the cache was built."""
+        return [int(i) for i in np.flatnonzero(self.index[:, 1] == 0)]
 
     def get(self, i: int) -> Image.Image | None:
         """Image ``i`` from the cache, or None if its file changed since caching or could not be decoded."""
@@ -93,7 +103,7 @@ def _build(paths: list[Path], data_path: Path, index_path: Path, max_pixels: int
             img = load_image(p, max_pixels)
             index[i, 3:] = (size, mtime)
             if img is None:
-                continue  # h = 0: read (and warned about) from disk at load time
+                continue  # h = 0: warned about; the dataset leaves it out (attach)
             a = np.asarray(img, dtype=np.uint8)
             fh.write(a.tobytes())
             index[i, :3] = (offset, a.shape[0], a.shape[1])
@@ -106,12 +116,14 @@ def _build(paths: list[Path], data_path: Path, index_path: Path, max_pixels: int
 
 def attach(dataset, directory: str | Path, mode: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Give an :class:`~beit.data.folder.ImageFolder` a decode cache in ``directory`` (``data.decode_cache``):
-    ``on``, ``off``, or ``auto`` (on when the decoded images fit in ``max_bytes``). Returns whether it did."""
+    ``on``, ``off``, or ``auto`` (on when the decoded images fit in ``max_bytes``). Returns whether it did.
+    Files that fail to decode are left out of the dataset (:meth:`~beit.data.folder.ImageFolder.exclude`)."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"decode cache mode must be auto, on or off, got {mode!r}")
     if mode == "off" or (mode == "auto" and estimated_bytes(dataset.paths) > max_bytes):
         return False
     dataset.cache = DecodeCache.open_or_build(dataset.paths, directory, dataset.max_pixels)
+    dataset.exclude({i: "could not be decoded" for i in dataset.cache.undecodable()})
     return True
 
 
@@ -122,10 +134,14 @@ def estimated_bytes(paths: list[Path], max_pixels: int | None = None, sample: in
     step = max(1, len(paths) // sample)
     sizes = []
     for p in paths[::step][:sample]:
+        if not_a_file(p):  # before opening: a FIFO would block
+            continue
         try:
-            with Image.open(p) as im:
-                sizes.append(im.width * im.height * 3)
-        except (OSError, ValueError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    sizes.append(im.width * im.height * 3)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
     return int(np.mean(sizes) * len(paths)) if sizes else 0
 

@@ -130,14 +130,15 @@ class _Sharded(Dataset):
         raise NotImplementedError
 
     def load(self, index: int) -> tuple[Any, int]:
+        """The image at ``index`` with its label; ``(None, label)`` if it cannot be decoded (warned naming the
+        member): never another sample in its place (the loader's collate drops it from the batch)."""
         ref, target = self.samples[index]
-        img = self.image(ref)
-        if img is None:
-            raise DataError(f"sample {index} of {self.root} could not be decoded (see the warning above)")
-        return img, target
+        return self.image(ref), target
 
     def __getitem__(self, index: int) -> Any:
         img, target = self.load(index)
+        if img is None:
+            return None
         x = self.transform(img) if self.transform is not None else img
         return (x, target) if self.with_labels else x
 

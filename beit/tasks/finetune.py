@@ -176,6 +176,15 @@ def labelled_splits(path: str | Path, train_transform, val_transform, *, labels_
     if tr.classes != va.classes:
         extra = sorted(set(va.classes) ^ set(tr.classes))
         raise DataError(f"{root}: train/ and val/ have different class folders (e.g. {extra[:3]})")
+    present = sorted({tr.classes[t] for t in tr.targets})
+    if len(present) < 2:
+        raise DataError(f"{root}/train has only one class with images ({present[0]}): classifying needs at least "
+                        "two class folders (with one, every prediction is right and the accuracy says nothing)")
+    if labels_per_class:
+        counts = [tr.targets.count(tr.class_to_idx[c]) for c in present]
+        if labels_per_class > min(counts):
+            log.warning("--labels-per-class %d: the training data has fewer (%d to %d images per class); classes "
+                        "with fewer use all of theirs", labels_per_class, min(counts), max(counts))
     keep = balanced_subset(tr.targets, labels_per_class=labels_per_class, label_fraction=label_fraction, seed=seed)
     if len(keep) < len(tr.samples):
         tr.samples = [tr.samples[i] for i in keep]

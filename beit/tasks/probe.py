@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, check_fields, resolve
-from ..data.folder import ImageFolder
+from ..data.folder import SKIP_LIST, DataError, DropUnreadable, ImageFolder, load_image, write_skip_list
 from ..models.vit import VisionTransformer, grid_pool
 from .augment import AugConfig, build_eval_transform
 from .finetune import FinetuneDataConfig, balanced_subset, labelled_splits, topk_correct
@@ -167,7 +167,8 @@ def extract_features(model: nn.Module, dataset, layers: list[int], pools: list[s
     model.eval().to(device)
     feats: dict[tuple[int, str], list[torch.Tensor]] = {(i, p): [] for i in layers for p in pools}
     labels = []
-    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=DropUnreadable()):  # an image that fails to decode is left out
         for key, f in pooled_features(model, images.to(device), layers, pools, grid).items():
             feats[key].append(f.float().cpu())
         labels.append(y)
@@ -249,10 +250,13 @@ def _device(name: str) -> torch.device:
 
 
 def _native_size(path: str | Path) -> int:
-    """The shorter side of the first training image: the pixel baseline's size when none is given."""
-    first_path = ImageFolder(Path(path) / "train", with_labels=True).samples[0][0]
-    with Image.open(first_path) as im:
-        return min(im.size)
+    """The shorter side of the first readable training image: the pixel baseline's size when none is given
+    (the folder's header checks have already left out special files and decompression bombs)."""
+    for p in ImageFolder(Path(path) / "train", with_labels=True).paths:
+        img = load_image(p)
+        if img is not None:
+            return min(img.size)
+    raise DataError(f"none of the images under {Path(path) / 'train'} could be read")
 
 
 def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
@@ -299,11 +303,14 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     per_layer = [{"layer": layer, "pool": pool, **{m: round(v, 4) for m, v in res[(layer, pool)].items()}}
                  for layer, pool in sorted(res)]
     best = max(per_layer, key=lambda r: (r["top1"], r["layer"]))
-    result = {"protocol": cfg.protocol, "init": str(cfg.init), "num_classes": C, "num_train": len(tr),
-              "num_val": len(va), "best": best, "per_layer": per_layer,
+    # the images really used: the folders' header checks left out unreadable files, and one that failed to
+    # decode during extraction is not in ytr/yva either
+    result = {"protocol": cfg.protocol, "init": str(cfg.init), "num_classes": C, "num_train": len(ytr),
+              "num_val": len(yva), "best": best, "per_layer": per_layer,
               "config": dataclasses.asdict(cfg)}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_skip_list(Path(out).with_name(f"{Path(out).stem}.{SKIP_LIST}"), tr, va)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -381,7 +388,7 @@ class OnlineKNNProbe:
 
     @staticmethod
     def _decode(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        xs, ys = zip(*(item for item in (ds[i] for i in range(len(ds))) if item is not None))
         return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
     @torch.no_grad()

@@ -55,7 +55,15 @@ from ..config import (
     resolve,
     to_dict,
 )
-from ..data.folder import DataError, default_max_pixels, list_images, load_image
+from ..data.folder import (
+    DataError,
+    DropUnreadable,
+    append_skipped,
+    default_max_pixels,
+    header_problems,
+    list_images,
+    load_image,
+)
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
 from ..engine import TrainResult, autocast_context, finish_run, start_run, train
 from ..methods.base import Method
@@ -252,7 +260,9 @@ class SegTransform:
 class SegmentationFolder(Dataset):
     """``root/images/<split>/**/name.ext`` with ``root/masks/<split>/**/name.png`` -> transformed dicts.
 
-    An unreadable image is replaced by the next readable one (warned once, deterministic)."""
+    An unreadable image is left out when the folder is read (:func:`beit.data.folder.header_problem`, listed in
+    ``skipped``), never replaced by another; one that fails only when drawn gives ``None`` (dropped from its
+    batch by :class:`~beit.data.folder.DropUnreadable`)."""
 
     def __init__(self, root: str | Path, split: str, transform: SegTransform | None = None) -> None:
         root = Path(root)
@@ -269,34 +279,46 @@ class SegmentationFolder(Dataset):
             self.samples.append((p, m))
         if not self.samples:
             raise DataError(f"no images under {img_dir}")
+        problems = header_problems([ip for ip, _ in self.samples])
+        self.skipped = [(ip, r) for (ip, _), r in zip(self.samples, problems) if r]
+        self.samples = [s for s, r in zip(self.samples, problems) if not r]
+        shown = "; ".join(f"{p.relative_to(img_dir)}: {r}" for p, r in self.skipped[:3])
+        if not self.samples:
+            raise DataError(f"none of the {len(self.skipped)} images under {img_dir} could be read ({shown})")
+        if self.skipped:
+            log.warning("skipping unreadable image(s) under %s: %d of %d files are left out (%s)", img_dir,
+                        len(self.skipped), len(self.skipped) + len(self.samples), shown)
         self.transform = transform
+        self.skip_log: Path | None = None  # beit.data.folder.write_skip_list sets it: later finds go there
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        n = len(self.samples)
-        for k in range(n):
-            i = (index + k) % n
-            if i in self._bad:
-                continue
-            ip, mp = self.samples[i]
-            img = load_image(ip)
-            if img is None:
-                self._bad.add(i)
-                continue
-            mask = load_mask(mp)
-            if mask.shape != (img.height, img.width) and mask.size > default_max_pixels():
-                # a huge image was decoded downscaled (beit.data.folder.load_image): its mask follows it
-                mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
-            if mask.shape != (img.height, img.width):
-                raise DataError(f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]}, image {ip} is {img.width}x{img.height}")
-            return img, mask
-        raise DataError("none of the segmentation images could be read")
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray] | None:
+        """The image and mask at ``index``, or None if the image cannot be decoded now (never another one)."""
+        ip, mp = self.samples[index]
+        if index in self._bad:
+            return None
+        img = load_image(ip)
+        if img is None:
+            self._bad.add(index)
+            if self.skip_log is not None:
+                append_skipped(self.skip_log, [(ip, "could not be decoded when drawn")])
+            return None
+        mask = load_mask(mp)
+        if mask.shape != (img.height, img.width) and mask.size > default_max_pixels():
+            # a huge image was decoded downscaled (beit.data.folder.load_image): its mask follows it
+            mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
+        if mask.shape != (img.height, img.width):
+            raise DataError(f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]}, image {ip} is {img.width}x{img.height}")
+        return img, mask
 
     def __getitem__(self, index: int):
-        img, mask = self.load(index)
+        loaded = self.load(index)
+        if loaded is None:
+            return None
+        img, mask = loaded
         if self.transform is None:
             return img, mask
         return self.transform(img, mask)
@@ -524,7 +546,7 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
             continue
         ds = SegmentationFolder(root, split, SegTransform(size, False))
         with autocast_context(next(task.parameters()).device, precision):  # as evaluated during training
-            conf, loss = score(task, DataLoader(ds, batch_size=8), cfg.eval)
+            conf, loss = score(task, DataLoader(ds, batch_size=8, collate_fn=DropUnreadable()), cfg.eval)
         m = segmentation_metrics(conf)
         per_class = {names[c]: m[f"iou_{c}"] for c in range(task.num_classes) if f"iou_{c}" in m}
         results[split] = {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "pixel_acc": m["pixel_acc"], "loss": loss,

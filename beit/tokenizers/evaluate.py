@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError
 from ..data.tokenizer import build_dataset
+from ..data.folder import DropUnreadable
 from ..models.tokenizer import Tokenizer, load_tokenizer
 from .metrics import evaluate_tokenizer
 
@@ -55,7 +56,8 @@ def evaluate_cmd(
         raise ConfigError(f"--batch-size must be >= 1 and --limit >= 0, got {batch_size} and {limit}")
     tok = load_tokenizer(tokenizer, device=device)
     ds = build_dataset(data_dir, tok.cfg.img_size, train=False, limit=limit)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=DropUnreadable())  # an image that fails to decode is left out
     res = evaluate_tokenizer(tok, loader)
     if grid is not None:
         imgs = torch.stack([ds[i] for i in range(min(8, len(ds)))])  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.folder import DropUnreadable
 from ..models.tokenizer import Tokenizer
 
 __all__ = ["batch_images", "code_perplexity", "evaluate_tokenizer", "psnr"]
@@ -60,7 +61,7 @@ def evaluate_tokenizer(
     elif isinstance(data, DataLoader):
         batches = data
     else:
-        batches = DataLoader(data, batch_size=batch_size, shuffle=False)
+        batches = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=DropUnreadable())
     was_training = tok.training
     tok.eval()
     device = next(tok.parameters()).device

@@ -113,7 +113,8 @@ def build_objective(tokenizer: Tokenizer, cfg: ObjectiveConfig | None = None) ->
 
 def _reconstructions(tok: Tokenizer, show: Dataset, path: Path) -> None:
     """Up to 8 images of ``show`` above their reconstructions through the tokenizer's code."""
-    images = torch.stack([show[i] for i in range(min(8, len(show)))])  # type: ignore[arg-type]
+    drawn = (show[i] for i in range(min(8, len(show))))  # type: ignore[arg-type]
+    images = torch.stack([x for x in drawn if x is not None])  # None: a file that failed to decode
     reconstruction_grid(tok, images.to(next(tok.parameters()).device), path)
 
 
