@@ -50,8 +50,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteStepError, Seen, clip_grads, gra
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import for_run as precision_for_run
 from .precision import rank0_value
-from .runs import RunDir, run_kind
-from .runs import release_in_child
+from .runs import RunDir, release_in_child, run_kind
 
 log = logging.getLogger("beit")
 

@@ -237,7 +237,7 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, cli):
 
 
 def _doc_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # the notebook too: its commands still run
 
 
 # a placeholder for the reader to fill in, not a value: train.seed=S, model.img_size=[h,w], train.precision=...

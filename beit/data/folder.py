@@ -37,7 +37,7 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -219,11 +219,13 @@ def _warn_once(path: str | Path, message: str) -> None:
         logger.warning("%s", message)
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image | None:
+def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image | None:
     """Read one image as 8-bit RGB with its EXIF orientation applied, or ``None`` (one warning) if unreadable.
-    Images above ``max_pixels`` (default :func:`default_max_pixels`) are downscaled at decode or skipped."""
+    Images above ``max_pixels`` (default :func:`default_max_pixels`) are downscaled at decode or skipped.
+    ``path`` may also be a binary file object holding the file's bytes (a member of a tar shard)."""
     limit = max_pixels or default_max_pixels()
-    reason = not_a_file(path)  # before opening: a FIFO would block, a dangling link would raise
+    is_path = isinstance(path, (str, os.PathLike))
+    reason = not_a_file(path) if is_path else None  # before opening: a FIFO would block, a dangling link raise
     if reason:
         logger.warning("skipping unreadable image %s: %s", path, reason)
         return None

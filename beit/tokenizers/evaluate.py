@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from ..data.tokenizer import build_dataset
 from ..data.folder import DropUnreadable
+from ..data.tokenizer import build_dataset
 from ..models.tokenizer import Tokenizer, load_tokenizer
 from .metrics import evaluate_tokenizer
 
