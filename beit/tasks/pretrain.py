@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
@@ -30,9 +31,13 @@ class DataConfig:
     # decode each image once into OUT/decode_cache (uint8, memory-mapped; rebuilt when a file changes):
     # auto = when the decoded images fit in 4 GB (small images, the CPU presets) | on | off
     decode_cache: str = "auto"
+    # the views' normalisation, recorded so that beit.load/transform_for/export feed the backbone as trained
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"limit": "count"})
+        check_fixed_normalisation(self.mean, self.std, "data")
         if self.decode_cache not in ("auto", "on", "off"):
             raise ConfigError(f"data.decode_cache must be auto, on or off, got {self.decode_cache!r}")
 
