@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
+from . import demo, embed, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 
 __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "main", "overrides",
@@ -22,7 +22,7 @@ __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "
 
 log = logging.getLogger("beit")
 
-COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo)
+COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, embed, segment, show, demo)
 
 
 class Parser(argparse.ArgumentParser):
