@@ -716,6 +716,8 @@ def export_timm(model: VisionTransformer, out_dir: str | Path, pretrained_cfg: d
             interpolation=pc.get("interpolation", "bicubic"),
             crop_pct=float(pc.get("crop_pct", 1.0)),
             crop_mode="center",
+            first_conv="patch_embed.proj",  # what timm adapts for in_chans, drops for num_classes changes
+            classifier="head",
         ),
     )
     if labels:

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, make_dataclass
 from functools import partial
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
@@ -98,7 +100,25 @@ def build_config(preset: str | None = None, config: str | None = None,
     return resolve(config_class(), registry.presets(), preset, config, overrides)
 
 
-def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
+class UnlabelledDataset(Dataset):
+    """A user's dataset through the method's per-sample transform; items are images (PIL or ``(3|1, H, W)``
+    tensors) or tuples whose first entry is the image (labels are ignored)."""
+
+    def __init__(self, base: Dataset, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return self.transform(to_rgb_pil(item[0] if isinstance(item, (tuple, list)) else item))
+
+
+def build_dataset(cfg: DataConfig, transform, data: Dataset | None = None) -> Dataset:
+    """The folder ``cfg.data.path`` (an :class:`ImageFolder`) or, if given, the dataset ``data``."""
+    if data is not None:
+        return UnlabelledDataset(data, transform)
     if not cfg.path:
         raise ConfigError("pretraining needs --data DIR (a folder of images)")
     ds = ImageFolder(cfg.path, transform=transform)
@@ -108,13 +128,15 @@ def build_dataset(cfg: DataConfig, transform) -> ImageFolder:
 
 
 def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
-        resume_anyway: bool = False) -> TrainResult:
-    """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
+        resume_anyway: bool = False, dataset: Dataset | None = None) -> TrainResult:
+    """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config);
+    ``dataset``: a dataset of images instead of the folder ``cfg.data.path``."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
-    dataset = build_dataset(cfg.data, transform)
+    dataset = build_dataset(cfg.data, transform, dataset)
     claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
-    decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
+    if isinstance(dataset, ImageFolder):
+        decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
     if env.is_main:
         log.info("pretraining %s (%s) on %d images from %s", cfg.method,
                  f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
