@@ -16,7 +16,7 @@ from typing import Any
 from . import api, interop
 from .config import ConfigError
 from .data.folder import list_images
-from .preprocess import hf_image_processor_config
+from .preprocess import hf_image_processor_config, run_root
 from .runs import RunDir, run_kind
 
 __all__ = ["export", "model_card"]
@@ -143,7 +143,7 @@ def model_card(source: str | Path, model: Any, fmt: str, out: Path, license: str
     labels = pcfg.get("label_names")
     src = Path(source)
     is_run = RunDir.holds_run(src)
-    run = src if not is_run or (src / "config.yaml").is_file() else src.parent.parent
+    run = run_root(src)
     task = "image-classification" if cfg.num_classes else "image-feature-extraction"
     params = sum(p.numel() for p in model.parameters())
     arch = interop.hf_arch_for(cfg) if fmt == "hf" else "timm Beit"

@@ -26,7 +26,8 @@ from .checkpoint_io import read_json
 from .data.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .runs import RunDir
 
-__all__ = ["default_pretrained_cfg", "hf_image_processor_config", "pretrained_cfg_of", "read_labels", "transform_for"]
+__all__ = ["default_pretrained_cfg", "hf_image_processor_config", "pretrained_cfg_of", "read_labels", "run_root",
+           "transform_for"]
 
 _HF_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
@@ -48,6 +49,12 @@ def read_labels(path: str | Path) -> list[str] | None:
     return names or None
 
 
+def run_root(path: str | Path) -> Path:
+    """The run folder of ``path``: ``RUN`` for ``RUN/checkpoints/NAME``, else ``path`` itself."""
+    p = Path(path)
+    return p.parent.parent if p.parent.name == "checkpoints" else p
+
+
 def _from_run(path: Path) -> dict[str, Any]:
     conf = RunDir(path).config()
     aug, data = conf.get("aug") or {}, conf.get("data") or {}
@@ -67,7 +74,7 @@ def _from_hf(path: Path) -> dict[str, Any]:
         short = (p.get("size") or {}).get("shortest_edge")
         out = {"mean": list(p.get("image_mean", IMAGENET_MEAN)), "std": list(p.get("image_std", IMAGENET_STD))}
         if crop and short and p.get("do_center_crop"):
-            out["crop_pct"] = round(crop / short, 4)
+            out["crop_pct"] = crop / short  # unrounded: size / crop_pct gives shortest_edge back
         names = {v: k for k, v in _HF_RESAMPLE.items()}
         out["interpolation"] = names.get(p.get("resample"), "bicubic")
     id2label = read_json(path / "config.json").get("id2label") or {}
@@ -92,8 +99,7 @@ def pretrained_cfg_of(path: str | Path, model: Any) -> dict[str, Any]:
     cfg = default_pretrained_cfg(model)
     if RunDir.holds_run(p):
         cfg.update(_from_run(p))
-        run = p if (p / "classes.txt").is_file() else p.parent.parent  # a checkpoint dir: RUN/checkpoints/NAME
-        cfg["label_names"] = read_labels(run)
+        cfg["label_names"] = read_labels(run_root(p))
     elif p.is_dir() and (p / "config.json").is_file():
         meta = read_json(p / "config.json")
         cfg.update(_from_hf(p) if meta.get("model_type") == "beit" else _from_timm(p))

@@ -99,6 +99,12 @@ def test_hf_export_works_with_pipeline_and_auto_classes(runs, tmp_path):
     ref = torch.stack([tf(im) for im in images])
     pil = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
     torch.testing.assert_close(pil(images, return_tensors="pt")["pixel_values"], ref, rtol=0, atol=1e-6)
+    again = beit.load(out)  # and back: the export's preprocessing and names
+    assert again.pretrained_cfg["label_names"] == sorted(COLOURS)
+    torch.testing.assert_close(torch.stack([beit.transform_for(again)(im) for im in images]), ref, rtol=0, atol=0)
+    # beit embed reads an export as it reads the run
+    from_export, from_run = beit.embed(out, runs["data"] / "val", num_workers=0), beit.embed(runs["ft"], runs["data"] / "val", num_workers=0)
+    np.testing.assert_allclose(from_export.features, from_run.features, rtol=0, atol=1e-5)
     default = transformers.AutoImageProcessor.from_pretrained(out)
     assert float((default(images, return_tensors="pt")["pixel_values"] - ref).abs().max()) <= 1.01 / 255 / 0.224
     # a backbone (num_classes=0) and an MIM model load with AutoModel; pooled features match beit's
