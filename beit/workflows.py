@@ -129,7 +129,11 @@ def train_tokenizer(data, *, out: str | Path, preset: str | None = "dvae_32", co
     run_dir = tok_task.train_tokenizer(data, out, preset, steps, _overrides(sections), config=config, val_dir=val_data,
                                    resume=resume, max_minutes=max_minutes)
     ev = run_dir / "eval.json"
-    return RunResult(run_dir, last_eval=json.loads(ev.read_text()) if ev.is_file() else {})
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    return RunResult(run_dir, int(last.get("step", 0)), "done", last,
+                     json.loads(ev.read_text()) if ev.is_file() else {})
 
 
 def probe(data: str | Path, *, init: str | Path, protocol: str = "knn", out: str | Path | None = None,

@@ -81,3 +81,20 @@ def test_api_reference_builds(tmp_path):
     assert "def finetune" in page.replace("<span class=\"k\">def</span> <span class=\"nf\">", "def ") \
         or 'id="finetune"' in page
     assert 'id="RunResult"' in page and (tmp_path / "beit" / "preprocess.html").is_file()
+
+
+def test_segment_and_train_tokenizer_from_python(tmp_path):
+    from test_segment import make_shapes_dataset
+
+    from beit.models.tokenizer import Tokenizer
+
+    seg = beit.segment(make_shapes_dataset(tmp_path / "seg_data"), out=tmp_path / "seg", steps=2, model=TINY,
+                       head={"channels": 16, "aux_channels": 8},
+                       train={"batch_size": 3, "num_workers": 0, "device": "cpu"})
+    assert seg.step == 2 and "mIoU" in seg.best and beit.load(seg.run_dir).num_layers == 2
+    data = make_colour_dataset(tmp_path / "data", size=16)
+    tok = beit.train_tokenizer(ColourList(data, "train"), out=tmp_path / "tok", preset=None, steps=2,
+                               model={"img_size": 16, "vocab_size": 64, "n_hid": 16, "n_groups": 3,
+                                      "n_blk_per_group": 1, "n_init": 32},
+                               train={"batch_size": 6, "num_workers": 0, "device": "cpu"})
+    assert tok.run_dir == tmp_path / "tok" and tok.step == 2 and "loss" in tok.metrics and isinstance(beit.load(tok.run_dir), Tokenizer)
