@@ -20,7 +20,7 @@ import torch
 
 from . import interop
 from .checkpoint import CheckpointError
-from .preprocess import pretrained_cfg_of, transform_for
+from .preprocess import pretrained_cfg_of, tokenizer_pretrained_cfg, transform_for
 from .runs import RunDir, backbone_state, init_from, load_run, run_backbone_state, run_config
 
 log = logging.getLogger("beit")
@@ -42,7 +42,9 @@ def load(path: str | Path, *, which: str | None = None, device: str | torch.devi
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if is_tokenizer_file(p):
-        return load_tokenizer(p, device=device)
+        tok = load_tokenizer(p, device=device)
+        tok.pretrained_cfg = tokenizer_pretrained_cfg(tok)  # transform_for(tok): [0, 1] images at its size
+        return tok
     if RunDir.holds_run(p):
         if RunDir(p).kind() == "tokenizer":
             raise CheckpointError(f"{p}: tokenizer run without tokenizer.safetensors (its training has not finished)")

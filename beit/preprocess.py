@@ -1,6 +1,6 @@
 """What a model expects as input, and the transform that gives it: ``pretrained_cfg`` and :func:`transform_for`.
 
-Every model :func:`beit.load` returns carries ``model.pretrained_cfg``, a dict with timm's key names
+Every model :func:`beit.load` returns (tokenizers too: ``[0, 1]`` images, mean 0, std 1) carries ``model.pretrained_cfg``, a dict with timm's key names
 (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``num_classes``,
 ``label_names``), read from where the weights came from:
 
@@ -27,7 +27,7 @@ from .data.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .runs import RunDir
 
 __all__ = ["default_pretrained_cfg", "hf_image_processor_config", "pretrained_cfg_of", "read_labels", "run_root",
-           "transform_for"]
+           "tokenizer_pretrained_cfg", "transform_for"]
 
 _HF_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
@@ -38,6 +38,14 @@ def default_pretrained_cfg(model: Any) -> dict[str, Any]:
     return {"input_size": [cfg.in_chans, *cfg.img_hw], "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "crop_pct": 1.0, "crop_mode": "center", "num_classes": cfg.num_classes,
             "label_names": None}
+
+
+def tokenizer_pretrained_cfg(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer's input: ``[0, 1]`` images at its size (``encode`` maps the pixels itself): mean 0, std 1."""
+    cfg = tokenizer.cfg
+    return {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "interpolation": "bicubic",
+            "mean": [0.0] * cfg.in_chans, "std": [1.0] * cfg.in_chans, "crop_pct": 1.0, "crop_mode": "center",
+            "num_classes": 0, "label_names": None}
 
 
 def read_labels(path: str | Path) -> list[str] | None:

@@ -97,4 +97,8 @@ def test_segment_and_train_tokenizer_from_python(tmp_path):
                                model={"img_size": 16, "vocab_size": 64, "n_hid": 16, "n_groups": 3,
                                       "n_blk_per_group": 1, "n_init": 32},
                                train={"batch_size": 6, "num_workers": 0, "device": "cpu"})
-    assert tok.run_dir == tmp_path / "tok" and tok.step == 2 and "loss" in tok.metrics and isinstance(beit.load(tok.run_dir), Tokenizer)
+    assert tok.run_dir == tmp_path / "tok" and tok.step == 2 and "loss" in tok.metrics
+    tokenizer = beit.load(tok.run_dir)
+    assert isinstance(tokenizer, Tokenizer)
+    x = beit.transform_for(tokenizer)(Image.new("RGB", (24, 20), (255, 0, 0)))  # [0, 1] at the tokenizer's size
+    assert x.shape == (3, 16, 16) and float(x[0].min()) == 1.0 and float(x[1:].max()) == 0.0
