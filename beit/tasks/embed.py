@@ -115,6 +115,9 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Embeddings:
     if not paths:
         raise DataError(f"--data {root}: no images found")
     classes = _labelled(root, paths)
+    if classes and set(classes) <= {"train", "val", "test"} and all(len(p.relative_to(root).parts) > 2 for p in paths):
+        log.warning("%s holds the splits %s: they are taken as the labels; embed one split (--data %s/train) "
+                    "for its classes", root, "/".join(classes), root)
     layer = parse_layers(str(cfg.layer), model.num_layers)
     pool = pool_names(cfg.pool)
     tf = transform_for(model, **({"crop_pct": cfg.crop_pct} if cfg.crop_pct else {}))
