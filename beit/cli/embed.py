@@ -16,8 +16,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
              "img_size": "img_size", "crop_pct": "crop_pct", "workers": "num_workers"}
     # paths as given, never YAML-parsed (a folder named ``1e3`` stays a string)
     cfg = dataclasses.replace(embed.build_config(args.config, overrides(args, flags)), init=args.init, data=args.data)
-    print(json.dumps(embed.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)))
+    res = embed.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(res) if args.json else human_summary(res))
     return 0
+
+
+def human_summary(res: dict) -> str:
+    """What was written, where, and how to read it back."""
+    labels = f"labels of {res['classes']} classes" if res["classes"] else "no labels (no class sub-folders)"
+    return "\n".join([
+        f"embedded {res['images']} images: {res['dim']} features each (block {res['layer']}, {res['pool']} pooling)",
+        f"  {res['out']:<28} float32 {res['images']} x {res['dim']}",
+        f"  {res['index']:<28} row, path, label, class ({labels})",
+        f"read back: numpy.load({res['out']!r}, mmap_mode='r') and the CSV index row by row",
+    ])
 
 
 def add_commands(sub) -> None:
@@ -39,6 +51,7 @@ def add_commands(sub) -> None:
     p.add_argument("--crop-pct", type=float, help="resize to size / crop_pct, then centre crop (default: the model's)")
     p.add_argument("--workers", type=int, help="data loading processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.npy / FILE.csv if they exist")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON line instead of the summary")
     p.add_argument("--config", metavar="YAML", help="embed config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pool=cls")
     p.set_defaults(func=cmd_embed)
