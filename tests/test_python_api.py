@@ -39,7 +39,8 @@ class ColourList(torch.utils.data.Dataset):
 
 
 def test_import_beit_does_not_load_the_training_code():
-    code = "import sys, beit; assert 'beit.workflows' not in sys.modules and 'beit.engine' not in sys.modules"
+    code = ("import sys, beit; assert 'beit.workflows' not in sys.modules and 'beit.engine' not in sys.modules; "
+            "beit.load; assert 'beit.workflows' not in sys.modules; beit.finetune; assert 'beit.engine' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
