@@ -106,13 +106,17 @@ def _training_lines(run: Path) -> list[str]:
     lines.append(f"- length: {', '.join(length) or 'not recorded'}; batch {train.get('batch_size', '?')}; "
                  f"lr {(conf.get('optim') or {}).get('lr', '?')}")
     lines += _data_lines(conf)
-    manifest = RunDir(run).manifest()
-    cmd = manifest.get("command") or manifest.get("argv") or manifest.get("command_line")
-    if isinstance(cmd, list):
-        cmd = " ".join(str(c) for c in cmd)
-    lines += ["", "Command:", "", "```bash", str(cmd), "```"] if cmd else \
-        ["- command: not recorded in run.json (runs made before it recorded the command line)"]
+    cmds = _commands(RunDir(run).manifest())
+    lines += ["", "Command" + ("s (the first made the run, the others resumed it):" if len(cmds) > 1 else ":"), "",
+              "```bash", *cmds, "```"] if cmds else ["- command: not recorded in the run's run.json"]
     return lines
+
+
+def _commands(manifest: dict[str, Any]) -> list[str]:
+    """The command lines recorded in ``run.json``: one per session (start, resumes), or a single ``command``."""
+    sessions = manifest.get("sessions") if isinstance(manifest.get("sessions"), list) else []
+    cmds = [s.get("command") for s in sessions if isinstance(s, dict)] or [manifest.get("command")]
+    return [" ".join(map(str, c)) if isinstance(c, list) else str(c) for c in cmds if c]
 
 
 _USAGE = {

@@ -82,11 +82,16 @@ def test_num_classes_zero_gives_the_pooled_features_without_warnings(runs, caplo
 
 def test_hf_export_works_with_pipeline_and_auto_classes(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
+    from beit.runs import RunDir
+
+    # the command line as run.json records it (here pytest's own argv would be recorded: replaced by a known one)
+    RunDir(runs["ft"]).write_manifest(sessions=[{"command": "beit finetune --data data --init none --out ft --steps 3"}])
     out = tmp_path / "hf"
     assert main(["export", str(runs["ft"]), "--format", "hf", "--out", str(out)]) == 0
     conf = json.loads((out / "config.json").read_text())
     assert conf["id2label"] == {str(i): c for i, c in enumerate(sorted(COLOURS))}
     card = (out / "README.md").read_text()
+    assert "```bash\nbeit finetune --data data --init none --out ft --steps 3\n```" in card  # from run.json
     assert "license: unknown" in card and "`data` (18 train, 9 val images)" in card and "3 steps" in card
     images = _val_images(runs["data"])
     model = beit.load(runs["ft"])
