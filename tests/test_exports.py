@@ -183,3 +183,15 @@ def test_embed_knn_equals_probe_knn(runs, tmp_path):
     assert [r["top1"] for r in res["per_layer"] if r["layer"] == 0 and r["pool"] == "mean"] == [round(top1, 4)]
     # an existing output is never replaced without --overwrite
     assert main(["embed", "--init", str(pre), "--data", str(data / "val"), "--out", str(tmp_path / "val.npy")]) == 2
+
+
+def test_embed_skips_unreadable_images_and_labels_only_class_folders(runs, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, colour in enumerate(((200, 0, 0), (0, 200, 0))):
+        Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    emb = beit.embed(runs["pre"], folder, num_workers=0)
+    assert [Path(p).name for p in emb.paths] == ["0.png", "1.png"]  # the broken file is left out, not replaced
+    assert emb.features.shape == (2, 32) and emb.classes == [] and emb.labels.tolist() == [-1, -1]
+    assert np.isfinite(emb.features).all() and not np.allclose(emb.features[0], emb.features[1])
