@@ -16,6 +16,7 @@ from typing import Any
 from . import api, interop
 from .config import ConfigError
 from .data.folder import list_images
+from .models.vit import VisionTransformer
 from .preprocess import hf_image_processor_config, run_root
 from .runs import RunDir, run_kind
 
@@ -34,6 +35,8 @@ def export(source: str | Path, fmt: str, out: str | Path, *, which: str | None =
         raise ConfigError(f"unknown export format {fmt!r}; expected 'hf' or 'timm'")
     interop.check_export_target(out, overwrite)  # before the (slow) load
     model = api.load(source, which=which)
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"{source} is a tokenizer: export writes vision transformers (HF or timm Beit)")
     pcfg = model.pretrained_cfg
     out = Path(out)
     if fmt == "hf":

@@ -101,5 +101,7 @@ def test_segment_and_train_tokenizer_from_python(tmp_path):
     assert tok.run_dir == tmp_path / "tok" and tok.step == 2 and "loss" in tok.metrics
     tokenizer = beit.load(tok.run_dir)
     assert isinstance(tokenizer, Tokenizer)
+    with pytest.raises(beit.config.ConfigError, match="is a tokenizer"):
+        beit.exporting.export(tok.run_dir, "hf", tmp_path / "tok_hf")
     x = beit.transform_for(tokenizer)(Image.new("RGB", (24, 20), (255, 0, 0)))  # [0, 1] at the tokenizer's size
     assert x.shape == (3, 16, 16) and float(x[0].min()) == 1.0 and float(x[1:].max()) == 0.0
