@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench
+.PHONY: setup test lint bench docs
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -20,3 +20,7 @@ test:
 
 bench:
 	$(BIN)/python bench/pretrain_step.py
+
+# API reference from the docstrings (pdoc, in the dev and docs extras); tests/test_python_api.py builds it too
+docs:
+	$(BIN)/python -m pdoc beit beit.workflows beit.api beit.preprocess beit.exporting beit.tasks.embed beit.config beit.models.vit -o docs/api

@@ -556,6 +556,20 @@ def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict
     return model.eval()
 
 
+def without_head(saved: ModelConfig, state_dict: dict[str, torch.Tensor],
+                 overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """``(overrides, state_dict, strict)`` for loading weights saved as ``saved`` with ``overrides``.
+
+    ``num_classes=0`` on a classifier keeps its pooling layout (``fc_norm``, as trained) and drops only the
+    head, so every other weight is used and the load stays strict (no warnings); the model then returns its
+    pooled features (timm's ``num_classes=0``). Any other override relaxes the check (a fresh head, ...)."""
+    if overrides.get("num_classes") != 0 or saved.num_classes == 0:
+        return overrides, state_dict, not overrides
+    overrides = {"use_fc_norm": uses_fc_norm(saved), **overrides}
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    return overrides, sd, set(overrides) <= {"num_classes", "use_fc_norm"}
+
+
 def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer]:
     """Load weights in any supported layout -> ``(kind, model)``, kind in ``hf | timm | official | beit``.
 
@@ -583,21 +597,25 @@ def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer
         if not isinstance(meta, dict):
             raise CheckpointError(f"{cfg_file}: not a model config (a JSON object was expected)")
         if meta.get("model_type") == "beit":
-            cfg = hf_config_to_model_config(meta, **overrides)
             src = hf_config_to_model_config(meta)
             sd = hf_to_ours(_hf_weights(path), src)
+            overrides, sd, strict = without_head(src, sd, overrides)
+            cfg = hf_config_to_model_config(meta, **overrides)
             return "hf", build_and_load(cfg, sd, strict)
         if "model_args" in meta or str(meta.get("architecture", "")).startswith("beit"):
             sd = timm_to_ours(_hf_weights(path))
-            cfg = infer_config(sd, **_timm_overrides(meta.get("model_args", {})), **overrides)
+            args = _timm_overrides(meta.get("model_args", {}))
+            overrides, sd, strict = without_head(infer_config(sd, **args), sd, overrides)
+            cfg = infer_config(sd, **{**args, **overrides})
             return "timm", build_and_load(cfg, sd, strict)
         raise CheckpointError(f"{path}/config.json is neither an HF Beit nor a timm config")
     if path.suffix == ".safetensors":
         sd, meta = load_weights(path)
         sd = timm_to_ours(sd)
         if isinstance(meta.get("model_config"), dict):
-            cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides}, prefix="model.")
             saved = from_dict(ModelConfig, meta["model_config"], prefix="model.")
+            overrides, sd, strict = without_head(saved, sd, overrides)
+            cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides}, prefix="model.")
             return "beit", build_and_load(cfg, sd, strict, saved.grid_size)
         extra = _timm_overrides(meta["timm_model_args"]) if isinstance(meta.get("timm_model_args"), dict) else {}
         return "timm", build_and_load(infer_config(sd, **{**extra, **overrides}), sd, strict)
@@ -630,17 +648,21 @@ def _state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
 
-def export_hf(model: VisionTransformer, out_dir: str | Path, arch: str | None = None) -> Path:
+def export_hf(model: VisionTransformer, out_dir: str | Path, arch: str | None = None,
+              labels: list[str] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.<arch>.from_pretrained(out_dir)``
     loads; ``arch`` defaults to BeitForImageClassification / BeitForMaskedImageModeling / BeitModel by the
-    model's heads."""
+    model's heads; ``labels``: the class names (``id2label``/``label2id``; ``LABEL_i`` without them)."""
     cfg = model.cfg
     arch = arch or hf_arch_for(cfg)
     hf_cfg = model_config_to_hf_config(cfg, arch)
+    if labels and cfg.num_classes and len(labels) == cfg.num_classes:
+        hf_cfg["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        hf_cfg["label2id"] = {name: i for i, name in enumerate(labels)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_plain(ours_to_hf(_state_dict(model), cfg, arch), out / "model.safetensors")
-    _write_text(out / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    write_text(out / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     _write_export_manifest(out, ("config.json", "model.safetensors"))
     return out
 
@@ -651,7 +673,7 @@ EXPORT_FORMAT = "beit-export/1"
 
 def _write_export_manifest(out: Path, names: tuple[str, ...]) -> None:
     files = {n: {"size": (out / n).stat().st_size, "sha256": file_digest(out / n)} for n in names}
-    _write_text(out / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1) + "\n")
+    write_text(out / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1) + "\n")
 
 
 def export_problem(folder: Path) -> str | None:
@@ -672,7 +694,8 @@ def export_problem(folder: Path) -> str | None:
     return None
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write (the exports' JSON, manifest and model card)."""
     from .checkpoint import write_text_atomically
 
     write_text_atomically(path, text)
@@ -687,11 +710,14 @@ def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
         tmp.replace(path)
 
 
-def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
+def export_timm(model: VisionTransformer, out_dir: str | Path, pretrained_cfg: dict[str, Any] | None = None) -> Path:
     """Write timm's local-folder layout: ``model.safetensors`` (timm ``Beit`` names) + ``config.json``
-    (``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``).
+    (``architecture``, ``num_classes``, ``label_names``, ``model_args``, ``pretrained_cfg``).
 
-    Load it with ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)``, or by hand::
+    ``pretrained_cfg``: the input description (``mean``, ``std``, ``crop_pct``, ``interpolation``,
+    ``label_names``: ``model.pretrained_cfg`` of :func:`beit.load`); ImageNet statistics and crop 1.0 without it.
+    Load it with ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` (timm's local-folder
+    convention; without ``pretrained=True`` timm builds random weights, as for any model name), or by hand::
 
         cfg = json.load(open(out_dir / "config.json"))
         m = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
@@ -699,6 +725,8 @@ def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
     """
     cfg = model.cfg
     args = timm_model_args(cfg)
+    pc = dict(pretrained_cfg or {})
+    labels = pc.get("label_names") if cfg.num_classes and len(pc.get("label_names") or []) == cfg.num_classes else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = ours_to_timm(_state_dict(model))
@@ -715,13 +743,18 @@ def export_timm(model: VisionTransformer, out_dir: str | Path) -> Path:
             input_size=[cfg.in_chans, *cfg.img_hw],
             fixed_input_size=True,
             num_classes=cfg.num_classes,
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
-            interpolation="bicubic",
-            crop_pct=0.9,
+            mean=list(pc.get("mean", (0.485, 0.456, 0.406))),
+            std=list(pc.get("std", (0.229, 0.224, 0.225))),
+            interpolation=pc.get("interpolation", "bicubic"),
+            crop_pct=float(pc.get("crop_pct", 1.0)),
+            crop_mode="center",
+            first_conv="patch_embed.proj",  # what timm adapts for in_chans, drops for num_classes changes
+            classifier="head",
         ),
     )
-    _write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
+    if labels:
+        meta["label_names"] = list(labels)
+    write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
     _write_export_manifest(out, ("config.json", "model.safetensors"))
     return out
 
@@ -776,4 +809,6 @@ __all__ = [
     "resize_pos_and_rel_tables",
     "timm_model_args",
     "timm_to_ours",
+    "without_head",
+    "write_text",
 ]

@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .checkpoint_io import file_digest, load_weights, read_json
 from .config import ConfigError, ModelConfig, flatten, from_dict, to_dict
+from .data.views import IMAGENET_MEAN, IMAGENET_STD
 from .models.tokenizer import TOKENIZER_FILE, is_tokenizer_file, tokenizer_file
 from .models.vit import VisionTransformer
 
@@ -365,6 +366,8 @@ RESUME_FREE = frozenset({
     "train.nonfinite", "train.max_nonfinite_skips",
     "data.val_path", "data.val_limit"})
 RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training
+# Keys added to configs after runs were made with their default: a run saved without one used the default.
+RESUME_DEFAULTED = {"data.mean": list(IMAGENET_MEAN), "data.std": list(IMAGENET_STD)}
 RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be extended
 
 
@@ -375,6 +378,8 @@ def config_differences(saved: dict, new: dict, ignore: set[str] | frozenset = fr
     out = []
     for key in sorted(set(a) | set(b)):
         old, cur = a.get(key, "(unset)"), b.get(key, "(unset)")
+        if key in RESUME_DEFAULTED and old == "(unset)":
+            old = RESUME_DEFAULTED[key]
         if old == cur or key in RESUME_FREE or key in ignore or key.startswith(RESUME_FREE_SECTIONS):
             continue
         if key in RESUME_GROWS and isinstance(old, (int, float)) and isinstance(cur, (int, float)) and cur >= old:
@@ -458,8 +463,9 @@ def run_backbone_state(path: str | Path, which: str | None = None) -> tuple[Mode
 def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionTransformer:
     """The backbone of a run, with its heads; ``overrides`` change ``ModelConfig`` fields."""
     saved, sd = run_backbone_state(path, which)
+    overrides, sd, strict = interop.without_head(saved, sd, overrides)
     cfg = from_dict(ModelConfig, {**to_dict(saved), **overrides}, prefix="model.") if overrides else saved
-    return interop.build_and_load(cfg, sd, strict=not overrides, old_grid=saved.grid_size)
+    return interop.build_and_load(cfg, sd, strict=strict, old_grid=saved.grid_size)
 
 
 def _other_backbone(path: Path) -> VisionTransformer | None:

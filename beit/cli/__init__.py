@@ -19,7 +19,7 @@ from typing import Any
 
 from ..engine import take_stop_signal
 from ..runs import abandon_failed_starts, forget_starts
-from . import data, demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
+from . import data, demo, embed, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 from .runner import run_with
 
@@ -28,7 +28,7 @@ __all__ = ["COMMAND_GROUPS", "TRAIN_FLAGS", "add_train_flags", "build_parser", "
 
 log = logging.getLogger("beit")
 
-COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, segment, show, demo, data)
+COMMAND_GROUPS = (pretrain, tokenizer, export, presets, finetune, probe, embed, segment, show, demo, data)
 
 
 class Parser(argparse.ArgumentParser):

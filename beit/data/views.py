@@ -29,6 +29,8 @@ __all__ = [
     "BeitPretrainTransform",
     "DeviceCollate",
     "TwoViewTransform",
+    "check_fixed_normalisation",
+    "eval_transform",
     "interpolation",
     "random_resized_crop_params",
     "to_rgb_pil",
@@ -54,6 +56,38 @@ def interpolation(name: str, key: str = "interpolation", allowed: Sequence[str] 
     if name not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {name!r}")
     return _INTERP[name]
+
+
+def check_fixed_normalisation(mean: Sequence[float], std: Sequence[float], section: str) -> None:
+    """``section.mean``/``section.std`` record the normalisation of a task whose transforms use the ImageNet
+    statistics only (pretraining views, segmentation): any other value is refused rather than recorded
+    without being applied."""
+    if [round(float(v), 6) for v in mean] != list(IMAGENET_MEAN) or [round(float(v), 6) for v in std] != list(IMAGENET_STD):
+        raise ConfigError(f"{section}.mean/{section}.std: these transforms normalise with the ImageNet statistics "
+                          f"mean={list(IMAGENET_MEAN)} std={list(IMAGENET_STD)} only; got mean={list(mean)} std={list(std)}")
+
+
+def eval_transform(img_size: int | Sequence[int], crop_pct: float = 1.0, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD, interp: str = "bicubic"):
+    """The evaluation transform, one copy for every caller (fine-tuning's validation, probes, ``beit embed``,
+    :func:`beit.transform_for`): PIL image (any mode) -> RGB -> resize the short side to
+    ``floor(img_size / crop_pct)`` -> centre crop ``img_size`` -> ``[0, 1]`` -> normalise by ``mean``/``std``.
+    A rectangular ``(height, width)`` size is resized to ``floor(side / crop_pct)`` per side, then cropped.
+    (timm's ``create_transform(is_training=False)`` and HF's BeitImageProcessor with ``shortest_edge`` do the same.)"""
+    from torchvision import transforms as T
+
+    hw = image_hw(img_size)
+    if hw[0] == hw[1]:
+        resize: int | tuple[int, int] = int(math.floor(hw[0] / crop_pct + 1e-6))
+    else:
+        resize = (int(math.floor(hw[0] / crop_pct + 1e-6)), int(math.floor(hw[1] / crop_pct + 1e-6)))
+    return T.Compose([
+        to_rgb_pil,
+        T.Resize(resize, interpolation=interpolation(interp, "interpolation")),
+        T.CenterCrop(hw),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])
 
 
 def _rand(generator: torch.Generator | None, n: int = 1) -> list[float]:

@@ -577,10 +577,19 @@ class VisionTransformer(nn.Module):
         masked = tokens[:, 1:][bool_masked_pos.reshape(B, T - 1)]  # (num_masked, D)
         return self.lm_head(masked)
 
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, H, W)`` -> the pooled embedding ``(B, D)`` the head would see: mean of the patch tokens
+        (+ ``fc_norm`` where the model has one) or the normalised [CLS], as ``use_mean_pooling`` says."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Classification logits if ``num_classes > 0``; else MIM logits if a mask is given; else features."""
+        """Classification logits if ``num_classes > 0``; else MIM logits if a mask is given; else the pooled
+        embedding ``(B, D)`` for a classifier layout without its head (``fc_norm``: a fine-tuned model loaded
+        with ``num_classes=0``, HF ``BeitModel``), as timm's ``num_classes=0``; else the tokens ``(B, 1+N, D)``."""
         if self.cfg.num_classes > 0:
             return self.forward_head(self.forward_features(x, bool_masked_pos))
+        if bool_masked_pos is None and uses_fc_norm(self.cfg):
+            return self.forward_pooled(x)
         if bool_masked_pos is not None and self.lm_head is not None:
             return self.forward_mim(x, bool_masked_pos)
         return self.forward_features(x, bool_masked_pos)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD, interpolation
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform, interpolation
 
 __all__ = [
     "AugConfig",
@@ -92,16 +92,10 @@ def build_train_transform(cfg: AugConfig, img_size: int):
 
 
 def build_eval_transform(cfg: AugConfig, img_size: int):
-    """Resize the short side to ``img_size / eval_crop_pct``, center crop ``img_size``, normalise."""
-    from torchvision import transforms as T
-
-    resize = int(math.floor(img_size / cfg.eval_crop_pct + 1e-6))
-    return T.Compose([
-        T.Resize(resize, interpolation=_aug_interp(cfg)),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+    """Resize the short side to ``img_size / eval_crop_pct``, center crop ``img_size``, normalise
+    (:func:`beit.data.views.eval_transform`, the one copy)."""
+    _aug_interp(cfg)  # the allowed interpolations, named as aug.interpolation
+    return eval_transform(img_size, cfg.eval_crop_pct, cfg.mean, cfg.std, cfg.interpolation)
 
 
 # --------------------------------------------------------------------------------------------- targets

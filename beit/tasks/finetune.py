@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..config import (
     ConfigError,
@@ -38,6 +39,7 @@ from ..config import (
 )
 from ..data.folder import DataError, ImageFolder
 from ..data.shards import open_images
+from ..data.views import to_rgb_pil
 from ..engine import TrainResult, finish_run, start_run, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
@@ -61,6 +63,7 @@ __all__ = [
     "ClassificationTask",
     "FinetuneConfig",
     "FinetuneDataConfig",
+    "LabelledDataset",
     "balanced_subset",
     "build_config",
     "labelled_splits",
@@ -266,21 +269,51 @@ def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tupl
     return ClassificationTask(model, cfg.aug), cfg
 
 
+class LabelledDataset(Dataset):
+    """A user's dataset of ``(image, label)`` items (PIL image or ``(3|1, H, W)`` tensor) through ``transform``;
+    ``classes``: the dataset's own ``classes`` if it has them, else the label values as names."""
+
+    def __init__(self, base: Dataset, transform, classes: list[str] | None = None) -> None:
+        self.base, self.transform = base, transform
+        if classes is None:
+            classes = getattr(base, "classes", None)
+        if not classes:
+            targets = getattr(base, "targets", None)
+            if targets is None:
+                targets = [int(base[i][1]) for i in range(len(base))]  # type: ignore[arg-type]
+            classes = [str(i) for i in range(int(max(targets)) + 1)]
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i][:2]
+        return self.transform(to_rgb_pil(img)), int(label)
+
+
 def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
-        resume_anyway: bool = False) -> TrainResult:
-    """Fine-tune as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
+        resume_anyway: bool = False, datasets: tuple[Dataset, Dataset | None] | None = None) -> TrainResult:
+    """Fine-tune as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config).
+    ``datasets``: ``(train, val)`` datasets of ``(image, label)`` instead of the folder ``cfg.data.path``
+    (``val`` may be None: no evaluation; the label subset options apply to folders only)."""
     env = start_run(cfg.train)
     size = cfg.model.img_size
-    tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size), build_eval_transform(cfg.aug, size),
-                             labels_per_class=cfg.data.labels_per_class, label_fraction=cfg.data.label_fraction,
-                             seed=cfg.train.seed)
+    if datasets is None:
+        tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size),
+                                 build_eval_transform(cfg.aug, size), labels_per_class=cfg.data.labels_per_class,
+                                 label_fraction=cfg.data.label_fraction, seed=cfg.train.seed)
+    else:
+        tr = LabelledDataset(datasets[0], build_train_transform(cfg.aug, size))
+        va = (LabelledDataset(datasets[1], build_eval_transform(cfg.aug, size), tr.classes)
+              if datasets[1] is not None else None)
     saved = resumed_model_config(out, resume)
     if saved is not None:
         cfg = dataclasses.replace(cfg, model=saved)
     task, cfg = build_task(cfg, len(tr.classes), init=saved is None)
     if env.is_main:
         log.info("fine-tuning on %d images, %d classes (val: %d) from %s; init: %s", len(tr), len(tr.classes),
-                 len(va), cfg.data.path, cfg.init or "none")
+                 len(va) if va is not None else 0, cfg.data.path, cfg.init or "none")
         RunDir(out).claim("finetune", resume)  # before classes.txt: never written into a folder of the user's
         (Path(out) / "classes.txt").write_text("".join(c + "\n" for c in tr.classes))
         RunDir(out).record_files("classes.txt")  # its SHA-256 in run.json, like every file a run writes

@@ -12,11 +12,14 @@ from dataclasses import dataclass, field, make_dataclass
 from functools import partial
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data import cache as decode_cache
 from ..data.decode import decode_tensor
 from ..data.folder import ImageFolder
 from ..data.shards import open_images
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..viz.curves import run_curves
@@ -38,9 +41,13 @@ class DataConfig:
     # uint8 tensors and the views resampled as tensors (Lanczos views bicubic): faster for large JPEGs
     # (bench/loader.py); other files still go through PIL
     decode: str = "pil"
+    # the views' normalisation, recorded so that beit.load/transform_for/export feed the backbone as trained
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"limit": "count"})
+        check_fixed_normalisation(self.mean, self.std, "data")
         if self.decode_cache not in ("auto", "on", "off"):
             raise ConfigError(f"data.decode_cache must be auto, on or off, got {self.decode_cache!r}")
         if self.decode not in ("pil", "fast"):
@@ -103,7 +110,26 @@ def build_config(preset: str | None = None, config: str | None = None,
     return resolve(config_class(), registry.presets(), preset, config, overrides)
 
 
-def build_dataset(cfg: DataConfig, transform):
+class UnlabelledDataset(Dataset):
+    """A user's dataset through the method's per-sample transform; items are images (PIL or ``(3|1, H, W)``
+    tensors) or tuples whose first entry is the image (labels are ignored)."""
+
+    def __init__(self, base: Dataset, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return self.transform(to_rgb_pil(item[0] if isinstance(item, (tuple, list)) else item))
+
+
+def build_dataset(cfg: DataConfig, transform, data: Dataset | None = None) -> Dataset:
+    """The images of ``cfg.path`` (a folder, tar shards or an HF datasets folder: :func:`open_images`) or, if
+    given, the dataset ``data``."""
+    if data is not None:
+        return UnlabelledDataset(data, transform)
     if not cfg.path:
         raise ConfigError("pretraining needs --data DIR (a folder of images, tar shards or an HF datasets folder)")
     ds = open_images(cfg.path, transform=transform)
@@ -113,15 +139,17 @@ def build_dataset(cfg: DataConfig, transform):
 
 
 def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
-        resume_anyway: bool = False) -> TrainResult:
-    """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
+        resume_anyway: bool = False, dataset: Dataset | None = None) -> TrainResult:
+    """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config);
+    ``dataset``: a dataset of images instead of the folder ``cfg.data.path``."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
-    dataset = build_dataset(cfg.data, transform)
+    dataset = build_dataset(cfg.data, transform, dataset)
     if cfg.data.decode == "fast":
         views = getattr(transform, "views", None)
-        if views is None:
-            raise ConfigError(f"data.decode=fast works with methods that crop views (beit, mae), not {cfg.method}")
+        if views is None or not hasattr(dataset, "decoder"):
+            raise ConfigError(f"data.decode=fast works with methods that crop views (beit, mae) on --data, "
+                              f"not {cfg.method}" + (" on a Python dataset" if views is not None else ""))
         views.resize, dataset.decoder = "tensor", decode_tensor
     claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
     if isinstance(dataset, ImageFolder):  # shards hold data sets too large to decode once

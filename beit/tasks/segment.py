@@ -64,7 +64,7 @@ from ..data.folder import (
     list_images,
     load_image,
 )
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_params
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, random_resized_crop_params
 from ..engine import TrainResult, autocast_context, finish_run, start_run, train
 from ..methods.base import Method
 from ..models.presets import PRESETS as MODEL_PRESETS
@@ -112,9 +112,13 @@ class SegDataConfig:
     crop_scale: tuple[float, float] = (0.25, 1.0)  # random resized crop (area fraction of the image)
     hflip: float = 0.5
     class_names: list[str] = field(default_factory=list)  # for the confusion picture and eval.json
+    # the transforms' normalisation, recorded for beit.load/transform_for/export (ImageNet statistics only)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"num_classes": "count", "hflip": "prob", "crop_scale": "positive"})
+        check_fixed_normalisation(self.mean, self.std, "data")
 
 
 @dataclass
