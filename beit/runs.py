@@ -277,7 +277,7 @@ def read_config(path: Path) -> dict:
 # Keys that change how a run executes or reports, not what it trains: free to change on --resume.
 RESUME_FREE = frozenset({
     "train.num_workers", "train.log_every", "train.ckpt_every", "train.eval_every", "train.device",
-    "train.tensorboard", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
+    "train.tensorboard", "train.log", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
     "data.val_path", "data.val_limit"})
 RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training
 RESUME_GROWS = frozenset({"train.steps", "train.epochs"})  # the schedule may be extended

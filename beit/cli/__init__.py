@@ -3,6 +3,11 @@
 One module per command group, each with ``add_commands(subparsers)``, registered explicitly in
 :data:`COMMAND_GROUPS` (the order of ``beit --help``); the helpers they share are public in
 :mod:`.common`. User mistakes end with one line ``beit: error: ...`` and exit status 2.
+
+Parsing imports no torch (``beit --help``, ``beit CMD --help``, ``beit presets``, ``beit --version`` answer at once):
+a command module registers its flags from torch-free data (:mod:`beit.recipes`, :mod:`beit.config`) and imports
+the library when its command runs. Every command ends with a short human summary, or with ``--json`` (added to
+every command here) one JSON line instead.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from .. import __version__
 from . import demo, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 
@@ -41,10 +47,24 @@ def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.Argu
         prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+    parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in groups:
         group.add_commands(sub)
+    _add_json_flag(sub)
     return parser
+
+
+def _add_json_flag(sub: argparse._SubParsersAction) -> None:
+    """``--json`` on every command (the leaves of the subcommand tree), whichever group added it."""
+    for p in dict.fromkeys(sub.choices.values()):  # an alias maps to the same parser
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for n in nested:
+                _add_json_flag(n)
+        elif "--json" not in p._option_string_actions:
+            p.add_argument("--json", action="store_true",
+                           help="print one machine-readable JSON line instead of the human summary")
 
 
 def _load_extra_commands() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import recipes
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import Demo, run_demo
@@ -21,8 +23,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..demo import DEFAULT_METHOD, METHODS
-
+    DEFAULT_METHOD, METHODS = recipes.DEMO_DEFAULT_METHOD, recipes.DEMO_METHODS  # noqa: N806 - constants
     p = sub.add_parser(
         "demo", help="the whole pipeline on the shipped Fashion-MNIST images, with an HTML report",
         description="MAE pretraining (or, with --method beit, tokenizer -> BEiT pretraining) -> fine-tuning "

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from .common import emit
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -12,7 +13,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     interop.check_export_target(args.out, args.overwrite)  # before the (slow) load
     model = api.load(args.checkpoint, which=args.which)
     out = interop.export(model, args.out, args.format, overwrite=args.overwrite)
-    print(json.dumps({"format": args.format, "out": str(out)}))
+    emit(args, {"format": args.format, "out": str(out)}, f"{args.format} export written to {out}")
     return 0
 
 

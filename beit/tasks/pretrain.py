@@ -131,5 +131,5 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
         transform.deferred = False  # the pictures below take finished samples
     finish_run(env, {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
                                             f"{cfg.method} pretraining"),
-                     "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")})
+                     "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")}, res)
     return res
