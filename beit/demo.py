@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_command(argv: list[str]) -> Any:
     """Parse ``beit ARGV`` with the real parser and run it in this process; returns what it printed (JSON)."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args([*argv, "--json"])  # the machine-readable line instead of the human summary
     except SystemExit as e:  # argparse has printed why; a demo stage fails, the demo goes on
         raise RuntimeError(f"`beit {shlex.join(argv)}` is not a valid command line") from e
     buf = io.StringIO()

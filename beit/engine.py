@@ -361,6 +361,7 @@ def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | N
     existing = _existing_checkpoint(run_dir, resume, env.is_main) if env.is_main else None
     if env.is_main:
         RunDir(run_dir).check_resume(existing, config_yaml, inputs, anyway)
+        RunDir(run_dir).record_session()  # command line, versions, git commit, machine (run.json)
     if env.enabled:
         dist.barrier()
     return existing if env.is_main else _existing_checkpoint(run_dir, resume, False)
@@ -558,6 +559,7 @@ class Trainer:
         ckpt.restore_training_state(state, tensors, self.optimizer, self.scaler)
         self.state.step = self.state.start_step = int(state["step"])
         self.state.best_value = state.get("best_value")
+        self.state.best_eval = state.get("best_eval") or {}  # the summary of a resumed run still names its best
         if self.env.is_main:
             log.info("resumed from %s at step %d", existing, self.state.step)
         if self.state.finished:
@@ -766,7 +768,8 @@ class Trainer:
         if self.env.is_main:
             ckpt.save_checkpoint(self.run_dir, st.step, method_state(self.method), optimizer=self.optimizer,
                                  scaler=self.scaler, config_yaml=self.config_yaml,
-                                 state={"best_value": st.best_value, "total_steps": st.total_steps,
+                                 state={"best_value": st.best_value, "best_eval": st.best_eval,
+                                        "total_steps": st.total_steps,
                                         **self.hooks.saved_state()})
         if self.env.enabled:
             dist.barrier()

@@ -13,13 +13,14 @@ def default_preset(args: argparse.Namespace) -> str | None:
     return args.preset or (None if args.config else "beit_tiny_patch4_32")
 
 
-def train_task(task, args: argparse.Namespace, flags: dict[str, str], kind: str) -> int:
-    """finetune / segment: config from preset + flags, paths from --init/--data, then the task's run."""
+def train_task(task, args: argparse.Namespace, flags: dict[str, str], kind: str | None = None) -> int:
+    """finetune / segment: config from preset + flags, paths from --init/--data, then the task's run; ``kind``
+    (default: the command's name) words the summary."""
     cfg = task.build_config(default_preset(args), args.config, overrides(args, flags))
     cfg = with_paths(cfg, args.init, args.data)
     if print_config(args, cfg):
         return 0
-    print_result(args, task.run(cfg, args.out, **run_options(args)), kind, args.data)
+    print_result(args, task.run(cfg, args.out, **run_options(args)), kind or args.command, args.data)
     return 0
 
 

@@ -201,7 +201,10 @@ class ClassificationTask(Method):
             c1, c5 = topk_correct(logits, labels, (1, 5))
             top1, top5, n = top1 + c1, top5 + c5, n + len(labels)
         n = max(n, 1)
-        return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss_sum / n}
+        out = {"top1": 100.0 * top1 / n, "loss": loss_sum / n}
+        if self.model.cfg.num_classes > 5:  # with 5 classes or fewer top-5 is 100% by construction: not reported
+            out["top5"] = 100.0 * top5 / n
+        return out
 
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Weight-decay exclusions plus layer-wise lr decay over the backbone's depth (head: full lr)."""
