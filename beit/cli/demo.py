@@ -9,10 +9,11 @@ from .. import recipes
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import Demo, run_demo
-    from ..viz.demo_report import summary_text
+    from ..viz.demo_report import summary_text, verdict
 
     report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed,
                                method=args.method)
+    print(verdict(summary))
     print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))
     print(f"report: {report}")
     failed = [s["name"] for s in summary["stages"] if s["error"]]
