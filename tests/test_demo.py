@@ -66,6 +66,12 @@ def test_compose_canvas_masks_follow_pixels():
     assert (img[(mask > 0) & (mask < 255)] > 16).all()  # labelled pixels are solid garment pixels
 
 
+def html_text(page: str) -> str:
+    import html
+
+    return html.unescape(page)
+
+
 def test_demo_smoke_end_to_end(tmp_path, capsys):
     from beit import cli, demo
 
@@ -86,6 +92,16 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     tried = json.loads((out / "runs" / "probe-knn.json").read_text())["per_layer"]
     assert {r["pool"] for r in tried} == {"mean", "cls", "grid", "tokens"}  # every token in place is one of them
     assert f"k-NN probe ({summary['probe']['knn']['pool']} pooling)" in printed
+    # the verdict first, in one sentence: what beat what and by how much (a smoke test says it means nothing)
+    first = printed.splitlines()[0]
+    assert first.startswith("Smoke test") and "points over the same recipe from scratch" in first
+    assert first.count(". ") == 0 and first.endswith(").")
+    f = summary["finetune"]
+    assert f"{f['pretrained']['top1'] - f['scratch']['top1']:+.1f} points" in first
+    # segmentation with its baselines: the same schedule from scratch and the constant prediction
+    sb = summary["segment_baselines"]
+    assert sb["scratch"]["mIoU"] is not None and 0 < sb["constant"]["pixel_acc"] <= 100
+    assert "segmentation from scratch" in printed and "constant prediction (background)" in printed
 
     report = (out / "report.html").read_text(encoding="utf-8")
     from beit.viz.report import external_references
@@ -94,6 +110,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert summary["precision"]["pretrain"] in ("fp32", "bf16")  # what train.precision=auto chose
     assert f"Precision: {summary['precision']['pretrain']}" in report and summary["machine"] in report
     assert report.count("<img") >= 10 and "picture not available" not in report
+    from beit.viz.demo_report import verdict
+
+    assert -1 < html_text(report).find(verdict(summary)) < html_text(report).find("Fine-tuning with few labels")
+    assert "Ankle boot" in report and "#000000" in report  # the class legend, background black
 
     # every reproduce command parses with the real parser
     import html

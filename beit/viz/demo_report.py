@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
-from ..data.embedded import CLASSES
+from ..data.embedded import CLASS_TITLES
 from ..tasks.segment import palette
 from .report import Figure, Section, Table, format_cell, write_report
 
@@ -281,8 +281,6 @@ def _figures(*candidates: Figure | None) -> list[Figure]:
 
 
 def _data_section(demo: Demo, summary: dict, figs: Path) -> Section:
-    from ..data.embedded import CLASS_TITLES
-
     c, st, found = summary["data"], demo.result("data"), []
     if hasattr(demo, "embedded"):
         grid = _safe(_sample_grid, demo.embedded.val, figs / "samples.png")
@@ -415,9 +413,9 @@ def _segment_section(demo: Demo, summary: dict, figs: Path) -> Section:
 
 def _legend_rows() -> list[list]:
     """``[label, class, colour]`` of the demo's label maps: 0 background, 1..10 the Fashion-MNIST classes."""
-    pal = palette(len(CLASSES) + 1)
+    pal = palette(len(CLASS_TITLES) + 1)
     return [[i, name, "#" + "".join(f"{int(c):02x}" for c in pal[i])]
-            for i, name in enumerate(("background", *CLASSES))]
+            for i, name in enumerate(("background", *CLASS_TITLES))]
 
 
 def _legend_png(out: Path) -> Path:
