@@ -591,7 +591,8 @@ class Demo:
             "method": self.method,
             "seed": self.seed,
             "tokenizer": {k: tok.get(k) for k in ("psnr", "codebook_usage", "perplexity")},
-            "pretrain": {k: pre.get(k) for k in ("loss", "mlm_acc", "step")},
+            # the command's JSON names its running training metrics train_* (beit.cli.common.result_dict)
+            "pretrain": {k: pre.get(f"train_{k}", pre.get(k)) for k in ("loss", "mlm_acc", "step")},
             "finetune": {w: {"top1": ft[w].get("top1"), "top5": ft[w].get("top5")} for w in ft},
             "probe": {p: {k: probes[p].get(k) for k in ("top1", "layer", "pool")} for p in probes},
             # the no-learning floor: raw-pixel probes with the probes' labels (linear, knn) and the

@@ -84,6 +84,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert "fine-tune from BEiT" in printed and "report:" in printed
     for key in ("psnr", "codebook_usage"):
         assert isinstance(summary["tokenizer"][key], float)
+    assert isinstance(summary["pretrain"]["mlm_acc"], float)  # the pretraining command's --json line
     for w in ("pretrained", "scratch"):
         assert 0 <= summary["finetune"][w]["top1"] <= 100
     assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
@@ -154,6 +155,7 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0 and summary["method"] == "mae"
+    assert isinstance(summary["pretrain"]["loss"], float) and summary["pretrain"]["step"] >= 1  # read from --json
     assert [s["name"] for s in summary["stages"]] == ["data", "pretrain", "finetune_pretrained", "finetune_scratch",
                                                       "probe", "baselines", "segment", "pictures"]
     assert "fine-tune from MAE" in printed and "tokenizer" not in printed
