@@ -81,6 +81,10 @@ def _margin_vs_spread(margin: float, draws: tuple[float, ...]) -> str:
     return f"{margin:+.1f} is {where} the {width:.1f}-point spread of three label draws ({lo:+.1f} to {hi:+.1f})"
 
 
+def _points(margin: float) -> str:
+    return f"{abs(margin):.1f} points {'above' if margin >= 0 else 'below'}"
+
+
 def verdict(summary: dict) -> str:
     """The demo's result in one sentence: what beat what, by how much, and whether that exceeds the spread
     between label draws (measured for the default demo, :data:`MEASURED_SPREAD`; one run cannot measure it)."""
@@ -92,8 +96,8 @@ def verdict(summary: dict) -> str:
     smoke = summary.get("minutes", 10.0) < 1.0
     lead = "Smoke test (tiny subsets, 2 steps a stage: the numbers say nothing about the method): " if smoke else ""
     text = (f"{lead}fine-tuned from {name} pretraining, the classifier reaches {pre:.1f}% top-1, "
-            f"{pre - scr:+.1f} points over the same recipe from scratch ({scr:.1f}%) and {pre - pix:+.1f} over "
-            f"k-NN on the raw pixels with the same labels ({pix:.1f}%)")
+            f"{_points(pre - scr)} the same recipe from scratch ({scr:.1f}%) and {_points(pre - pix)} k-NN on the "
+            f"raw pixels with the same labels ({pix:.1f}%)")
     seg, base = summary.get("segment") or {}, summary.get("segment_baselines") or {}
     if seg.get("mIoU") is not None and (base.get("scratch") or {}).get("mIoU") is not None:
         text += (f"; segmentation {seg['mIoU']:.1f} mIoU against {base['scratch']['mIoU']:.1f} from scratch and "
