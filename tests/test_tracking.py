@@ -122,3 +122,23 @@ def test_missing_tracker_is_one_line_naming_the_extra(tmp_path, finetune_data, m
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "pip install 'beit[track]'" in err
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_pretraining_sends_its_pictures(tmp_path, make_image_folder, monkeypatch, capsys):
+    """With a tracker, an MAE pretraining run also draws attention maps and reconstructions, and the tracker gets
+    them with the curves."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_image_folder(tmp_path / "imgs", classes=(), per_class=8, size=16)
+    run = tmp_path / "mae"
+    assert main(["-q", "pretrain", "--json", "--method", "mae", "--data", str(data), "--out", str(run), "--log",
+                 "mlflow", "--steps", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                 "model.img_size=16", "model.depth=1", "model.embed_dim=16", "model.num_heads=2"]) == 0
+    capsys.readouterr()
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads((run / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=ids["uri"])
+    names = {Path(a.path).name for a in client.list_artifacts(ids["run_id"], "images")}
+    assert names == {"loss.png", "attention.png", "reconstructions.png"}  # MAE draws its masks inside: no masks.png
+    assert (run / "attention.png").is_file() and (run / "reconstructions.png").is_file()
+    assert client.get_run(ids["run_id"]).data.params["config.method"] == "mae"
