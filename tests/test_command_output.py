@@ -57,3 +57,16 @@ def test_tokenizer_train_summary(tmp_path, make_image_folder, capsys):
     assert "16 px -> 4x4 tokens, vocabulary 512" in human and "held-out psnr" in human
     assert str(run / "tokenizer.safetensors") in human
     assert f"--tokenizer {run} --out runs/pretrain" in human
+
+
+def test_probe_summary_names_the_choice_and_its_baselines(tmp_path, make_image_folder, capsys):
+    make_image_folder(tmp_path / "data" / "train", per_class=5, size=8, seed=0)
+    make_image_folder(tmp_path / "data" / "val", per_class=2, size=8, seed=1)
+    assert main(["-q", "probe", "knn", "--data", str(tmp_path / "data"), "--init", "pixels", "--workers", "0",
+                 "--device", "cpu", "--out", str(tmp_path / "p.json")]) == 0
+    human = capsys.readouterr().out
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert human.startswith(f"probe knn of pixels: {res['num_train']} training / {res['num_val']} validation")
+    assert f"val top-1 {res['best']['top1']:.2f} %" in human and "chance (1 / classes)" in human
+    assert "top-5" not in human  # 2 classes
+    assert str(tmp_path / "p.json") in human and "next: beit finetune" in human
