@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import json
 
-from ..config import TRACKERS
+from ..config import TRACKERS, ConfigError
 
 __all__ = ["TRAIN_FLAGS", "add_train_flags", "emit", "one_line", "overrides", "print_config", "print_result",
            "run_options", "user_errors", "with_paths"]
@@ -70,8 +70,6 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
     A length flag the user typed wins over the preset's length, whichever unit the preset used:
     ``--epochs`` also clears ``train.steps`` (which would otherwise take precedence), ``--steps`` clears
     ``train.epochs``. Both at once is an error."""
-    from ..config import ConfigError
-
     flags = {**TRAIN_FLAGS, **(extra or {})}
     out = []
     for flag, key in flags.items():
@@ -89,8 +87,6 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
         out.append(f"train.log=[{','.join(dict.fromkeys(args.log))}]")
     for item in args.overrides or []:
         if "=" not in item:
-            from ..config import ConfigError
-
             raise ConfigError(f"unexpected argument {item!r} (overrides are key=value)")
         out.append(item)
     return out
@@ -152,7 +148,6 @@ def print_result(args: argparse.Namespace, res, kind: str, data_path: str | None
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's mistake: one line ``beit: error: ...`` and exit status 2."""
     from ..checkpoint import CheckpointError
-    from ..config import ConfigError
     from ..data.folder import DataError
     from ..engine import TrainingError
     from ..runs import RunError

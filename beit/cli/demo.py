@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from .. import recipes
 
@@ -13,12 +15,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report, summary = run_demo(args.out, args.minutes, full_model=args.full_model, seed=args.seed,
                                method=args.method)
-    print(verdict(summary))
-    print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))
-    print(f"report: {report}")
+    if args.json:
+        print(json.dumps({"report": str(report), **summary}))
+    else:
+        print(verdict(summary))
+        print(summary_text(Demo.summary_rows(summary), summary["total_seconds"]))
+        print(f"report: {report}")
     failed = [s["name"] for s in summary["stages"] if s["error"]]
     if failed:
-        print(f"failed steps: {', '.join(failed)} (see the report)")
+        print(f"failed steps: {', '.join(failed)} (see the report)", file=sys.stderr if args.json else sys.stdout)
         return 1
     return 0
 
