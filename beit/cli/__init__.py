@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     logging.basicConfig(level=level, format="%(message)s")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `beit presets | head`: the reader left; not an error (and no second one at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except user_errors() as e:
         if args.debug:
             raise
