@@ -9,6 +9,8 @@ setup:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# dev includes the trackers the tests read back (wandb, mlflow-skinny: ~20 s each to install measured
+	# from the wheel cache), build (the wheel) and the HF/timm references
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# dall-e is the reference for the tokenizer test; its own requirements pull
 	# unneeded heavy extras, so it is installed without them.

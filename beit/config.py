@@ -26,6 +26,9 @@ import yaml
 
 T = TypeVar("T")
 
+# the experiment trackers ``train.log`` / ``--log`` accept (beit/tracking.py)
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
 
 class ConfigError(ValueError):
     """A user mistake in a config: unknown key, wrong type or invalid value. The message names the key."""
@@ -194,7 +197,9 @@ class TrainConfig:
     # torch.compile: true | false | auto (compile when the rest of the run wins the compile time back,
     # decided after the first steps: beit/compiling.py); a failing compile falls back to eager
     compile: bool | str = "auto"
-    tensorboard: bool = False
+    # experiment trackers that also get the run (beit/tracking.py): any of TRACKERS; metrics.jsonl is always written
+    log: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # the former switch: the same as "tensorboard" in ``log``
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # a step whose loss or gradient norm is NaN/inf (docs/runs.md): stop (nothing saved; the last checkpoint,
     # always finite, is kept) | skip (no update; more than max_nonfinite_skips in a row stops). With fp16 a
@@ -209,6 +214,9 @@ class TrainConfig:
             raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        unknown = [t for t in self.log if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.log: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
         check_fields(self, "train", {"batch_size accum_steps log_every ckpt_every probe_every": "size",
                                      "steps num_workers eval_every max_nonfinite_skips": "count", "epochs": "nonneg"})
 

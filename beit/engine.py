@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import machine as machine_info
+from . import tracking
 from .checkpoint_io import holding_nonfinite, nonfinite_tensors
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
@@ -106,15 +109,19 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(train_cfg: TrainConfig) -> DistEnv:
-    """The first step of every command that trains: join torchrun's process group (if any), seed every RNG."""
+    """The first step of every command that trains: check that the asked trackers are installed (before anything
+    is written), join torchrun's process group (if any), seed every RNG."""
+    tracking.check_installed(tracking.wanted(train_cfg))
     env = setup_distributed(train_cfg.device)
     seed_everything(train_cfg.seed)
     return env
 
 
-def finish_run(env: DistEnv, outputs: dict[str, Callable[[], Any]]) -> None:
+def finish_run(env: DistEnv, outputs: dict[str, Callable[[], Any]], result: TrainResult | None = None) -> None:
     """The last step of every command that trains: rank 0 writes each output (name -> how to write it:
-    pictures, summaries); a failure is logged, never raised, because a picture must never lose a finished run."""
+    pictures, summaries); a failure is logged, never raised, because a picture must never lose a finished run.
+    With the run's ``result``, each picture (``*.png`` in the run folder) also goes to its trackers, which
+    end here."""
     if not env.is_main:
         return
     for name, make in outputs.items():
@@ -122,6 +129,12 @@ def finish_run(env: DistEnv, outputs: dict[str, Callable[[], Any]]) -> None:
             make()
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.warning("could not write %s: %s", name, e)
+    trackers = result.trackers if result is not None else None
+    if trackers is not None:
+        for name in outputs:
+            if name.endswith(".png"):
+                trackers.log_image(name.removesuffix(".png"), Path(result.run_dir) / name, result.step)
+        trackers.close()
 
 
 # --------------------------------------------------------------------------------------------- data order
@@ -295,17 +308,12 @@ class _StopFlag:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    """``metrics.jsonl`` (rank 0), each row also handed to the run's experiment trackers (:mod:`beit.tracking`)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, trackers: tracking.Trackers | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboard is not installed: pip install tensorboard; logging to metrics.jsonl only")
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (and a line cut short by a kill) so the file
@@ -327,14 +335,8 @@ class MetricsWriter:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers is not None:
+            self.trackers.log_metrics(row)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
@@ -374,6 +376,7 @@ def _prepare_run(run_dir: Path, resume: bool, env: DistEnv, config_yaml: str | N
     existing = _existing_checkpoint(run_dir, resume, env.is_main) if env.is_main else None
     if env.is_main:
         RunDir(run_dir).check_resume(existing, config_yaml, inputs, anyway)
+        RunDir(run_dir).record_session()  # command line, versions, git commit, machine (run.json)
     if env.enabled:
         dist.barrier()
     return existing if env.is_main else _existing_checkpoint(run_dir, resume, False)
@@ -424,6 +427,8 @@ class TrainResult:
     last_metrics: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     best_eval: dict = field(default_factory=dict)
+    # the run's open experiment trackers: :func:`finish_run` sends them the pictures, then ends them
+    trackers: tracking.Trackers | None = field(default=None, repr=False, compare=False)
 
 
 def resolve_steps(train: TrainConfig, n_samples: int) -> tuple[int, int]:
@@ -514,6 +519,9 @@ class Trainer:
         self.cfg, self.optim_cfg, self.max_minutes = train_cfg, optim_cfg, max_minutes
         self.state = RunState(*resolve_steps(train_cfg, len(dataset)))  # type: ignore[arg-type]
         self._check_batch()
+        self.tracker_names = tracking.wanted(train_cfg)
+        tracking.check_installed(self.tracker_names)  # before the run folder is claimed
+        self.trackers: tracking.Trackers | None = None
         self.method = method
         self.hooks = method_hooks(method)
         self.model: nn.Module = method  # what runs forward: DDP- and compile-wrapped by :meth:`wrap`
@@ -558,7 +566,11 @@ class Trainer:
             self._load(existing)
         elif resume and self.env.is_main:
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
-        self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.cfg.tensorboard)
+        if self.env.is_main and self.tracker_names:
+            self.trackers = tracking.Trackers(
+                self.run_dir, self.tracker_names, config=yaml.safe_load(self.config_yaml or "{}") or {},
+                machine={**machine_info.info(self.env.device), "description": machine_info.describe(self.env.device)})
+        self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.trackers)
         if self.state.step:
             self.metrics.truncate_after(self.state.step)
         elif self.env.is_main and self.metrics.path.exists():
@@ -573,6 +585,7 @@ class Trainer:
         ckpt.restore_training_state(state, tensors, self.optimizer, self.scaler)
         self.state.step = self.state.start_step = int(state["step"])
         self.state.best_value = state.get("best_value")
+        self.state.best_eval = state.get("best_eval") or {}  # the summary of a resumed run still names its best
         if self.env.is_main:
             log.info("resumed from %s at step %d", existing, self.state.step)
         if self.state.finished:
@@ -761,7 +774,8 @@ class Trainer:
             st.best_eval = dict(res, step=st.step)
             ckpt.save_weights_dir(self.run_dir / ckpt.CKPT_DIR / "best", method_state(self.method),
                                   {"step": st.step, **res, **self.hooks.saved_state()}, self.config_yaml)
-        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+        # progress lines go with the bar to stderr: stdout is the command's summary (or its --json line)
+        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), file=sys.stderr)
 
     def probe_due(self) -> bool:
         st = self.state
@@ -777,7 +791,8 @@ class Trainer:
             self.last_probe = self.probe(unwrap(self.method), self.env.device)
         self.metrics.write({"step": st.step, "epoch": round(st.epoch, 4), **self.last_probe,
                             "probe_s": round(time.perf_counter() - t0, 3)})
-        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_probe.items()))
+        self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_probe.items()),
+                       file=sys.stderr)
 
     def should_stop(self, stop: _StopFlag) -> bool:
         """A signal or the time limit, agreed by every process; sets the run's status."""
@@ -806,7 +821,8 @@ class Trainer:
         if self.env.is_main:
             ckpt.save_checkpoint(self.run_dir, st.step, method_state(self.method), optimizer=self.optimizer,
                                  scaler=self.scaler, config_yaml=self.config_yaml,
-                                 state={"best_value": st.best_value, "total_steps": st.total_steps,
+                                 state={"best_value": st.best_value, "best_eval": st.best_eval,
+                                        "total_steps": st.total_steps,
                                         **self.hooks.saved_state()})
         if self.env.enabled:
             dist.barrier()
@@ -814,7 +830,7 @@ class Trainer:
     def result(self) -> TrainResult:
         st = self.state
         return TrainResult(run_dir=self.run_dir, step=st.step, status=st.status, last_metrics=st.last_metrics,
-                           last_eval=st.last_eval, best_eval=st.best_eval)
+                           last_eval=st.last_eval, best_eval=st.best_eval, trackers=self.trackers)
 
 
 def train(
@@ -872,9 +888,12 @@ def train(
                     if run.env.is_main:
                         log.warning("stopped at step %d (%s); resume with --resume", st.step, st.status)
                     break
+        except BaseException:
+            if run.trackers is not None:
+                run.trackers.close(failed=True)
+            raise
         finally:
             run.bar.close()
-            run.metrics.close()
             shutdown_loader(batches)
             del batches
     return run.result()

@@ -20,15 +20,18 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import interop
+from . import __version__, interop, machine
 from .checkpoint import (
     CKPT_DIR,
     TMP_PREFIX,
@@ -49,6 +52,8 @@ log = logging.getLogger("beit")
 
 __all__ = [
     "RunDir",
+    "git_commit",
+    "session_record",
     "RunError",
     "abandon_failed_starts",
     "forget_starts",
@@ -212,6 +217,10 @@ class RunDir:
         data = read_json(path)
         return data if isinstance(data, dict) else {}
 
+    def record_session(self) -> None:
+        """Add this training session (:func:`session_record`) to ``run.json``: a resume adds one more."""
+        self.write_manifest(sessions=[*self.manifest().get("sessions", []), session_record()])
+
     def write_manifest(self, **changes) -> None:
         write_text_atomically(self.path / MANIFEST, json.dumps({**self.manifest(), **changes}, indent=1) + "\n")
 
@@ -286,6 +295,31 @@ class RunDir:
 
 
 _BACKBONE_HINT = "give a pretraining or fine-tuning run, or a model file"
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout beit runs from (``+dirty`` with uncommitted changes to tracked files), or None
+    for an installed package (no ``.git`` next to it) or without git."""
+    root = root or Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def session_record() -> dict:
+    """What made this session of a run: when, the command line, beit's and torch's versions, the git commit
+    (from a checkout), the machine (:func:`beit.machine.describe`)."""
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(sys.argv),
+            "beit": __version__, "torch": torch.__version__, "git": git_commit(), "machine": machine.describe()}
+
+
 MANIFEST = "run.json"  # what the run is (kind), when and where it was made, content hashes of its inputs
 LOCK = ".lock"  # flock'ed by the process writing the run; holds "pid N on host H"
 _HELD: dict[str, int] = {}  # run folders this process has locked -> file descriptor (kept open)
@@ -362,7 +396,7 @@ def read_config(path: Path) -> dict:
 # Keys that change how a run executes or reports, not what it trains: free to change on --resume.
 RESUME_FREE = frozenset({
     "train.num_workers", "train.log_every", "train.ckpt_every", "train.eval_every", "train.device",
-    "train.tensorboard", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
+    "train.tensorboard", "train.log", "train.compile", "train.precision", "train.probe_every", "init", "tokenizer_preset",
     "train.nonfinite", "train.max_nonfinite_skips",
     "data.val_path", "data.val_limit"})
 RESUME_FREE_SECTIONS = ("probe.", "eval.")  # online probes and evaluation settings: reports, not training

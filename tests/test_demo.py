@@ -66,6 +66,12 @@ def test_compose_canvas_masks_follow_pixels():
     assert (img[(mask > 0) & (mask < 255)] > 16).all()  # labelled pixels are solid garment pixels
 
 
+def html_text(page: str) -> str:
+    import html
+
+    return html.unescape(page)
+
+
 def test_demo_smoke_end_to_end(tmp_path, capsys):
     from beit import cli, demo
 
@@ -78,6 +84,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert "fine-tune from BEiT" in printed and "report:" in printed
     for key in ("psnr", "codebook_usage"):
         assert isinstance(summary["tokenizer"][key], float)
+    assert isinstance(summary["pretrain"]["mlm_acc"], float)  # the pretraining command's --json line
     for w in ("pretrained", "scratch"):
         assert 0 <= summary["finetune"][w]["top1"] <= 100
     assert summary["probe"]["knn"]["top1"] is not None and summary["segment"]["mIoU"] is not None
@@ -86,6 +93,16 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     tried = json.loads((out / "runs" / "probe-knn.json").read_text())["per_layer"]
     assert {r["pool"] for r in tried} == {"mean", "cls", "grid", "tokens"}  # every token in place is one of them
     assert f"k-NN probe ({summary['probe']['knn']['pool']} pooling)" in printed
+    # the verdict first, in one sentence: what beat what and by how much (a smoke test says it means nothing)
+    first = printed.splitlines()[0]
+    f = summary["finetune"]
+    margin = f["pretrained"]["top1"] - f["scratch"]["top1"]
+    assert first.startswith("Smoke test") and first.count(". ") == 0 and first.endswith(").")
+    assert f"{abs(margin):.1f} points {'above' if margin >= 0 else 'below'} the same recipe from scratch" in first
+    # segmentation with its baselines: the same schedule from scratch and the constant prediction
+    sb = summary["segment_baselines"]
+    assert sb["scratch"]["mIoU"] is not None and 0 < sb["constant"]["pixel_acc"] <= 100
+    assert "segmentation from scratch" in printed and "constant prediction (background)" in printed
 
     report = (out / "report.html").read_text(encoding="utf-8")
     from beit.viz.report import external_references
@@ -94,6 +111,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert summary["precision"]["pretrain"] in ("fp32", "bf16")  # what train.precision=auto chose
     assert f"Precision: {summary['precision']['pretrain']}" in report and summary["machine"] in report
     assert report.count("<img") >= 10 and "picture not available" not in report
+    from beit.viz.demo_report import verdict
+
+    assert -1 < html_text(report).find(verdict(summary)) < html_text(report).find("Fine-tuning with few labels")
+    assert "Ankle boot" in report and "#000000" in report  # the class legend, background black
 
     # every reproduce command parses with the real parser
     import html
@@ -134,6 +155,7 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0 and summary["method"] == "mae"
+    assert isinstance(summary["pretrain"]["loss"], float) and summary["pretrain"]["step"] >= 1  # read from --json
     assert [s["name"] for s in summary["stages"]] == ["data", "pretrain", "finetune_pretrained", "finetune_scratch",
                                                       "probe", "baselines", "segment", "pictures"]
     assert "fine-tune from MAE" in printed and "tokenizer" not in printed

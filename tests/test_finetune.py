@@ -174,7 +174,7 @@ def test_finetune_cli_end_to_end(tmp_path, capsys):
     data = make_colour_dataset(tmp_path / "data")
     pre = make_pretraining_run(tmp_path / "pre", data)
     run = tmp_path / "ft"
-    rc = main(["-q", "finetune", "--data", str(data), "--init", str(pre), "--out", str(run),
+    rc = main(["-q", "finetune", "--json", "--data", str(data), "--init", str(pre), "--out", str(run),
                "--labels-per-class", "4", "--steps", "4", "--batch-size", "6", "--workers", "0",
                "--device", "cpu", "model.img_size=16", "train.log_every=1"])
     assert rc == 0
@@ -183,7 +183,7 @@ def test_finetune_cli_end_to_end(tmp_path, capsys):
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_top1" in r]
     assert len(evals) == 2  # 12 of 18 images -> 2 steps per epoch
-    assert {"val_top1", "val_top5", "val_loss"} <= set(evals[-1])
+    assert {"val_top1", "val_loss"} <= set(evals[-1]) and "val_top5" not in evals[-1]  # 3 classes: no top-5
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["num_classes"] == 3 and cfg["data"]["labels_per_class"] == 4
     assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
@@ -201,7 +201,7 @@ def test_finetune_cli_end_to_end(tmp_path, capsys):
     assert best(torch.randn(2, 3, 16, 16)).shape == (2, 3)
 
     # resuming takes the weights from the run: the --init checkpoint is not read again
-    rc = main(["-q", "finetune", "--data", str(data), "--init", str(tmp_path / "gone"), "--out", str(run),
+    rc = main(["-q", "finetune", "--json", "--data", str(data), "--init", str(tmp_path / "gone"), "--out", str(run),
                "--labels-per-class", "4", "--steps", "6", "--batch-size", "6", "--workers", "0",
                "--device", "cpu", "model.img_size=16", "--resume"])
     assert rc == 0

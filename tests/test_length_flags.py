@@ -54,7 +54,7 @@ def test_segment_epochs_runs_one_epoch(tmp_path, capsys):
     data = make_shapes_dataset(tmp_path / "data", n_train=6, n_val=2)
     rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(tmp_path / "run"),
                "--preset", "beit_tiny_patch4_32", "--epochs", "1", "--batch-size", "3", "--workers", "0",
-               "--device", "cpu", *TINY_SEG])
+               "--device", "cpu", "--json", *TINY_SEG])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6 // 3
 

@@ -164,3 +164,23 @@ def test_trains_and_saves_a_plain_backbone(tmp_path, make_image_folder):
     out = show_mae(run, img, tmp_path / "mae.png", seed=0)
     pic = Image.open(out)
     assert pic.width > 3 * pic.height  # four panels side by side
+
+
+def test_greyscale_reconstruction_is_shown_grey_and_colour_left_alone():
+    """A grey image's reconstruction comes back tinted (the per-channel ImageNet offsets inside the per-patch
+    normalised target, beit/viz/mae.py): shown as the grey mean of its channels; a colour image is untouched."""
+    from beit.viz.images import normalize, unnormalize
+    from beit.viz.mae import is_greyscale, mae_panels
+
+    method = tiny_mae().eval()
+    g = torch.Generator().manual_seed(1)
+    grey = torch.rand(1, 1, 8, 8, generator=g).expand(1, 3, 8, 8).contiguous()
+    colour = torch.rand(1, 3, 8, 8, generator=g)
+    assert is_greyscale(grey) and not is_greyscale(colour)
+    noise = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))
+    raw = unnormalize(method.reconstruct(normalize(grey), noise)[0])[0]  # what the model gives, per channel
+    assert (raw[0] - raw[2]).abs().max() > 1e-3  # tinted: the channels differ
+    shown = mae_panels(method, grey, seed=0)[2]
+    torch.testing.assert_close(shown, raw.mean(0, keepdim=True).expand(3, -1, -1))
+    raw_c = unnormalize(method.reconstruct(normalize(colour), noise)[0])[0]
+    torch.testing.assert_close(mae_panels(method, colour, seed=0)[2], raw_c)

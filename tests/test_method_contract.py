@@ -116,7 +116,7 @@ def test_toy_method_trains_checkpoints_resumes_and_loads(tmp_path, make_image_fo
     assert "toy" in registry.methods() and "toy" in {f.name for f in dataclasses.fields(pretrain.config_class())}
     assert pretrain.build_config().toy == ToyConfig()  # the config section joined PretrainConfig
 
-    base = ["-q", "pretrain", "--data", str(data), "--method", "toy", "--steps", "8"]  # default preset: the toy's
+    base = ["-q", "pretrain", "--data", str(data), "--method", "toy", "--steps", "8", "--json"]  # default preset: the toy's
     assert main([*base, "--out", str(tmp_path / "full")]) == 0
     assert main([*base, "--out", str(tmp_path / "cut"), "toy.sigterm_at=5"]) == 143  # 128 + SIGTERM (issue 26)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "interrupted"

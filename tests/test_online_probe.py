@@ -48,7 +48,8 @@ def test_pixel_probe_is_knn_on_normalised_pixels(tmp_path, capsys):
     assert main(["-q", "probe", "knn", "--data", str(data), "--init", "pixels", "--workers", "0", "--device", "cpu",
                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["per_layer"] == [{"layer": 0, "pool": "mean", "top1": 100.0, "top5": 100.0}]
+    assert res["per_layer"] == [{"layer": 0, "pool": "mean", "top1": 100.0}]  # 3 classes: no top-5
+    assert res["selected_on"] == "nothing to choose" and res["best"] == res["per_layer"][0]
     assert res["num_train"] == 18 and res["num_val"] == 9
 
     # by hand: flattened ImageNet-normalised pixels, centred by the training mean, cosine, k=20, T=0.07

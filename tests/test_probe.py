@@ -148,14 +148,18 @@ def test_probe_cli_end_to_end(tmp_path, capsys, protocol):
     torch.manual_seed(0)
     ck = save_backbone_dir(VisionTransformer(ModelConfig(**TINY)), tmp_path / "backbone")
     out = tmp_path / "probe.json"
-    rc = main(["-q", "probe", protocol, "--data", str(data), "--init", str(ck), "--layers", "all", "--pool", "both",
+    rc = main(["-q", "probe", protocol, "--json", "--data", str(data), "--init", str(ck), "--layers", "all", "--pool", "both",
                "--steps", "60", "--labels-per-class", "4", "--device", "cpu", "--workers", "0", "--out", str(out)])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res == {k: v for k, v in json.loads(out.read_text()).items() if k != "config"}
     assert res["num_train"] == 12 and res["num_val"] == 9 and res["num_classes"] == 3
     assert {(r["layer"], r["pool"]) for r in res["per_layer"]} == {(0, "mean"), (0, "cls"), (1, "mean"), (1, "cls")}
-    assert res["best"]["top1"] == max(r["top1"] for r in res["per_layer"])
+    # the pair is chosen on held-out training labels (1 of each class's 4), never on the reported validation set
+    assert res["selected_on"] == "held-out 3 of the 12 training images"
+    top = max((r["heldout_top1"], r["layer"]) for r in res["per_layer"])
+    assert (res["best"]["heldout_top1"], res["best"]["layer"]) == top and res["best"] in res["per_layer"]
+    assert all("top5" not in r for r in res["per_layer"])  # 3 classes
     # colours are separable even for a random backbone's mean-pooled features
     assert max(r["top1"] for r in res["per_layer"] if r["pool"] == "mean") == 100.0
 

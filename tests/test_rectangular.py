@@ -192,7 +192,7 @@ def test_show_attention_on_a_rectangle(tmp_path, capsys):
     maps, x01 = cls_attention(rect, tmp_path / "a.png")
     assert maps.shape == (2, 3, 5) and x01.shape == (3, 24, 40)
     assert torch.all(maps.sum((1, 2)) <= 1 + 1e-5)
-    rc = main(["-q", "show", "attention", "--init", str(tmp_path / "w.safetensors"), "--image",
+    rc = main(["-q", "show", "attention", "--json", "--init", str(tmp_path / "w.safetensors"), "--image",
                str(tmp_path / "a.png"), "--out", str(tmp_path / "att.png"), "--img-size", "24x40"])
     assert rc == 0 and (tmp_path / "att.png").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(tmp_path / "att.png")

@@ -124,7 +124,7 @@ def test_segment_cli_end_to_end(tmp_path, capsys):
 
     data = make_shapes_dataset(tmp_path / "data")
     run = tmp_path / "seg"
-    rc = main(["-q", "segment", "--data", str(data), "--init", "none", "--out", str(run), "--steps", "4",
+    rc = main(["-q", "segment", "--json", "--data", str(data), "--init", "none", "--out", str(run), "--steps", "4",
                "--batch-size", "3", "--workers", "0", "--device", "cpu", "model.img_size=16",
                "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                "head.channels=16", "head.aux_channels=8"])
@@ -171,7 +171,7 @@ def test_segment_cli_on_rectangles(tmp_path, capsys):
         sq.rel_pos_bias.relative_position_bias_table.normal_()
     save_weights(sq.state_dict(), tmp_path / "sq.safetensors", model_metadata(sq))
     run = tmp_path / "seg"
-    rc = main(["-q", "segment", "--data", str(data), "--init", str(tmp_path / "sq.safetensors"), "--out", str(run),
+    rc = main(["-q", "segment", "--json", "--data", str(data), "--init", str(tmp_path / "sq.safetensors"), "--out", str(run),
                "--steps", "2", "--batch-size", "3", "--workers", "0", "--device", "cpu", "model.img_size=[16,24]",
                "head.channels=16", "head.aux_channels=8"])
     assert rc == 0

@@ -70,7 +70,7 @@ def test_show_attention_cli(tmp_path, image_file, capsys):
     torch.manual_seed(0)
     ck = save_backbone_dir(VisionTransformer(ModelConfig(**TINY)), tmp_path / "ck")
     out = tmp_path / "pics" / "att.png"
-    assert main(["-q", "show", "attention", "--init", str(ck), "--image", str(image_file), "--out", str(out)]) == 0
+    assert main(["-q", "show", "attention", "--json", "--init", str(ck), "--image", str(image_file), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
     assert Image.open(out).size[0] > 100
 
@@ -92,7 +92,7 @@ def test_show_mim_cli(tmp_path, beit_pair, image_file, capsys):
 
     run, tok_path = beit_pair
     out = tmp_path / "mim.png"
-    rc = main(["-q", "show", "mim", "--init", str(run), "--tokenizer", str(tok_path), "--image", str(image_file),
+    rc = main(["-q", "show", "mim", "--json", "--init", str(run), "--tokenizer", str(tok_path), "--image", str(image_file),
                "--out", str(out), "--seed", "1"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)

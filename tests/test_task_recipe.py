@@ -133,7 +133,7 @@ def test_toy_task_trains_through_its_command(tmp_path, make_image_folder, capsys
     make_image_folder(data / "train", per_class=6, size=16, seed=0)
     make_image_folder(data / "val", per_class=2, size=16, seed=1)
     groups = (*COMMAND_GROUPS, sys.modules[__name__])
-    base = ["-q", "toy", "--data", str(data), "--preset", "toy_tiny_patch4_16", "--steps", "6"]
+    base = ["-q", "toy", "--data", str(data), "--preset", "toy_tiny_patch4_16", "--steps", "6", "--json"]
 
     assert main([*base, "--init", "none", "--out", str(tmp_path / "first")], groups=groups) == 0
     first = RunDir(tmp_path / "first")

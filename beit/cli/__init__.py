@@ -3,6 +3,11 @@
 One module per command group, each with ``add_commands(subparsers)``, registered explicitly in
 :data:`COMMAND_GROUPS` (the order of ``beit --help``); the helpers they share are public in
 :mod:`.common`. User mistakes end with one line ``beit: error: ...`` and exit status 2.
+
+Parsing imports no torch (``beit --help``, ``beit CMD --help``, ``beit presets``, ``beit --version`` answer at once):
+a command module registers its flags from torch-free data (:mod:`beit.recipes`, :mod:`beit.config`) and imports
+the library when its command runs. Every command ends with a short human summary, or with ``--json`` (added to
+every command here) one JSON line instead.
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from ..engine import take_stop_signal
-from ..runs import abandon_failed_starts, forget_starts
+from .. import __version__
 from . import data, demo, embed, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 from .runner import run_with
@@ -47,9 +51,11 @@ def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.Argu
         prog="beit", description="BERT-style pretraining of vision transformers (BEiT, MAE, iBOT).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+    parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in groups:
         group.add_commands(sub)
+    _add_json_flag(sub)
     # a command that runs other commands (``beit demo``) takes them through the parser it was parsed by:
     # handed down here, never imported back from this package
     parser.set_defaults(run_command=partial(run_with, parser))
@@ -59,6 +65,18 @@ def build_parser(groups: Sequence[ModuleType] = COMMAND_GROUPS) -> argparse.Argu
 def run_command(argv: list[str], groups: Sequence[ModuleType] = COMMAND_GROUPS) -> Any:
     """``beit ARGV`` run in this process (:func:`.runner.run_with`); returns what it printed (JSON)."""
     return run_with(build_parser(groups), argv)
+
+
+def _add_json_flag(sub: argparse._SubParsersAction) -> None:
+    """``--json`` on every command (the leaves of the subcommand tree), whichever group added it."""
+    for p in dict.fromkeys(sub.choices.values()):  # an alias maps to the same parser
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for n in nested:
+                _add_json_flag(n)
+        elif "--json" not in p._option_string_actions:
+            p.add_argument("--json", action="store_true",
+                           help="print one machine-readable JSON line instead of the human summary")
 
 
 def _load_extra_commands() -> None:
@@ -84,6 +102,10 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     (a second Ctrl-C), so ``beit pretrain ... && beit finetune ...`` never goes on from a partial run."""
     parser = build_parser(groups)
     args = parse(parser, argv)
+    # the library (and torch) only once a command runs: parsing and --help stay torch-free
+    from ..engine import take_stop_signal
+    from ..runs import abandon_failed_starts, forget_starts
+
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
@@ -91,6 +113,9 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     forget_starts()  # and the run folders it claimed are not this one's to clean up
     try:
         code = int(args.func(args) or 0)
+    except BrokenPipeError:  # `beit presets | head`: the reader left; not an error (and no second one at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except user_errors() as e:
         abandon_failed_starts()
         if args.debug:

@@ -11,10 +11,10 @@ import argparse
 import dataclasses
 import json
 
-from ..runs import RunError, is_run
+from ..config import TRACKERS, ConfigError
 
-__all__ = ["TRAIN_FLAGS", "add_train_flags", "one_line", "overrides", "print_result", "run_options", "user_errors",
-           "with_paths"]
+__all__ = ["TRAIN_FLAGS", "add_train_flags", "emit", "one_line", "overrides", "print_config", "print_result",
+           "run_options", "user_errors", "with_paths"]
 
 # flag -> config key, shared by every training command
 TRAIN_FLAGS = {
@@ -30,10 +30,12 @@ TRAIN_FLAGS = {
 }
 
 
-def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None) -> None:
-    """The flags every training command shares (preset, config, length, batch, resume, overrides...)."""
+def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None, check_choices: bool = True) -> None:
+    """The flags every training command shares (preset, config, length, batch, resume, overrides...).
+    ``check_choices=False``: ``presets`` are listed in the help but not enforced by the parser (pretraining: a
+    plugin method brings presets of its own, checked when the config is built)."""
     g = p.add_argument_group("training (shorthands for config overrides)")
-    g.add_argument("--preset", choices=presets, metavar="NAME",
+    g.add_argument("--preset", choices=presets if check_choices else None, metavar="NAME",
                    help=f"recipe preset ({', '.join(presets)})" if presets else "recipe preset")
     g.add_argument("--config", metavar="YAML", help="config file applied after the preset")
     g.add_argument("--steps", type=int, help="total optimizer steps (train.steps); replaces the preset's length")
@@ -54,6 +56,13 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
                    help="with --resume: accept changes to what is trained (each is logged) instead of refusing")
     g.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop (with a checkpoint) after this many minutes of training; 0 = no limit")
+    g.add_argument("--log", action="append", choices=TRACKERS, metavar="TRACKER",
+                   help="also log to an experiment tracker (repeatable): tensorboard (RUN/tensorboard), wandb (offline "
+                        "in RUN/wandb unless WANDB_MODE is set), mlflow (file store RUN/mlruns unless "
+                        "MLFLOW_TRACKING_URI is set); config, machine, metrics and pictures (train.log; needs "
+                        "pip install 'beit[track]')")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, --config, flags and overrides) as YAML and exit")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
 
 
@@ -64,8 +73,6 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
     A length flag the user typed wins over the preset's length, whichever unit the preset used:
     ``--epochs`` also clears ``train.steps`` (which would otherwise take precedence), ``--steps`` clears
     ``train.epochs``. Both at once is an error."""
-    from ..config import ConfigError
-
     flags = {**TRAIN_FLAGS, **(extra or {})}
     out = []
     for flag, key in flags.items():
@@ -79,10 +86,10 @@ def overrides(args: argparse.Namespace, extra: dict[str, str] | None = None) -> 
     if length:
         other = "epochs" if "steps" in length else "steps"
         out.append(f"{TRAIN_FLAGS[other]}=0")
+    if getattr(args, "log", None):
+        out.append(f"train.log=[{','.join(dict.fromkeys(args.log))}]")
     for item in args.overrides or []:
         if "=" not in item:
-            from ..config import ConfigError
-
             raise ConfigError(f"unexpected argument {item!r} (overrides are key=value)")
         out.append(item)
     return out
@@ -92,6 +99,8 @@ def run_options(args: argparse.Namespace) -> dict:
     """The keyword arguments every training run takes from the shared flags (resume, time limit).
     ``--resume`` on a folder that holds no run is an error (a mistyped path would start a new run and exit 0);
     ``--resume-or-start`` resumes when there is a run and starts one when there is none."""
+    from ..runs import RunError, is_run  # the library only when a command runs (parsing stays torch-free)
+
     out = getattr(args, "out", None)
     resume = bool(args.resume)
     if resume and out is not None and not is_run(out):
@@ -112,21 +121,47 @@ def with_paths(cfg, init: str | None, data: str | None):
     return dataclasses.replace(cfg, **changes)
 
 
-def print_result(res) -> None:
-    """One JSON line summing up a training run (:class:`beit.engine.TrainResult`)."""
+def print_config(args: argparse.Namespace, cfg) -> bool:
+    """``--print-config``: the resolved config as YAML on stdout (True: the command stops here)."""
+    if not getattr(args, "print_config", False):
+        return False
+    from ..config import dump_yaml
+
+    print(dump_yaml(cfg), end="")
+    return True
+
+
+def emit(args: argparse.Namespace, data: dict, human: str) -> None:
+    """The end of every command: with ``--json`` one JSON line on stdout and nothing else (for scripts), without
+    it the short human summary (a table, where the files are, the next command)."""
+    print(json.dumps(data) if getattr(args, "json", False) else human)
+
+
+def result_dict(res) -> dict:
+    """The machine-readable summary of a training run (:class:`beit.engine.TrainResult`). The running training
+    metrics are averaged over the last logging window of augmented training batches, so they are named ``train_*``
+    and never sit next to the validation numbers of ``best`` and ``last_eval`` under the same name."""
     summary = {"run": str(res.run_dir), "step": res.step, "status": res.status}
     for k in ("loss", "mlm_acc", "acc"):
         if k in res.last_metrics:
-            summary[k] = round(res.last_metrics[k], 4)
+            summary[f"train_{k}"] = round(res.last_metrics[k], 4)
     if res.best_eval:
         summary["best"] = res.best_eval
-    print(json.dumps(summary))
+    if res.last_eval:
+        summary["last_eval"] = res.last_eval
+    return summary
+
+
+def print_result(args: argparse.Namespace, res, kind: str, data_path: str | None = None) -> None:
+    """A training run's end: :func:`result_dict` with ``--json``, else its human summary."""
+    from .summary import training_summary
+
+    emit(args, result_dict(res), training_summary(res, kind, data_path))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's mistake: one line ``beit: error: ...`` and exit status 2."""
     from ..checkpoint import CheckpointError
-    from ..config import ConfigError
     from ..data.folder import DataError
     from ..engine import TrainingError
     from ..runs import RunError

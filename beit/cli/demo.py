@@ -4,23 +4,32 @@ run through the CLI's runner (``args.run_command``, set by :func:`beit.cli.build
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from ..demo import DEFAULT_METHOD, METHODS, run_demo, summary_rows, summary_text
+from .. import recipes
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo, summary_rows, summary_text, verdict
+
     report, summary = run_demo(args.out, args.minutes, run_command=args.run_command, full_model=args.full_model,
                                seed=args.seed, method=args.method)
-    print(summary_text(summary_rows(summary), summary["total_seconds"]))
-    print(f"report: {report}")
+    if args.json:
+        print(json.dumps({"report": str(report), **summary}))
+    else:
+        print(verdict(summary))
+        print(summary_text(summary_rows(summary), summary["total_seconds"]))
+        print(f"report: {report}")
     failed = [s["name"] for s in summary["stages"] if s["error"]]
     if failed:
-        print(f"failed steps: {', '.join(failed)} (see the report)")
+        print(f"failed steps: {', '.join(failed)} (see the report)", file=sys.stderr if args.json else sys.stdout)
         return 1
     return 0
 
 
 def add_commands(sub) -> None:
+    DEFAULT_METHOD, METHODS = recipes.DEMO_DEFAULT_METHOD, recipes.DEMO_METHODS  # noqa: N806 - constants
     p = sub.add_parser(
         "demo", help="the whole pipeline on the shipped Fashion-MNIST images, with an HTML report",
         description="MAE pretraining (or, with --method beit, tokenizer -> BEiT pretraining) -> fine-tuning "

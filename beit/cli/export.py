@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from .common import emit
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -11,7 +12,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = exporting.export(args.checkpoint, args.format, args.out, which=args.which, overwrite=args.overwrite,
                            license=args.license)
-    print(json.dumps({"format": args.format, "out": str(out)}))
+    emit(args, {"format": args.format, "out": str(out)}, f"{args.format} export written to {out}")
     return 0
 
 

@@ -19,7 +19,7 @@ def run_with(parser: argparse.ArgumentParser, argv: list[str]) -> Any:
     """Parse ``beit ARGV`` with ``parser`` and run it in this process; returns what it printed last as JSON
     (None if it printed none). A command line the parser refuses, or a non-zero exit, raises RuntimeError."""
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args([*argv, "--json"])  # the machine-readable line instead of the human summary
     except SystemExit as e:  # argparse has printed why; a demo stage fails, the demo goes on
         raise RuntimeError(f"`beit {shlex.join(argv)}` is not a valid command line") from e
     buf = io.StringIO()

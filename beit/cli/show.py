@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from .common import emit
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -12,14 +13,16 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     size = None if args.img_size is None else normalize_img_size(args.img_size, "--img-size")
     out = show_attention(args.init, args.image, args.out, layer=args.layer, img_size=size)
-    print(json.dumps({"out": str(out), "layer": args.layer}))
+    emit(args, {"out": str(out), "layer": args.layer}, f"attention maps of block {args.layer} written to {out}")
     return 0
 
 
 def cmd_mim(args: argparse.Namespace) -> int:
     from ..viz.mim import show_mim
 
-    print(json.dumps(show_mim(args.init, args.tokenizer, args.image, args.out, seed=args.seed)))
+    res = show_mim(args.init, args.tokenizer, args.image, args.out, seed=args.seed)
+    emit(args, res, f"masked-image-modeling picture written to {args.out}\n" + ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items() if k != "out"))
     return 0
 
 
@@ -27,7 +30,7 @@ def cmd_mae(args: argparse.Namespace) -> int:
     from ..viz.mae import show_mae
 
     out = show_mae(args.init, args.image, args.out, seed=args.seed)
-    print(json.dumps({"out": str(out)}))
+    emit(args, {"out": str(out)}, f"MAE reconstruction picture written to {out}")
     return 0
 
 

@@ -4,26 +4,66 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+from pathlib import Path
 
-from .common import add_train_flags, overrides, run_options
+from .. import recipes
+from .common import add_train_flags, emit, overrides, print_config, run_options
+from .summary import table
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..tokenizers import train_tokenizer
+    from ..tokenizers.train import build_config
 
     ov = overrides(args, {"limit": "data.limit", "val_data": "data.val_path"})
     preset = args.preset or (None if args.config else "vq_32")
-    res = train_tokenizer(args.data, args.out, preset=preset, config=args.config, overrides=ov,
-                          **run_options(args))
-    print(json.dumps(res if isinstance(res, dict) else {"run": str(res)}))
+    cfg = build_config(preset, args.config, ov)
+    if args.data is not None:
+        cfg.data.path = args.data
+    if print_config(args, cfg):
+        return 0
+    run = train_tokenizer(args.data, args.out, cfg=cfg, **run_options(args))
+    data, human = tokenizer_summary(run, cfg, args.data)
+    emit(args, data, human)
     return 0
+
+
+def tokenizer_summary(run: Path, cfg, data_dir: str) -> tuple[dict, str]:
+    """What a tokenizer run gives: its last training metrics, the held-out evaluation, files, the next command."""
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    last = train_rows[-1] if train_rows else {}
+    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    step, total = last.get("step", 0), cfg.train.steps
+    data = {"run": str(run), "step": step, "status": "done" if not total or step >= total else "stopped",
+            **{f"train_{k}": round(last[k], 4) for k in ("loss", "psnr", "perplexity") if k in last},
+            **({"eval": ev} if ev else {})}
+    m = cfg.model
+    lines = [f"tokenizer: {data['status']} at step {step} -> {run}",
+             f"  a {m.quantizer} tokenizer: {m.img_size} px -> {m.grid_size[0]}x{m.grid_size[1]} tokens, "
+             f"vocabulary {m.vocab_size}"]
+    shown = [(f"training {k} (last window)", f"{last[k]:.4g}") for k in ("psnr", "perplexity", "loss") if k in last]
+    shown += [(f"held-out {k}", f"{v:.4g}") for k, v in ev.items() if k != "step" and isinstance(v, (int, float))]
+    if shown:
+        lines.append(table(shown))
+    if not ev:
+        lines.append("  (no held-out numbers: pass --val-data DIR, or run `beit tokenizer eval`)")
+    files = [p for p in ("tokenizer.safetensors", "reconstructions.png", "loss.png", "eval.json", "metrics.jsonl")
+             if (run / p).exists()]
+    lines.append("files: " + ", ".join(str(run / p) for p in files))
+    lines.append(f"next: beit pretrain --method beit --data {shlex.quote(str(data_dir))} --tokenizer "
+                 f"{shlex.quote(str(run))} --out runs/pretrain")
+    return data, "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..tokenizers import evaluate_cmd
 
     res = evaluate_cmd(args.tokenizer, args.data, limit=args.limit or 0, grid=args.grid, batch_size=args.batch_size)
-    print(json.dumps(res))
+    human = f"tokenizer {args.tokenizer} on {args.data}:\n" + table(
+        [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in res.items()])
+    emit(args, res, human)
     return 0
 
 
@@ -31,13 +71,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..tokenizers import convert_dalle
 
     out = convert_dalle(args.encoder, args.decoder, args.out)
-    print(json.dumps({"tokenizer": str(out)}))
+    emit(args, {"tokenizer": str(out)}, f"tokenizer written to {out}\nnext: beit tokenizer eval --tokenizer "
+                                           f"{shlex.quote(str(out))} --data IMAGES")
     return 0
 
 
 def add_commands(sub) -> None:
-    from ..tokenizers.train import RUN_PRESETS
-
     tok = sub.add_parser("tokenizer", help="train, evaluate or convert a visual tokenizer (dVAE)")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a discrete VAE on a folder of images")
@@ -45,7 +84,7 @@ def add_commands(sub) -> None:
     t.add_argument("--out", required=True, help="run directory: tokenizer.safetensors, metrics, reconstructions.png")
     t.add_argument("--limit", type=int, help="use only the first N images (data.limit)")
     t.add_argument("--val-data", help="held-out folder evaluated each epoch and at the end (data.val_path)")
-    add_train_flags(t, sorted(RUN_PRESETS))
+    add_train_flags(t, sorted(recipes.TOKENIZER_RUNS))
     t.set_defaults(func=cmd_train)
     t = tsub.add_parser("eval", help="PSNR and codebook usage on a held-out folder (JSON)")
     t.add_argument("--tokenizer", required=True, help="tokenizer run or directory")

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import recipes
+
 PRESET = "beit_tiny_patch4_32"  # the fine-tuning, probe and segmentation preset
-# The pretraining methods the demo runs (each with its registry's default, CPU-sized preset); BEiT needs the
-# tokenizer stage
-METHODS = ("mae", "beit")
-# MAE by default: on the demo's images (and on CIFAR-10, docs/results.md) it beats BEiT on every
-# learned number at the same budget, and needs no tokenizer; `--method beit` shows the tokenizer and BEiT.
-DEFAULT_METHOD = "mae"
+# The pretraining methods the demo runs and the default (MAE): beit.recipes says why (kept there so that
+# `beit demo --help` needs no torch)
+METHODS = recipes.DEMO_METHODS
+DEFAULT_METHOD = recipes.DEMO_DEFAULT_METHOD
 TOKENIZER_PRESET = "vq_32_small"  # VQ learns fastest; half-width encoder, same BEiT result (docs/notebook/2026-11-cifar10-hour.md, 8.3)
 DEMO_ARCH = ["model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
 # Both fine-tunings (pretrained and scratch, the same recipe) classify from a 4x4 grid of the patch tokens: with

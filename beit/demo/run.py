@@ -345,7 +345,7 @@ class Demo:
         self._probes(st, str(self.p.runs / "pretrain"), lpc, pool=PROBE_POOLS)
         st.seconds = time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class for the probes; validation: {self.counts['val']} images; "
-                        "best of every block and pooling (mean, [CLS], 4x4 grid, every token) on the validation images")
+                        "block and pooling (mean, [CLS], 4x4 grid, every token) chosen on a held-out fifth of these labels")
 
     def baselines(self) -> None:
         """The no-learning floor on the same labels and validation images: linear and k-NN on the raw
@@ -363,20 +363,28 @@ class Demo:
         st = self._stage("segment", "Semantic segmentation")
         t = time.perf_counter()
         e, run = self.embedded, self.p.runs / "segment"
-        init = str(self.p.runs / "pretrain")
+        pretrained = str(self.p.runs / "pretrain")
 
-        def argv(out: Path, data: Path, steps: int, extra=()) -> list[str]:
+        def argv(out: Path, data: Path, steps: int, extra=(), init: str = pretrained) -> list[str]:
             return ["segment", "--data", str(data), "--init", init, "--out", str(out), "--preset", PRESET,
                     "--num-classes", "11", "--steps", str(steps), "--batch-size", str(self.plan.seg_batch),
                     *self.common, f"train.eval_every={max(1, math.ceil(steps / 2))}", *extra]
 
-        steps = self.steps_for(st, self.budget("segment"),
+        # half the stage's budget each: the pretrained backbone, then the same schedule from scratch (its baseline)
+        steps = self.steps_for(st, self.budget("segment") / 2,
                                lambda d: argv(d, self.p.calib / "data" / "seg", CALIBRATION_STEPS,
                                               ["train.log_every=1"]),
                                self.plan.seg_batch, eval_images=self.counts.get("seg_val", 0), n_evals=1)
-        shutil.rmtree(run, ignore_errors=True)
-        self._run(st, argv(run, e.seg, steps), {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"},
+        mapping = {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"}
+        for out in (run, self.p.runs / "segment-scratch"):
+            shutil.rmtree(out, ignore_errors=True)
+        self._run(st, argv(run, e.seg, steps), mapping, self.hidden(steps, time_limit=False))
+        self._run(st, argv(self.p.runs / "segment-scratch", e.seg, steps, self.arch, init="none"), mapping,
                   self.hidden(steps, time_limit=False))
+        # the floor: every pixel the most frequent training class (background), on the same validation canvases
+        from .tasks.segment import constant_baseline
+
+        self.seg_constant = constant_baseline(e.seg, splits=("val",))
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def pictures(self) -> None:
@@ -465,16 +473,24 @@ class Demo:
         probes = {p: (out("probe", i).get("best") or {}) for i, p in enumerate(("linear", "knn"))}
         pixels = {p: (out("baselines", i).get("best") or {}) for i, p in enumerate(("linear", "knn", "knn_ft"))}
         seg = out("segment").get("best") or {}
+        seg_scratch = out("segment", 1).get("best") or {}
+        constant = getattr(self, "seg_constant", {}).get("val") or {}
         return {
             "method": self.method,
+            "seed": self.seed,
             "tokenizer": {k: tok.get(k) for k in ("psnr", "codebook_usage", "perplexity")},
-            "pretrain": {k: pre.get(k) for k in ("loss", "mlm_acc", "step")},
+            # the command's JSON names its running training metrics train_* (beit.cli.common.result_dict)
+            "pretrain": {k: pre.get(f"train_{k}", pre.get(k)) for k in ("loss", "mlm_acc", "step")},
             "finetune": {w: {"top1": ft[w].get("top1"), "top5": ft[w].get("top5")} for w in ft},
             "probe": {p: {k: probes[p].get(k) for k in ("top1", "layer", "pool")} for p in probes},
             # the no-learning floor: raw-pixel probes with the probes' labels (linear, knn) and the
             # fine-tuning's labels (knn_ft), same validation images
             "pixels": {p: {"top1": pixels[p].get("top1"), "top5": pixels[p].get("top5")} for p in pixels},
             "segment": {k: seg.get(k) for k in ("mIoU", "pixel_acc", "mAcc")},
+            # its baselines on the same validation canvases: the same schedule from random weights, and the constant
+            # prediction (every pixel the most frequent training class)
+            "segment_baselines": {"scratch": {k: seg_scratch.get(k) for k in ("mIoU", "pixel_acc", "mAcc")},
+                                  "constant": {k: constant.get(k) for k in ("mIoU", "pixel_acc", "mAcc")}},
             "stages": [{"name": s.name, "seconds": round(s.seconds, 1), "steps": s.steps, "error": s.error}
                        for s in self.stages],
             "total_seconds": round(self.total_seconds, 1),

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import recipes
 from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
-from ..models.presets import preset_dict
 from ..models.tokenizer import Tokenizer, load_tokenizer
 from .base import Method
 from .pixels import patchify, pixel_targets
@@ -239,40 +239,6 @@ def build(cfg):
     return method, transform, cfg
 
 
-# Presets are named after their backbone. ``beit_base_patch16_224`` is the paper's ImageNet-1k recipe
-# (Appendix B: batch 2000, lr 1.5e-3, 800 epochs, 10 warmup epochs, drop path 0.1, LayerScale 0.1,
-# 75 of 196 patches masked, DALL-E tokenizer on 112 px views). The small ones are sized for a CPU.
-PRESETS: dict[str, dict] = {
-    "beit_base_patch16_224": {
-        "model": preset_dict("beit_base_patch16_224", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_fraction": 10 / 800,
-                  "clip_grad": 3.0, "betas": [0.9, 0.999]},
-        "train": {"epochs": 800, "batch_size": 2000, "num_workers": 10},
-        "beit": {"num_masked": 75},
-        "tokenizer_preset": "dalle_112",
-    },
-    # The small presets mask uniformly at random: on their 8x8 grid the paper's blocks (>= 16 patches) hide a
-    # quarter of the image at once and most masked tokens have no visible neighbour (on ImageNet's 14x14 grid a
-    # block is small). Measured on CIFAR-10 (docs/notebook/2026-11-cifar10-hour.md, 8.4-8.5): after the same
-    # hour of pretraining, fine-tuned 51.9% with random masking vs 47.9% blockwise (scratch 44.2%; random masking
-    # over three label draws: 52.9% vs scratch 44.6%). The tiny preset also crops its views
-    # from (0.35, 1) of the image, not (0.08, 1): 8% of a 32 px image is a 9 px patch blown up (with the cheaper
-    # tokenizer, online kNN 31.0 vs 27.6 at the hour, fine-tuned the same: docs/notebook/2026-11-cifar10-hour.md,
-    # 8.3).
-    "beit_small_patch8_64": {
-        "model": preset_dict("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
-        "train": {"batch_size": 64},
-        "beit": {"masking": "random"},
-        "tokenizer_preset": "dvae_64",
-    },
-    "beit_tiny_patch4_32": {
-        "model": preset_dict("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
-        "train": {"batch_size": 64},
-        "beit": {"masking": "random", "crop_scale": [0.35, 1.0]},
-        "tokenizer_preset": "vq_32_small",
-    },
-}
+PRESETS: dict[str, dict] = recipes.PRETRAIN["beit"]  # the recipes live in beit.recipes (no torch)
 
-register("beit", build, config=BEiTConfig, presets=PRESETS, default_preset="beit_tiny_patch4_32")
+register("beit", build, config=BEiTConfig, presets=PRESETS, default_preset=recipes.PRETRAIN_DEFAULTS["beit"])

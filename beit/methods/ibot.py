@@ -42,10 +42,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import recipes
 from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.multicrop import MultiCropTransform
 from ..masking import block_mask
-from ..models.presets import preset_dict
 from ..models.vit import VisionTransformer
 from ..optim import cosine
 from .base import Method
@@ -410,34 +410,6 @@ def build(cfg):
     return method, build_ibot_transform(cfg.ibot, cfg.model), cfg
 
 
-_IBOT_VIT = dict(use_abs_pos_emb=True, use_shared_rel_pos_bias=False, layer_scale_init=0.0, drop_path_rate=0.1,
-                 use_mask_token=True)
+PRESETS: dict[str, dict] = recipes.PRETRAIN["ibot"]  # the recipes live in beit.recipes (no torch)
 
-# Named method_size_patchP_res after the backbone. iBOT (arXiv 2111.07832; official main_ibot.py and the
-# released commands): ViT with learned absolute positions, no relative bias, no LayerScale, drop path 0.1
-# (student); lr 5e-4 x batch/256, min 1e-6, 10 warmup epochs, wd 0.04 (constant here; the recipe ramps it to
-# 0.4), clip 3; 2 global crops (0.25-1) + 10 local 96 px crops (0.05-0.25), shared head with 8192 prototypes,
-# teacher temperatures 0.04 -> 0.07 over 30 epochs, momentum 0.996 -> 1, masking ratio 0 or U(0.1, 0.5) per crop.
-PRESETS: dict[str, dict] = {
-    "ibot_base_patch16_224": {
-        "model": preset_dict("beit_base_patch16_224", **_IBOT_VIT),
-        "optim": {"lr": 5e-4 * 1024 / 256, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 10 / 400,
-                  "clip_grad": 3.0, "betas": [0.9, 0.999]},
-        "train": {"epochs": 400, "batch_size": 1024, "num_workers": 10},
-        "ibot": {"local_crops": 10, "local_crop_size": 96, "global_crop_scale": [0.25, 1.0],
-                 "local_crop_scale": [0.05, 0.25], "teacher_temp_warmup": 30 / 400, "freeze_last_layer": 1 / 400},
-    },
-    # CPU-sized: 1024 prototypes and a 512-wide head (8192 x 2048 would dwarf the tiny backbone), no local
-    # crops, teacher temperatures held at 0.04 (DINO's default): at the recipe's 0.07 the centred teacher of this
-    # small head is near uniform within ~40 steps and the [CLS] loss sits at ln K
-    # (docs/notebook/2026-11-cifar10-hour.md).
-    "ibot_tiny_patch4_32": {
-        "model": preset_dict("beit_tiny_patch4_32", **_IBOT_VIT),
-        "optim": {"lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 0.05, "clip_grad": 3.0},
-        "train": {"batch_size": 64},
-        "ibot": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "teacher_temp": 0.04,
-                 "teacher_patch_temp": 0.04, "local_crop_size": 16},
-    },
-}
-
-register("ibot", build, config=IBOTConfig, presets=PRESETS, default_preset="ibot_tiny_patch4_32")
+register("ibot", build, config=IBOTConfig, presets=PRESETS, default_preset=recipes.PRETRAIN_DEFAULTS["ibot"])

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import recipes
 from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
-from ..models.presets import preset_dict
 from ..models.vit import Block, VisionTransformer, sincos_pos_embed
 from .base import Method
 from .pixels import patchify, pixel_targets, unpatchify
@@ -282,28 +282,6 @@ def build(cfg):
     return method, build_mae_transform(cfg.mae, cfg.model), cfg
 
 
-_MAE_VIT = dict(use_sincos_pos_emb=True, use_abs_pos_emb=False, use_shared_rel_pos_bias=False,
-                layer_scale_init=0.0, drop_path_rate=0.0)
+PRESETS: dict[str, dict] = recipes.PRETRAIN["mae"]  # the recipes live in beit.recipes (no torch)
 
-# Named method_size_patchP_res after the backbone. MAE (arXiv 2111.06377, Appendix A.1; official
-# main_pretrain.py): encoder with fixed sin-cos positions, no relative bias, no LayerScale, no drop path;
-# AdamW betas (0.9, 0.95), blr 1.5e-4 x 4096/256 = 2.4e-3, wd 0.05, 800 epochs with 40 warmup, no gradient
-# clipping; 75% masking, decoder 512w/8d/16h.
-PRESETS: dict[str, dict] = {
-    "mae_base_patch16_224": {
-        "model": preset_dict("beit_base_patch16_224", **_MAE_VIT),
-        "optim": {"lr": 2.4e-3, "min_lr": 0.0, "weight_decay": 0.05, "warmup_fraction": 40 / 800,
-                  "clip_grad": 0.0, "betas": [0.9, 0.95]},
-        "train": {"epochs": 800, "batch_size": 4096, "num_workers": 10},
-    },
-    # CPU-sized: a 128-wide, 2-block decoder; the lr is raised as in the other tiny presets (short runs).
-    "mae_tiny_patch4_32": {
-        "model": preset_dict("beit_tiny_patch4_32", **_MAE_VIT),
-        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_fraction": 0.05, "clip_grad": 0.0,
-                  "betas": [0.9, 0.95]},
-        "train": {"batch_size": 64},
-        "mae": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
-    },
-}
-
-register("mae", build, config=MAEConfig, presets=PRESETS, default_preset="mae_tiny_patch4_32")
+register("mae", build, config=MAEConfig, presets=PRESETS, default_preset=recipes.PRETRAIN_DEFAULTS["mae"])

@@ -9,23 +9,11 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from beit import recipes
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
 from beit.models.vit import VisionTransformer
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "beit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
-    "beit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
-    "beit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
-    # BEiT-large: LayerScale starts at 1e-5 (Appendix B), as in the official and timm configs.
-    "beit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16, layer_scale_init=1e-5),
-    # CPU-sized: 32px images in 4px patches give an 8x8 grid (64 tokens), the token count of a 128px
-    # image in 16px patches. ViT-Tiny width with half its depth: on two CPU cores a 12-layer model sees
-    # only ~500 steps of 64 images in 30 minutes (measured ~17 images/s in bf16), too few to learn much;
-    # 6 layers double that. Pass depth=12 for the full ViT-Tiny.
-    "beit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),
-    "beit_small_patch8_64": dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6),
-}
-
+PRESETS: dict[str, dict[str, Any]] = recipes.MODELS
 
 def get_preset(name: str) -> ModelConfig:
     """The :class:`ModelConfig` of a named preset; an unknown name raises ConfigError listing the names."""

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from .. import recipes
 from ..checkpoint_io import CheckpointError, check_finite, load_weights, removed_on_failure, write_safetensors
 from ..config import ConfigError, from_dict, replace, to_dict
 
@@ -103,25 +104,9 @@ class TokenizerConfig:
         return h * w
 
 
-# The small presets are sized for CPU training (docs/tokenizer.md has the measurements):
-# 4x4 pixels per token on 32px images; widths 64/128/256 keep a training step on 2 cores well under a second.
-_VQ_32 = TokenizerConfig(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128,
-                         quantizer="vq", embed_dim=64)
+# the architectures live in beit.recipes (no torch)
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
-    # CIFAR-10 scale: 32px -> 8x8 tokens
-    "dvae_32": TokenizerConfig(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128),
-    "vq_32": _VQ_32,
-    # vq_32 at half the width: 3x fewer encode FLOPs (0.035 vs 0.106 GFLOP per image; the frozen encode runs on
-    # every BEiT step). At the hour on CIFAR-10: BEiT fine-tunes as well as with vq_32
-    # (docs/notebook/2026-11-cifar10-hour.md, 8.3)
-    "vq_32_small": replace(_VQ_32, n_hid=32),
-    # 64px -> 8x8 tokens (8x8 pixels per token, like DALL-E)
-    "dvae_64": TokenizerConfig(img_size=64, vocab_size=1024, n_hid=64, n_groups=4, n_blk_per_group=1, n_init=128),
-    # The DALL-E architecture: 112px -> 14x14 tokens, the tokenizer input of BEiT at 224px
-    "dalle_112": TokenizerConfig(
-        img_size=112, vocab_size=8192, n_hid=256, n_groups=4, n_blk_per_group=2, n_init=128
-    ),
-}
+    name: TokenizerConfig(**kw) for name, kw in recipes.TOKENIZERS.items()}
 
 
 def get_tokenizer_preset(name: str) -> TokenizerConfig:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .. import recipes
 from ..config import (
     ConfigError,
     ModelConfig,
@@ -42,7 +43,6 @@ from ..data.shards import open_images
 from ..data.views import to_rgb_pil
 from ..engine import TrainResult, finish_run, start_run, train
 from ..methods.base import Method
-from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
 from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
@@ -93,44 +93,7 @@ class FinetuneConfig:
     aug: AugConfig = field(default_factory=AugConfig)
 
 
-def _model(name: str, **changes) -> dict:
-    # fine-tuning layout: per-layer relative position bias, mean pooling + fc_norm, head scaled by 0.001
-    return {**MODEL_PRESETS[name], "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True,
-            "use_mean_pooling": True, "head_init_scale": 0.001, **changes}
-
-
-# Named after the backbone. ``beit_base_patch16_224`` is the paper's ImageNet-1k recipe (Appendix C,
-# official run_class_finetuning.py: 8 GPUs x 128, lr 4e-3, 100 epochs, 20 warmup epochs, layer decay 0.65,
-# drop path 0.1, min lr 1e-6, no gradient clipping). The CPU presets keep the recipe and shrink the batch;
-# their layer decay is 0.75 because their 12 layers are narrow and their datasets small (less to preserve).
-PRESETS: dict[str, dict] = {
-    "beit_base_patch16_224": {
-        "model": _model("beit_base_patch16_224", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 4e-3, "min_lr": 1e-6, "weight_decay": 0.05, "layer_decay": 0.65,
-                  "warmup_fraction": 20 / 100, "clip_grad": 0.0},
-        "train": {"epochs": 100, "batch_size": 1024, "num_workers": 10},
-        "aug": {"eval_crop_pct": 0.875},
-    },
-    "beit_small_patch8_64": {
-        "model": _model("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 2e-3, "min_lr": 1e-6, "weight_decay": 0.05, "layer_decay": 0.75,
-                  "warmup_fraction": 0.1, "clip_grad": 0.0},
-        "train": {"epochs": 50, "batch_size": 128},
-        "aug": {"crop_scale": [0.25, 1.0], "eval_crop_pct": 0.875},
-    },
-    # Small labelled sets (docs/notebook/2026-11-cifar10-hour.md: CIFAR-10, 1,000 labels, on the 2-core CPU): no
-    # Mixup/CutMix and lr 1e-3 ("R2") beat the ImageNet recipe from scratch (+8 points) and from MAE; RandAugment,
-    # random erasing, label smoothing, drop path and layer decay stay.
-    "beit_tiny_patch4_32": {
-        "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 0.05, "layer_decay": 0.75,
-                  "warmup_fraction": 0.1, "clip_grad": 0.0},
-        "train": {"epochs": 160, "batch_size": 128},
-        # 32 px (CIFAR-like): a milder crop and no resize-then-crop at evaluation
-        "aug": {"crop_scale": [0.35, 1.0], "eval_crop_pct": 1.0, "mixup": 0.0, "cutmix": 0.0},
-    },
-}
-
+PRESETS: dict[str, dict] = recipes.FINETUNE  # the recipes live in beit.recipes (no torch)
 
 def build_config(preset: str | None = None, config: str | None = None,
                  overrides: list[str] | dict | None = None) -> FinetuneConfig:
@@ -251,7 +214,10 @@ class ClassificationTask(Method):
             c1, c5 = topk_correct(logits, labels, (1, 5))
             top1, top5, n = top1 + c1, top5 + c5, n + len(labels)
         n = max(n, 1)
-        return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss_sum / n}
+        out = {"top1": 100.0 * top1 / n, "loss": loss_sum / n}
+        if self.model.cfg.num_classes > 5:  # with 5 classes or fewer top-5 is 100% by construction: not reported
+            out["top5"] = 100.0 * top5 / n
+        return out
 
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Weight-decay exclusions plus layer-wise lr decay over the backbone's depth (head: full lr)."""
@@ -321,5 +287,5 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
                 resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env,
                 resume_anyway=resume_anyway)
     finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "acc", "val_top1", "val_loss", "lr"),
-                                              "fine-tuning")})
+                                              "fine-tuning")}, res)
     return res

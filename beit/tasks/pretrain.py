@@ -22,7 +22,10 @@ from ..data.shards import open_images
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
+from ..tracking import wanted as trackers_wanted
+from ..viz.attention import show_attention
 from ..viz.curves import run_curves
+from ..viz.mae import show_mae
 from ..viz.masks import save_mask_grid
 
 log = logging.getLogger("beit")
@@ -174,7 +177,13 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
                 resume_anyway=resume_anyway, inputs={"tokenizer": cfg.tokenizer} if cfg.tokenizer else None)
     if batched:
         transform.deferred = False  # the pictures below take finished samples
-    finish_run(env, {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
-                                            f"{cfg.method} pretraining"),
-                     "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")})
+    outputs = {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
+                                      f"{cfg.method} pretraining"),
+               "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")}
+    if trackers_wanted(cfg.train) and len(dataset):  # pictures of the trained model for the trackers (--log)
+        image = dataset.samples[0][0]
+        outputs["attention.png"] = partial(show_attention, out, image, Path(out) / "attention.png")
+        if cfg.method == "mae":
+            outputs["reconstructions.png"] = partial(show_mae, out, image, Path(out) / "reconstructions.png")
+    finish_run(env, outputs, res)
     return res

@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import InterpolationMode
 
+from .. import recipes
 from ..checkpoint import CKPT_DIR
 from ..config import (
     ConfigError,
@@ -67,7 +68,6 @@ from ..data.folder import (
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, random_resized_crop_params
 from ..engine import TrainResult, autocast_context, finish_run, start_run, train
 from ..methods.base import Method
-from ..models.presets import PRESETS as MODEL_PRESETS
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
 from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
@@ -154,53 +154,8 @@ class SegmentConfig:
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
 
-def _model(name: str, **changes) -> dict:
-    return {**MODEL_PRESETS[name], "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, **changes}
-
-
-# The 11 classes of the SegNet CamVid version, in label order (255: unlabelled, ignored).
-CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",
-                  "bicyclist")
-
-
-# ``beit_base_patch16_512``: the paper's ADE20K setting (Appendix D; official UperNet config for a
-# self-supervised BEiT-base: 512 px crops, batch 16, 160k steps, lr 7e-4, layer decay 0.65, 1500 warmup
-# steps, weight decay 0.05, drop path 0.1, head width 768). The CPU presets shrink the head and the run.
-PRESETS: dict[str, dict] = {
-    "beit_base_patch16_512": {
-        "model": _model("beit_base_patch16_224", img_size=512, drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.65, "warmup_steps": 1500, "weight_decay": 0.05},
-        "train": {"steps": 160000, "batch_size": 16, "num_workers": 8, "eval_every": 16000},
-        "head": {"channels": 768, "aux_channels": 256},
-    },
-    "beit_small_patch8_64": {
-        "model": _model("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 7e-4, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
-        "train": {"steps": 4000, "batch_size": 16},
-        "head": {"channels": 128, "aux_channels": 64},
-    },
-    "beit_tiny_patch4_32": {
-        "model": _model("beit_tiny_patch4_32", drop_path_rate=0.1, layer_scale_init=0.1),
-        "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05},
-        "train": {"steps": 2000, "batch_size": 16},
-        "head": {"channels": 64, "aux_channels": 32},
-    },
-    # CamVid at 160x120 (../shared/data/camvid-160x120.tar.gz): the tiny ViT (192 wide, 6 deep) in 8 px
-    # patches on the whole non-square image, a 15x20 grid; a backbone pretrained on 64 px squares (8x8)
-    # comes with its tables resized. 1,800 steps of 8 (39 epochs) take ~22 minutes on a Xeon with AMX in bf16,
-    # one thread, compiled (0.65 s per step; docs/notebook/2026-11-camvid-segmentation.md).
-    "camvid_tiny_patch8_120x160": {
-        "model": _model("beit_tiny_patch4_32", patch_size=8, img_size=[120, 160], drop_path_rate=0.1,
-                        layer_scale_init=0.1),
-        "data": {"crop_scale": [0.3, 1.0], "class_names": list(CAMVID_CLASSES)},
-        "optim": {"lr": 1e-3, "min_lr": 0.0, "layer_decay": 0.75, "warmup_steps": -1, "warmup_fraction": 0.05,
-                  "schedule": "poly", "power": 1.0},
-        "train": {"steps": 1800, "batch_size": 8, "precision": "auto", "eval_every": 200, "ckpt_every": 200},
-        "head": {"channels": 64, "aux_channels": 32},
-        "eval": {"mode": "whole"},
-    },
-}
-
+CAMVID_CLASSES = recipes.CAMVID_CLASSES
+PRESETS: dict[str, dict] = recipes.SEGMENT  # the recipes live in beit.recipes (no torch)
 
 def build_config(preset: str | None = None, config: str | None = None,
                  overrides: list[str] | dict | None = None) -> SegmentConfig:
@@ -590,5 +545,5 @@ def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minute
     finish_run(env, {"predictions.png": partial(save_predictions, task, va, Path(out) / "predictions.png"),
                      "curves.png": run_curves(out, "curves.png", ("loss", "pixel_acc", "val_mIoU", "val_pixel_acc",
                                                                   "lr"), "segmentation"),
-                     "eval.json (the best checkpoint scored)": partial(evaluate_run, out)})
+                     "eval.json (the best checkpoint scored)": partial(evaluate_run, out)}, res)
     return res

@@ -15,15 +15,15 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve, to_dict
+from .. import recipes
+from ..config import ConfigError, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
 from ..data.tokenizer import build_dataset, image_transform
 from ..engine import finish_run, start_run, train
-from ..models.tokenizer import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig, save_tokenizer
+from ..models.tokenizer import Tokenizer, TokenizerConfig, save_tokenizer
 from ..viz.curves import run_curves
 from .base import ObjectiveConfig, TokenizerObjective
 from .evaluate import reconstruction_grid
@@ -62,31 +62,7 @@ class TokenizerTrainConfig:
                                                                     ckpt_every=500))
 
 
-def _run_preset(name: str, **extra: Any) -> dict:
-    return {"model": to_dict(TOKENIZER_PRESETS[name]), **extra}
-
-
-_VQ_TRAINING = {"objective": {"recon": "mse"}, "optim": {"lr": 2e-3}}  # the VQ presets' training defaults
-
-# A run preset = the tokenizer architecture of the same name + training defaults sized for it.
-RUN_PRESETS: dict[str, dict] = {
-    "dvae_32": _run_preset("dvae_32"),
-    # measured on CIFAR-10 (docs/notebook/2026-11-cifar10-tokenizer.md): 23.3 dB test PSNR, 99.6% of the codes
-    # in use after 20 minutes on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there
-    # fastest
-    "vq_32": _run_preset("vq_32", **_VQ_TRAINING),
-    # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning
-    # (docs/notebook/2026-11-cifar10-hour.md, 8.3)
-    "vq_32_small": _run_preset("vq_32_small", **_VQ_TRAINING),
-    "dvae_64": _run_preset("dvae_64"),
-    "dalle_112": _run_preset(
-        "dalle_112",
-        optim={"lr": 1e-4, "min_lr": 1.25e-6, "weight_decay": 1e-4},  # DALL-E Appendix A.2
-        objective={"kl_weight": 6.6, "tau_anneal_fraction": 0.05, "kl_warmup_fraction": 0.01},
-        train={"batch_size": 512},
-    ),
-}
-
+RUN_PRESETS: dict[str, dict] = recipes.TOKENIZER_RUNS  # the recipes live in beit.recipes (no torch)
 
 def build_config(
     preset: str | None = "dvae_32",
@@ -176,7 +152,7 @@ def train_tokenizer(
     show = val_ds if val_ds is not None else build_dataset(data, mc.img_size, train=False, limit=cfg.data.limit)
     finish_run(env, {"reconstructions.png": partial(_reconstructions, tok, show, run_dir / "reconstructions.png"),
                      "loss.png": run_curves(run_dir, "loss.png", ("loss", "recon", "psnr", "perplexity"),
-                                            "tokenizer training")})
+                                            "tokenizer training")}, res)
     return run_dir
 
 

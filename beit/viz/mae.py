@@ -4,6 +4,16 @@ One PNG, four panels: original | masked (removed patches grey) | reconstruction 
 visible patches pasted back (the MAE paper's Figure 2 layout). With ``norm_pix_loss`` the decoder predicts
 per-patch normalised pixels; each patch is mapped back with the true patch's mean and std, as the official
 visualisation does.
+
+Greyscale images (Fashion-MNIST in the demo) come out with a blue tint unless told apart, for this reason: a grey
+image is three equal channels, each normalised with its own ImageNet mean and std, so channel B sits 0.3-0.4
+above R everywhere in model space. ``norm_pix_loss`` normalises each patch over all its pixels and channels, so in a
+flat patch (std ~0.16 from those offsets alone) the offsets are most of the target, and in a textured one (std ~1) they
+are a small part of it. The decoder predicts one average offset pattern in these units; multiplied back by a
+textured patch's large std, it turns into a strong blue-over-red shift (measured on the demo's MAE run: channel
+means R 70 / G 83 / B 109 for an original of 86 / 86 / 86). The colour is the model's error on information the
+image does not have, so for a greyscale input the reconstruction is shown in grey: the mean of its three
+unnormalised channels (86.4 -> 87.2 on the same image).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from ..config import ConfigError, from_dict
 from ..runs import RunDir
 from .images import masked_view, normalize, pixel_mask, prepare_image, unnormalize
 
-__all__ = ["load_mae_method", "mae_panels", "show_mae"]
+__all__ = ["is_greyscale", "load_mae_method", "mae_panels", "show_mae"]
 
 
 def load_mae_method(run: str | Path):
@@ -44,10 +54,17 @@ def mae_panels(method, images01: torch.Tensor, seed: int = 0) -> list[torch.Tens
     noise = torch.rand(1, n, generator=torch.Generator().manual_seed(seed))
     recon, mask = method.reconstruct(x, noise)  # (1, 3, H, W) normalised, (1, N) True = removed
     recon01 = unnormalize(recon)
+    if is_greyscale(images01):  # see the module docstring: any colour here is an artefact of the channel offsets
+        recon01 = recon01.mean(dim=1, keepdim=True).expand_as(recon01)
     grid_mask = mask.view(1, *method.encoder.grid_size)  # (1, h, w)
     masked = masked_view(images01, grid_mask)
     pasted = torch.where(pixel_mask(grid_mask, images01.shape[-2:]), recon01, images01)
     return [t[0] for t in (images01, masked, recon01, pasted)]
+
+
+def is_greyscale(images01: torch.Tensor) -> bool:
+    """True if every image of ``(B, 3, H, W)`` has three equal channels (a grey picture loaded as RGB)."""
+    return bool(torch.equal(images01[:, 0], images01[:, 1]) and torch.equal(images01[:, 1], images01[:, 2]))
 
 
 def show_mae(run: str | Path, image: str | Path, out: str | Path, seed: int = 0, size: int = 192) -> Path:
