@@ -136,6 +136,78 @@ def engine_step(model, optimizer, batch: dict, precision: str, clip: float) -> f
     return value
 
 
+def profile_model(name: str, precision: str, args) -> dict:
+    """Where one step's time goes (torch.profiler over ``--iters`` steps of the engine variant): phases
+    (forward, backward, optimiser with clipping, reading the loss), aten op calls per step, self-CPU by op,
+    and the op-dispatch floor (calls x the time of a one-element op with autograd). Printed and returned."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    setup = build_setup(name, args.batch, args.dry_run)
+    cfg, method, batch = setup.cfg, setup.method, setup.batch
+    opt, clip, cpu = make_optimizer(method, cfg, "engine"), cfg.optim.clip_grad, torch.device("cpu")
+
+    def step():
+        with record_function("phase: forward"), autocast_context(cpu, precision):
+            loss, metrics = method(batch)
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: read loss and metrics"):
+            float(loss.detach()), [float(v) for v in metrics.values()]
+        with record_function("phase: optimizer (clip, AdamW, zero_grad)"):
+            if clip > 0:
+                float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for _ in range(max(1, args.warmup)):
+        step()
+    wall = statistics.median(timed(step, cpu)[0] for _ in range(args.iters))
+    n = args.iters
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    phases = {e.key[7:]: e.cpu_time_total / n / 1e3 for e in events if e.key.startswith("phase: ")}
+    ops = [e for e in events if e.key.startswith("aten::")]
+    top_level = sum(e.count for e in ops if e.key not in NESTED_OPS) / n
+    one = torch.ones(1, requires_grad=True)
+    tiny_op_us = 1e6 * statistics.median(timed(lambda: one * 2.0, cpu)[0] for _ in range(200))
+    out = {"model": name, "precision": precision, "threads": torch.get_num_threads(), "step_ms": 1e3 * wall,
+           "phases_ms": phases, "pieces_ms": piece_times(setup, precision, args.iters), "aten_calls_per_step": sum(e.count for e in ops) / n,
+           "aten_calls_per_step_top_level": top_level, "one_element_op_us": tiny_op_us,
+           "dispatch_floor_ms": top_level * tiny_op_us / 1e3,
+           "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / n / 1e3, 2) for e in
+                               sorted(ops, key=lambda e: -e.self_cpu_time_total)[:12]},
+           "calls_per_step": {e.key: e.count // n for e in sorted(ops, key=lambda e: -e.count)[:12]}}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def piece_times(setup: Setup, precision: str, iters: int) -> dict[str, float]:
+    """Forward-only pieces of the method's step, timed alone (ms, median): masking, targets, loss; BEiT's
+    tokenizer call."""
+    from beit.methods.mae import mae_loss, random_masking
+    from beit.methods.pixels import pixel_targets
+
+    m, b, cpu = setup.method, setup.batch, torch.device("cpu")
+    if setup.cfg.method == "mae":
+        target = pixel_targets(b["images"], m.patch_size, True)
+        _, _, mask = random_masking(b["noise"], m.cfg.mask_ratio)
+        fns = {"masking (random_masking)": lambda: random_masking(b["noise"], m.cfg.mask_ratio),
+               "targets (pixel_targets)": lambda: pixel_targets(b["images"], m.patch_size, True),
+               "loss (mae_loss)": lambda: mae_loss(target + 0.1, target, mask)}
+    else:
+        fns = {"tokenizer (visual_tokens)": lambda: m.visual_tokens(b["tok_images"]),
+               "mask to bool": lambda: b["mask"].flatten(1).bool()}
+    with torch.no_grad(), autocast_context(cpu, precision):
+        return {k: 1e3 * statistics.median(timed(fn, cpu)[0] for _ in range(max(3, iters))) for k, fn in fns.items()}
+
+
+# aten calls that other aten calls make (counted in the profile, but not a separate dispatch from Python)
+NESTED_OPS = {"aten::empty", "aten::empty_strided", "aten::copy_", "aten::_to_copy", "aten::view", "aten::as_strided",
+              "aten::resolve_conj", "aten::_local_scalar_dense", "aten::expand", "aten::_reshape_alias",
+              "aten::fill_", "aten::zero_", "aten::result_type", "aten::detach", "aten::alias"}
+
+
 def hf_mae(cfg):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
@@ -285,6 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--no-peer", action="store_true", help="skip the HF peer")
     ap.add_argument("--json", metavar="PATH", help="also write the machine, the ceilings and every row here")
+    ap.add_argument("--profile", action="store_true", help="instead: where a step's time goes (torch.profiler)")
     ap.add_argument("--dry-run", action="store_true", help="a tiny model, 1 step: checks the script runs")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -299,6 +372,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cpu = torch.device("cpu")
     print(f"machine: {machine.describe(cpu)}", flush=True)
     dtypes = args.dtype.split(",")
+    if args.profile:
+        return [profile_model(name, d, args) for name in args.models.split(",") for d in dtypes]
     n = 256 if args.dry_run else 2048
     peaks = {d: matmul_peak(d, cpu, n=n, reps=2 if args.dry_run else 8) for d in dtypes}
     for d, p in peaks.items():
