@@ -265,12 +265,13 @@ def count_flops(forward) -> int:
 
 
 def inductor_cache_state() -> str:
-    """Whether torch.compile will find compiled artefacts of earlier processes (where the cache lives)."""
+    """How many compiled graphs earlier processes left in the cache torch.compile reads (any model's: 0 means
+    cold; after a run of the same model, its own are among them), and where it lives."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     d = Path(cache_dir())
-    n = sum(1 for _ in d.glob("fxgraph/**/*")) if d.is_dir() else 0
-    return f"{'warm' if n else 'cold'} ({d})"
+    n = sum(1 for f in d.glob("fxgraph/*/*") if f.is_dir()) if d.is_dir() else 0
+    return f"{n} graphs ({d})"
 
 
 def bench_model(name: str, precision: str, variants: list[str], args) -> list[dict]:
@@ -337,7 +338,7 @@ def bench_model(name: str, precision: str, variants: list[str], args) -> list[di
 
 def markdown_row(r: dict, peak: float) -> str:
     peer = (f"{r['peer_img_s']:.0f} | **{r['ours_over_peer']:.2f}x**" if "peer_img_s" in r else "- | -")
-    comp = f" (compile {r['compile_s']:.1f} s, cache {r['inductor_cache'].split()[0]})" if "compile_s" in r else ""
+    comp = f" (compile {r['compile_s']:.1f} s, {r['inductor_cache'].split(' (')[0]} cached)" if "compile_s" in r else ""
     return (f"| {r['model']} | {r['precision']} | {r['variant']}{comp} | {r['batch']} | **{r['img_s']:.0f}** | "
             f"{r['step_ms']:.1f} | {r['gflop_s']:.0f} | {100 * r['gflop_s'] * 1e9 / peak:.1f}% | {peer} |")
 
