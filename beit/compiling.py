@@ -18,8 +18,9 @@ Compiled artefacts persist across runs (:func:`use_persistent_cache`: PyTorch's 
 caches in the user's cache folder, not in ``/tmp``), and a run that compiled records how long its first
 compiled step took beyond an eager one (:func:`record_compile_seconds`, keyed by the module, precision,
 batch, threads and torch). The next run of the same model finds the artefacts and that measurement:
-``auto`` then weighs the measured seconds (a warm cache: 6-10 s instead of ~60 s for the tiny presets,
-notebook 2026-12-03), so short runs compile too.
+``auto`` then weighs the measured seconds (a warm cache: 1-11 s instead of ~60 s for the tiny presets,
+notebook 2026-12-03), so short runs of a model that compiled before compile too. A model that never compiled
+has no measurement and keeps the estimate.
 """
 
 from __future__ import annotations

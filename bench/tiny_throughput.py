@@ -22,7 +22,7 @@ Reported per model and precision (fp32 and bf16 autocast):
 ``--variants`` times several ways of running our step, interleaved with each other and with the peer step by
 step (machine noise hits all alike; the machine may be shared): ``engine`` (what the engine does now),
 ``loop`` / ``foreach`` / ``fused`` (the AdamW implementation forced), ``compiled`` (``torch.compile`` of the
-method; its compile seconds are printed, with whether the inductor cache was warm).
+method; its compile seconds are printed, with how many graphs the inductor cache already held).
 
 Every output starts with the machine (CPU model, ISA level, threads, torch: :mod:`beit.machine`).
 
