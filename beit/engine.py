@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 from . import machine as machine_info
 from . import tracking
 from .checkpoint_io import holding_nonfinite, nonfinite_tensors
+from . import compiling
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .data.folder import SKIP_LIST, DropUnreadable, write_skip_list
@@ -529,6 +530,8 @@ class Trainer:
         self.compiled_at = 0  # the step at which torch.compile was swapped in (its first step may fall back)
         self.compile_decided = False  # train.compile=auto: decided after the first timed eager steps
         self.step_times: list[float] = []
+        self.compile_key: str | None = None  # set while the first compiled step's time is still to be recorded
+        self.eager_step_s = 0.0  # median eager step (train.compile=auto), subtracted from that first step
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
         self.metrics: MetricsWriter | None = None
@@ -608,14 +611,17 @@ class Trainer:
         if self.env.is_main:
             log.info("torch.compile: %s", reason)
         try:
+            compiling.use_persistent_cache()  # artefacts kept for the next run of this model (beit/compiling.py)
             self.model = torch.compile(self.eager)
             self.compiled_at = self.state.step
+            self.compile_key = compiling.compile_key(self.eager, self.cfg.precision, self._micro_batch())
         except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
             log.warning("torch.compile unavailable (%s): running eager", e)
 
     def auto_compile(self, step_seconds: float) -> None:
         """``train.compile=auto``: time the first eager steps, then compile if the rest of the run wins the
         compile time back (:mod:`beit.compiling`); every process takes rank 0's decision."""
+        self._record_compile_time(step_seconds)
         if self.cfg.compile != "auto" or self.compile_decided:
             return
         self.step_times.append(step_seconds)
@@ -624,11 +630,26 @@ class Trainer:
         self.compile_decided = True
         later = sorted(self.step_times[1:]) or self.step_times
         step_s = rank0_value(later[len(later) // 2], self.env.device)
-        choice = decide(self.env.device.type, step_s, self.state.total_steps - self.state.step)
+        self.eager_step_s = step_s
+        cached = compiling.cached_compile_seconds(compiling.compile_key(self.eager, self.cfg.precision, self._micro_batch()))
+        choice = decide(self.env.device.type, step_s, self.state.total_steps - self.state.step,
+                        **({} if cached is None else {"compile_seconds": cached}))
         if choice.compile and not self.state.finished:
             self.compile_now(choice.reason)
         elif self.env.is_main:
             log.info("torch.compile: %s", choice.reason)
+
+    def _micro_batch(self) -> int:
+        return self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps
+
+    def _record_compile_time(self, step_seconds: float) -> None:
+        """After the first compiled step: what compiling cost (that step less an eager one), for the next run's
+        ``auto`` (:func:`beit.compiling.record_compile_seconds`); not when the compile fell back to eager."""
+        if self.compile_key is None or self.state.step != self.compiled_at + 1:
+            return
+        if self.env.is_main and hasattr(self.model, "_orig_mod"):  # really torch.compile's module
+            compiling.record_compile_seconds(self.compile_key, step_seconds - self.eager_step_s)
+        self.compile_key = None
 
     def batches(self) -> Iterator:
         """This rank's micro-batches from the current step to the end, in the seeded order (exact resume)."""

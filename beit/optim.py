@@ -86,8 +86,18 @@ def param_groups(
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused where every parameter allows it (:func:`fusable`): one kernel per step for
+    all tensors instead of a dozen small operations per tensor, the same update to rounding. On the tiny CPU
+    presets the per-tensor loop (PyTorch's CPU default) cost 1.8-3.5x the fused step (notebook 2026-12-03)."""
     # param_names are ours for inspection; AdamW keeps unknown keys in its param_groups untouched
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    fused = fusable([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Whether fused AdamW takes these parameters: floating point, on CPU or CUDA (other devices keep the
+    default implementation)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

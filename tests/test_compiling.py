@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +76,70 @@ def test_engine_explicit_setting_wins_without_asking(tmp_path, monkeypatch, sett
                                                                             compile=setting),
                  optim_cfg=OptimConfig(), run_dir=tmp_path / "run")
     assert len(calls) == int(setting)
+
+
+def test_decide_weighs_a_measured_cached_compile_time_instead_of_the_estimate():
+    # 200 steps x 0.5 s x 0.2 = 20 s saved: not worth 1.5 x 100 s, worth 1.5 x 8 s measured with a warm cache
+    assert decide("cpu", 0.5, 200, EST).compile is False
+    on = decide("cpu", 0.5, 200, EST, compile_seconds=8.0)
+    assert on.compile is True and "8 s (measured last time" in on.reason
+
+
+def test_compile_times_are_remembered_per_model_precision_and_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "inductor"))
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5)
+    key = compiling.compile_key(a, "bf16", 32)
+    assert compiling.cached_compile_seconds(key) is None
+    compiling.record_compile_seconds(key, 7.25)
+    assert compiling.cached_compile_seconds(key) == 7.25
+    assert len({key, compiling.compile_key(b, "bf16", 32), compiling.compile_key(a, "fp32", 32),
+                compiling.compile_key(a, "bf16", 64)}) == 4
+    (tmp_path / "inductor" / compiling.LEDGER).write_text("not json")  # a damaged ledger is only a lost hint
+    assert compiling.cached_compile_seconds(key) is None
+
+
+def test_cache_folder_is_the_users_choice_or_beits_own(tmp_path, monkeypatch):
+    monkeypatch.delenv(compiling.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compiling.use_persistent_cache() == tmp_path / "beit" / "inductor"
+    assert compiling.cache_folder() == tmp_path / "beit" / "inductor"
+    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "mine"))
+    assert compiling.use_persistent_cache() == tmp_path / "mine"
+
+
+class _Compiled(torch.nn.Module):
+    """What torch.compile returns, as far as the engine can tell (``_orig_mod``), without compiling."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, batch):
+        return self._orig_mod(batch)
+
+
+def test_engine_records_the_first_compiled_step_and_the_next_run_weighs_it(tmp_path, monkeypatch):
+    """A run that compiles records its first compiled step's time; the next run of the same model and batch
+    hands that measurement to ``decide`` (a different batch: none)."""
+    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch, "compile", _Compiled)
+
+    def run(name, compile_, batch, decide_fn=None):
+        if decide_fn is not None:
+            monkeypatch.setattr(engine, "decide", decide_fn)
+        engine.train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=TrainConfig(steps=8, batch_size=batch, num_workers=0,
+                                                                                compile=compile_),
+                     optim_cfg=OptimConfig(), run_dir=tmp_path / name)
+
+    run("first", True, 8)
+    ledger = json.loads((tmp_path / "inductor" / compiling.LEDGER).read_text())
+    assert len(ledger) == 1 and next(iter(ledger.values())) >= 0
+    asked = []
+
+    def fake_decide(device_type, step_seconds, steps_left, **kwargs):
+        asked.append(kwargs)
+        return compiling.CompileChoice(False, "stub")
+    run("second", "auto", 8, fake_decide)
+    run("other_batch", "auto", 4, fake_decide)
+    assert asked[0] == {"compile_seconds": next(iter(ledger.values()))}
+    assert asked[1] == {}
