@@ -38,6 +38,7 @@ from torch import nn
 
 from ..checkpoint_io import CheckpointError, load_weights, removed_on_failure
 from ..config import ConfigError, from_dict, replace, to_dict
+from .vqkd import VQKDConfig, VQKDTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
 TOKENIZER_FILE = "tokenizer.safetensors"
@@ -401,8 +402,9 @@ def _not_a_tokenizer(path: Path) -> str:
     return f"no tokenizer at {path / TOKENIZER_FILE}"
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
-    """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion)."""
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer | VQKDTokenizer:
+    """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion):
+    a :class:`Tokenizer` (dVAE / VQ-VAE) or a :class:`beit.models.vqkd.VQKDTokenizer` (VQ-KD)."""
     path = Path(path)
     if path.is_dir() and not tokenizer_file(path).is_file():
         raise TokenizerFileError(_not_a_tokenizer(path))
@@ -417,8 +419,10 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
         what = "a model (a backbone, not a tokenizer)" if "model_config" in meta or any(
             k.startswith(("blocks.", "encoder.layer.")) for k in tensors) else "not a beit tokenizer"
         raise TokenizerFileError(f"{path}: {what}: no tokenizer config in the safetensors header")
-    cfg = from_dict(TokenizerConfig, meta["config"], prefix="model.")
-    tok = Tokenizer(cfg)
+    if meta["config"].get("quantizer") == "vqkd":  # a semantic tokenizer (BEiT v2), same file format
+        tok: Tokenizer | VQKDTokenizer = VQKDTokenizer(from_dict(VQKDConfig, meta["config"], prefix="model."))
+    else:
+        tok = Tokenizer(from_dict(TokenizerConfig, meta["config"], prefix="model."))
     try:
         tok.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
