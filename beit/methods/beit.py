@@ -31,6 +31,7 @@ from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
 from ..models.presets import preset_dict
 from ..models.tokenizer import Tokenizer, load_tokenizer
+from .aggregation import PatchAggregationHead, aggregation_block
 from .base import Method
 from .pixels import patchify, pixel_targets
 from .registry import register
@@ -58,6 +59,11 @@ class BEiTConfig:
     color_jitter: float = 0.4
     patch_interp: str = "bicubic"
     tokenizer_interp: str = "lanczos"
+    # BEiT v2 patch aggregation (methods/aggregation.py): a 2-block [CLS] head on the patch tokens of block
+    # patch_aggregation_block (0-based; None: 3/4 of the depth, the paper's 9 of 12), own MIM loss, dropped after
+    patch_aggregation: bool = False
+    patch_aggregation_block: int | None = None
+    patch_aggregation_depth: int = 2
 
     def __post_init__(self) -> None:
         check_fields(self, "beit", {"hflip": "prob", "color_jitter": "nonneg", "crop_scale crop_ratio": "positive"})
@@ -66,6 +72,9 @@ class BEiTConfig:
         if self.predict not in ("masked", "all"):
             raise ConfigError(f"predict must be 'masked' or 'all', got {self.predict!r}")
         self.masking_config()  # validates the masking fields
+        if self.patch_aggregation and (self.target != "tokens" or self.predict != "masked"):
+            raise ConfigError("beit.patch_aggregation needs beit.target=tokens and beit.predict=masked")
+        check_fields(self, "beit", {"patch_aggregation_depth": "size"})
 
     def masking_config(self) -> MaskingConfig:
         return MaskingConfig(
@@ -127,6 +136,10 @@ class BEiTMethod(Method):
             tokenizer.requires_grad_(False)
         # not registered: see the module docstring
         self.__dict__["tokenizer"] = tokenizer
+        self.aggregation = None
+        if self.cfg.patch_aggregation:  # a submodule of the method, not the backbone: beit.load never returns it
+            block = aggregation_block(self.cfg.patch_aggregation_block, len(model.blocks))
+            self.aggregation = PatchAggregationHead(model, block, self.cfg.patch_aggregation_depth)
 
     @classmethod
     def build(
@@ -164,6 +177,21 @@ class BEiTMethod(Method):
             ids = tok.encode(tok_images.float())  # (B, h, w)
         return ids.flatten(1).long()  # (B, N)
 
+    def _forward_aggregated(self, images: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MIM loss plus the patch-aggregation head's MIM loss (BEiT v2 Sec. 2.3), both on the masked positions
+        through the shared final norm and MIM head."""
+        m, head = self.model, self.aggregation
+        early, last = m.get_intermediate_layers(images, [head.block, -1], bool_masked_pos=mask)  # (B, 1+N, D) each
+        shared = m.rel_pos_bias(m.rel_pos_index) if m.rel_pos_bias is not None else None
+        agg = head(last[:, :1], early[:, 1:], shared, m.rel_pos_index)  # (B, N, D)
+        target = ids[mask]  # (M,)
+        loss, acc = _masked_ce(m.lm_head(m.norm(last[:, 1:])[mask]), target)
+        agg_loss, agg_acc = _masked_ce(m.lm_head(m.norm(agg)[mask]), target)
+        total = loss + agg_loss
+        return total, {"loss": total.detach(), "mlm_loss": loss.detach(), "mlm_acc": acc,
+                       "agg_loss": agg_loss.detach(), "agg_acc": agg_acc}
+
     def _pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_targets(images, self.patch_size, self.cfg.norm_pix)  # (B, N, p*p*3)
 
@@ -176,6 +204,8 @@ class BEiTMethod(Method):
 
         if cfg.target == "tokens":
             ids = self.visual_tokens(batch["tok_images"])  # (B, N)
+            if self.aggregation is not None:
+                return self._forward_aggregated(images, mask, ids)
             if cfg.predict == "masked":
                 logits = self.model.forward_mim(images, mask)  # (M, V), row-major order of the mask
                 target = ids[mask]  # (M,)
@@ -205,6 +235,14 @@ class BEiTMethod(Method):
             pred = self.pixel_head(patches)  # (B, N, p*p*3)
             loss = (pred.float() - target_pix).pow(2).mean()
         return loss, {"loss": loss.detach()}
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) of ``(M, V)`` logits against ``(M,)`` ids; 0 (with a graph) when M = 0."""
+    loss = _mean_or_zero(F.cross_entropy(logits.float(), target, reduction="sum"), logits, len(target))
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == target).float().mean() if len(target) else logits.new_zeros(())
+    return loss, acc
 
 
 def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
