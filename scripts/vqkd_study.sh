@@ -97,6 +97,7 @@ finetune() {  # NAME INIT: section 8.5's fine-tuning and probes of one initialis
 
 pretrain() {  # NAME ARGS...: pretrain (online kNN on the labelled data), then fine-tune and probe the result
   local name=$1; shift
+  slot  # a timed run shares the machine with at most JOBS - 1 others
   run "pre_$name" $BEIT pretrain --data "$CIFAR/train" --out "$RUNS/pre_$name" --probe-data "$CIFAR/ft" "$@" \
     "train.probe_every=$(steps 1000)" $EXTRA
   echo "pre_$name $(minutes "$RUNS/pre_$name")" >> "$RUNS/minutes.txt"
@@ -121,14 +122,14 @@ else
   finetune mae "$TEACHER"
 fi
 # how far bf16 moves the teacher's features (the VQ-KD targets run in fp32 unless vqkd.teacher_precision=bf16)
-run teacher_precision $PY "$HERE/teacher_precision.py" "$TEACHER" "$CIFAR/test" --n 256
+slot; run teacher_precision $PY "$HERE/teacher_precision.py" "$TEACHER" "$CIFAR/test" --n 256
 
 # BEiT on VQ-VAE tokens: section 8.5's tokenizer (vq_32_small, ~9 minutes) and BEiT for the rest of BUDGET
-run tok_vq $BEIT tokenizer train --data "$CIFAR/train" --val-data "$CIFAR/test" --out "$RUNS/tok_vq" \
+slot; run tok_vq $BEIT tokenizer train --data "$CIFAR/train" --val-data "$CIFAR/test" --out "$RUNS/tok_vq" \
   --preset vq_32_small --steps "$(steps 1500)" $EXTRA train.eval_every=100000
 t_vq=$(minutes "$RUNS/tok_vq"); echo "tok_vq $t_vq" >> "$RUNS/minutes.txt"
 # the VQ-KD tokenizer from the MAE teacher (vqkd_32: 1024 x 32 codes, 4-block encoder, 1-block decoder)
-run tok_vqkd $BEIT tokenizer train --objective vqkd --teacher "$TEACHER" --data "$CIFAR/train" \
+slot; run tok_vqkd $BEIT tokenizer train --objective vqkd --teacher "$TEACHER" --data "$CIFAR/train" \
   --val-data "$CIFAR/test" --out "$RUNS/tok_vqkd" --preset vqkd_32 --steps "$(steps 1500)" $EXTRA \
   train.eval_every=100000
 t_kd=$(minutes "$RUNS/tok_vqkd"); echo "tok_vqkd $t_kd" >> "$RUNS/minutes.txt"

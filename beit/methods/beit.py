@@ -9,6 +9,10 @@ Ablations of Table 4 in the paper: ``target=pixels`` regresses the masked patche
 visual tokens (linear head ``D -> p*p*3``, MSE), ``predict=all`` takes the loss over every position, and
 ``masking=random`` replaces blockwise masking with uniform masking.
 
+BEiT v2 (arXiv 2208.06366): the tokenizer may be a VQ-KD tokenizer (:mod:`beit.models.vqkd`; same ``encode``),
+and ``patch_aggregation=true`` adds the shallow [CLS] head of :mod:`beit.methods.aggregation` with its own
+masked-token loss; the head is a submodule of this method, never of the backbone ``beit.load`` returns.
+
 The tokenizer is frozen and is not part of this module's parameters or state dict: it is held as a plain
 attribute, not a registered submodule. That keeps it out of ``parameters()`` (optimizer, DDP, gradient
 clipping), ``state_dict()`` (run checkpoints hold only what is trained; the tokenizer has its own file)
