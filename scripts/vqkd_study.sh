@@ -9,8 +9,8 @@
 #   beit_vq         BEiT on VQ-VAE tokens (vq_32_small): tokenizer + BEiT = BUDGET minutes (section 8.5's row)
 #   beit_vqkd       BEiT on VQ-KD tokens from the MAE teacher: tokenizer + BEiT = BUDGET minutes
 #   beit_vqkd_agg   the same with patch aggregation (beit.patch_aggregation=true)
-# Not run yet: MIM regressing the teacher's features without quantisation (the natural ablation) needs a
-# beit.target=features mode that is not built (see docs/tokenizer.md).
+#   beit_featreg    the ablation: BEiT regressing the teacher's features directly, no quantisation
+#                   (beit.target=features), for the whole BUDGET (it needs no tokenizer)
 #
 # Usage: bash scripts/vqkd_study.sh RUNS
 #   env: CIFAR    folder with train/<class>/ and test/<class>/ (default /tmp/cifar; tar -xzf
@@ -102,6 +102,7 @@ pretrain() {  # NAME ARGS...: pretrain (online kNN on the labelled data), then f
     "train.probe_every=$(steps 1000)" $EXTRA
   echo "pre_$name $(minutes "$RUNS/pre_$name")" >> "$RUNS/minutes.txt"
   [ -d "$RUNS/pre_$name/checkpoints" ] && finetune "$name" "$RUNS/pre_$name"
+  wait  # a backgrounded pretrain() holds its slot until its fine-tunes and probes are done
 }
 
 log "study in $RUNS (BUDGET=$BUDGET min, JOBS=$JOBS, SMOKE=$SMOKE, EXTRA=$EXTRA)"
@@ -144,6 +145,8 @@ slot; pretrain beit_vqkd --tokenizer "$RUNS/tok_vqkd" --preset beit_tiny_patch4_
   --max-minutes "$(left "$t_kd")" &
 slot; pretrain beit_vqkd_agg --tokenizer "$RUNS/tok_vqkd" --preset beit_tiny_patch4_32 --steps "$LONG" \
   --max-minutes "$(left "$t_kd")" beit.patch_aggregation=true &
+slot; pretrain beit_featreg --preset beit_tiny_patch4_32 --steps "$LONG" --max-minutes "$(left 0)" \
+  beit.target=features "beit.teacher=$TEACHER" &
 wait
 log "all done"
 python3 "$HERE/study_summary.py" "$RUNS"

@@ -226,7 +226,30 @@ def test_patch_aggregation_head_loss_and_backbone():
     assert not any(k.startswith("aggregation") for k in method.model.state_dict())
 
 
-def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image_folder):
+def test_feature_regression_target_by_hand():
+    """The ablation without quantisation: BEiT regressing the teacher's features (``1 - cos``) at masked patches."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+    method = BEiTMethod.build(cfg, None, BEiTConfig(target="features", teacher="runs/mae", teacher_block=1))
+    assert method.teacher_request == ("runs/mae", 1)
+    tch = tiny_teacher()
+    method.attach_teacher(tch)
+    assert method.teacher_request is None and method.feature_head.out_features == 24
+    images, tok_images = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :5], mask[1, 7:9] = True, True
+    loss, m = method({"images": images, "tok_images": tok_images, "mask": mask})
+    pred = method.feature_head(method.model.forward_features(images, bool_masked_pos=mask)[:, 1:][mask])  # (7, 24)
+    ref = 1 - F.cosine_similarity(pred, tch.features(tok_images, (4, 4))[mask], dim=-1)
+    assert float(loss.detach()) == pytest.approx(float(ref.mean().detach()), rel=1e-5)
+    assert float(m["feat_cos"]) == pytest.approx(1 - float(ref.mean().detach()), rel=1e-5)
+    loss.backward()
+    assert method.feature_head.weight.grad is not None and method.model.patch_embed.proj.weight.grad is not None
+    with pytest.raises(ConfigError, match="predict"):
+        BEiTConfig(target="features", predict="all")
+
+
+def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image_folder, capsys):
     data = make_image_folder(tmp_path / "train", classes=(), per_class=8, size=32, seed=0)
     val = make_image_folder(tmp_path / "val", classes=(), per_class=4, size=32, seed=1)
     common = ["train.batch_size=4", "train.num_workers=0", "train.log_every=1", "train.precision=fp32",
@@ -244,6 +267,10 @@ def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image
     assert 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 32 and -1 <= ev["teacher_cos"] <= 1
     tok = load_tokenizer(tok_run)
     assert isinstance(tok, VQKDTokenizer) and tok.cfg.target_dim == 48  # the MAE teacher's width
+    assert main(["tokenizer", "eval", "--tokenizer", str(tok_run), "--data", str(val)]) == 0  # the recorded teacher
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["teacher"] == str(teacher) and res["teacher_cos"] == pytest.approx(ev["teacher_cos"], abs=1e-5)
+    assert res["codebook_usage"] == pytest.approx(ev["codebook_usage"])
     run = tmp_path / "beit"
     assert main(["pretrain", "--data", str(data), "--tokenizer", str(tok_run), "--out", str(run), "--steps", "2",
                  "--batch-size", "4", "--precision", "fp32", "model.depth=2", "model.embed_dim=32",
@@ -255,6 +282,15 @@ def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image
     assert isinstance(model, VisionTransformer) and len(model.blocks) == 2
     fresh = VisionTransformer(model.cfg)
     assert set(model.state_dict()) == set(fresh.state_dict())  # no aggregation head in the backbone
+    # the ablation: the same teacher's features regressed directly, no tokenizer
+    run = tmp_path / "featmim"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--precision", "fp32", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+                 "beit.target=features", f"beit.teacher={teacher}", "train.num_workers=0", "train.log_every=1"]) == 0
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "feat_cos" in r] == [1, 2]
+    model = beit.load(run)
+    assert set(model.state_dict()) == set(VisionTransformer(model.cfg).state_dict())  # no feature head
 
 
 def test_eval_command_and_errors(tmp_path, make_image_folder, capsys):

@@ -17,6 +17,7 @@ from ..data import cache as decode_cache
 from ..data.folder import ImageFolder
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
+from ..tokenizers.vqkd import Teacher
 from ..viz.curves import run_curves
 from ..viz.masks import save_mask_grid
 
@@ -107,6 +108,9 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config)."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
+    request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
+    if request:
+        method.attach_teacher(Teacher.load(*request))
     dataset = build_dataset(cfg.data, transform)
     claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
     decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
