@@ -10,7 +10,7 @@
 #   beit_vqkd       BEiT on VQ-KD tokens from the MAE teacher: tokenizer + BEiT = BUDGET minutes
 #   beit_vqkd_agg   the same with patch aggregation (beit.patch_aggregation=true)
 #   beit_featreg    the ablation: BEiT regressing the teacher's features directly, no quantisation
-#                   (beit.target=features), for the whole BUDGET (it needs no tokenizer)
+#                   (beit.target=teacher), for the whole BUDGET (it needs no tokenizer)
 #
 # Usage: bash scripts/vqkd_study.sh RUNS
 #   env: CIFAR    folder with train/<class>/ and test/<class>/ (default /tmp/cifar; tar -xzf
@@ -146,7 +146,7 @@ slot; pretrain beit_vqkd --tokenizer "$RUNS/tok_vqkd" --preset beit_tiny_patch4_
 slot; pretrain beit_vqkd_agg --tokenizer "$RUNS/tok_vqkd" --preset beit_tiny_patch4_32 --steps "$LONG" \
   --max-minutes "$(left "$t_kd")" beit.patch_aggregation=true &
 slot; pretrain beit_featreg --preset beit_tiny_patch4_32 --steps "$LONG" --max-minutes "$(left 0)" \
-  beit.target=features "beit.teacher=$TEACHER" &
+  beit.target=teacher "beit.teacher=$TEACHER" &
 wait
 log "all done"
 python3 "$HERE/study_summary.py" "$RUNS"

@@ -230,7 +230,7 @@ def test_feature_regression_target_by_hand():
     """The ablation without quantisation: BEiT regressing the teacher's features (``1 - cos``) at masked patches."""
     torch.manual_seed(0)
     cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
-    method = BEiTMethod.build(cfg, None, BEiTConfig(target="features", teacher="runs/mae", teacher_block=1))
+    method = BEiTMethod.build(cfg, None, BEiTConfig(target="teacher", teacher="runs/mae", teacher_block=1))
     assert method.teacher_request == ("runs/mae", 1)
     tch = tiny_teacher()
     method.attach_teacher(tch)
@@ -246,7 +246,7 @@ def test_feature_regression_target_by_hand():
     loss.backward()
     assert method.feature_head.weight.grad is not None and method.model.patch_embed.proj.weight.grad is not None
     with pytest.raises(ConfigError, match="predict"):
-        BEiTConfig(target="features", predict="all")
+        BEiTConfig(target="teacher", predict="all")
 
 
 def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image_folder, capsys):
@@ -286,7 +286,7 @@ def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image
     run = tmp_path / "featmim"
     assert main(["pretrain", "--data", str(data), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--precision", "fp32", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
-                 "beit.target=features", f"beit.teacher={teacher}", "train.num_workers=0", "train.log_every=1"]) == 0
+                 "beit.target=teacher", f"beit.teacher={teacher}", "train.num_workers=0", "train.log_every=1"]) == 0
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "feat_cos" in r] == [1, 2]
     model = beit.load(run)

@@ -7,7 +7,7 @@ only (HF ``BeitForMaskedImageModeling`` runs it on every patch, then drops most 
 
 Ablations of Table 4 in the paper: ``target=pixels`` regresses the masked patches' pixels instead of
 visual tokens (linear head ``D -> p*p*3``, MSE), ``predict=all`` takes the loss over every position, and
-``masking=random`` replaces blockwise masking with uniform masking. ``target=features`` regresses a frozen
+``masking=random`` replaces blockwise masking with uniform masking. ``target=teacher`` regresses a frozen
 teacher's patch features at the masked positions (``1 - cos``, head ``D -> C``): BEiT v2's natural ablation,
 the teacher's knowledge without the quantisation of a VQ-KD tokenizer.
 
@@ -55,9 +55,9 @@ class BEiTConfig:
     min_block: int = 16  # smallest block, in patches
     max_block: int | None = None  # largest block; None: the remaining budget (official)
     min_aspect: float = 0.3
-    target: str = "tokens"  # tokens (visual tokens, CE) | pixels (raw patch pixels, MSE) | features (teacher, cos)
-    teacher: str = ""  # target=features: the backbone whose patch features are regressed (anything beit.load reads)
-    teacher_block: int = -1  # target=features: its block (0-based, -1 the last; its final norm applied)
+    target: str = "tokens"  # tokens (visual tokens, CE) | pixels (raw patch pixels, MSE) | teacher (its features, cos)
+    teacher: str = ""  # target=teacher: the backbone whose patch features are regressed (anything beit.load reads)
+    teacher_block: int = -1  # target=teacher: its block (0-based, -1 the last; its final norm applied)
     predict: str = "masked"  # masked: loss on masked positions only | all: every position
     norm_pix: bool = False  # target=pixels: normalise each target patch by its own mean/std
     # the shared crop of both views
@@ -75,10 +75,10 @@ class BEiTConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "beit", {"hflip": "prob", "color_jitter": "nonneg", "crop_scale crop_ratio": "positive"})
-        if self.target not in ("tokens", "pixels", "features"):
-            raise ConfigError(f"target must be 'tokens', 'pixels' or 'features', got {self.target!r}")
-        if self.target == "features" and self.predict != "masked":
-            raise ConfigError("beit.target=features predicts the masked positions only (beit.predict=masked)")
+        if self.target not in ("tokens", "pixels", "teacher"):
+            raise ConfigError(f"target must be 'tokens', 'pixels' or 'teacher', got {self.target!r}")
+        if self.target == "teacher" and self.predict != "masked":
+            raise ConfigError("beit.target=teacher predicts the masked positions only (beit.predict=masked)")
         if self.predict not in ("masked", "all"):
             raise ConfigError(f"predict must be 'masked' or 'all', got {self.predict!r}")
         self.masking_config()  # validates the masking fields
@@ -136,7 +136,7 @@ class BEiTMethod(Method):
             if vocab is not None and model_vocab is not None and int(vocab) != int(model_vocab):
                 raise ConfigError(f"model.vocab_size={model_vocab} differs from the tokenizer's vocabulary {vocab}")
             self.pixel_head = None
-        elif self.cfg.target == "features":
+        elif self.cfg.target == "teacher":
             self.pixel_head = None  # the feature head comes with the teacher (attach_teacher)
         else:
             embed_dim = int(getattr(mcfg, "embed_dim", 0) or model.cls_token.shape[-1])
@@ -176,14 +176,14 @@ class BEiTMethod(Method):
 
     @property
     def teacher_request(self) -> tuple[str, int] | None:
-        """``(path, block)`` of the teacher ``target=features`` needs and has not got yet: the pretraining task
+        """``(path, block)`` of the teacher ``target=teacher`` needs and has not got yet: the pretraining task
         loads it (loading a backbone is a layer above the methods) and hands it to :meth:`attach_teacher`."""
-        if self.cfg.target != "features" or self.__dict__["teacher"] is not None:
+        if self.cfg.target != "teacher" or self.__dict__["teacher"] is not None:
             return None
         return (self.cfg.teacher, self.cfg.teacher_block)
 
     def attach_teacher(self, teacher: Any) -> None:
-        """``target=features``: the frozen teacher (``features(images in [0, 1], grid) -> (B, N, C)`` float32 and
+        """``target=teacher``: the frozen teacher (``features(images in [0, 1], grid) -> (B, N, C)`` float32 and
         ``dim``; :class:`beit.tokenizers.vqkd.Teacher`), and the regression head ``D -> C`` it implies. Call it
         before training: the head's parameters must be in the optimiser."""
         self.__dict__["teacher"] = teacher  # not registered, like the tokenizer
@@ -224,12 +224,12 @@ class BEiTMethod(Method):
         return total, {"loss": total.detach(), "mlm_loss": loss.detach(), "mlm_acc": acc,
                        "agg_loss": agg_loss.detach(), "agg_acc": agg_acc}
 
-    def _forward_features_target(self, images: torch.Tensor, mask: torch.Tensor, tok_images: torch.Tensor
+    def _forward_teacher_target(self, images: torch.Tensor, mask: torch.Tensor, tok_images: torch.Tensor
                                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``1 - cos`` between the head's output and the teacher's patch features, over the masked positions."""
         teacher = self.__dict__["teacher"]
         if teacher is None or self.feature_head is None:
-            raise ConfigError("beit.target=features: no teacher attached (set beit.teacher=PATH; the pretraining "
+            raise ConfigError("beit.target=teacher: no teacher attached (set beit.teacher=PATH; the pretraining "
                               "task loads it)")
         target = teacher.features(tok_images, self.model.grid_size)  # (B, N, C) float32, no gradient
         tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
@@ -270,8 +270,8 @@ class BEiTMethod(Method):
                     acc = torch.zeros((), device=images.device)
             return loss, {"loss": loss.detach(), "mlm_acc": acc}
 
-        if cfg.target == "features":
-            return self._forward_features_target(images, mask, batch["tok_images"])
+        if cfg.target == "teacher":
+            return self._forward_teacher_target(images, mask, batch["tok_images"])
 
         # target == "pixels"
         target_pix = self._pixel_targets(images)  # (B, N, p*p*3)
@@ -321,9 +321,9 @@ def build(cfg):
                 f"the tokenizer gives a {grid} grid of ids but the model has a {cfg.model.grid_size} grid of "
                 f"patches ({cfg.model.img_size}px / patch {cfg.model.patch_size}); pick matching presets"
             )
-    if cfg.beit.target == "features":
+    if cfg.beit.target == "teacher":
         if not cfg.beit.teacher:
-            raise ConfigError("beit.target=features regresses a teacher's patch features: set beit.teacher=PATH "
+            raise ConfigError("beit.target=teacher regresses a teacher's patch features: set beit.teacher=PATH "
                               "(a pretraining run or any backbone beit.load reads)")
         tok_size = cfg.model.img_size  # the teacher's view: the patch view's crop in [0, 1], resized by the teacher
     method = BEiTMethod.build(cfg.model, tok, cfg.beit)
