@@ -60,7 +60,7 @@ def add_commands(sub) -> None:
     from ..tokenizers.train import RUN_PRESETS
     from ..tokenizers.vqkd_train import VQKD_RUN_PRESETS
 
-    tok = sub.add_parser("tokenizer", help="train, evaluate or convert a visual tokenizer (dVAE)")
+    tok = sub.add_parser("tokenizer", help="train, evaluate or convert a visual tokenizer (dVAE, VQ-VAE, VQ-KD)")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a discrete VAE on a folder of images")
     t.add_argument("--data", required=True, help="folder of images")
