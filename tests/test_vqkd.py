@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 import beit
 from beit.cli import main
-from beit.config import ConfigError, ModelConfig
+from beit.config import ConfigError, ModelConfig, replace
 from beit.interop import export
 from beit.methods.beit import BEiTConfig, BEiTMethod
 from beit.models.tokenizer import load_tokenizer, save_tokenizer
 from beit.models.vit import VisionTransformer
-from beit.models.vqkd import VQKDConfig, VQKDTokenizer
+from beit.models.vqkd import VQKDConfig, VQKDTokenizer, get_vqkd_preset
 from beit.tokenizers.beit2 import convert_beit2
 from beit.tokenizers.vqkd import (
     Teacher,
@@ -64,6 +64,24 @@ def test_usage_perplexity_and_teacher_cosine_by_hand():
         pred = tok.decode_features(tok.codebook[ids])  # (4, 16, 24)
         cos = F.cosine_similarity(pred, tch.features(x, (4, 4)), dim=-1).mean()
     assert res["teacher_cos"] == pytest.approx(float(cos), abs=1e-5) and res["num_images"] == 4
+
+
+def test_preset_shapes_and_teacher_at_its_own_resolution():
+    tok = VQKDTokenizer(replace(get_vqkd_preset("vqkd_32"), target_dim=24)).eval()
+    ids = tok.encode(torch.rand(2, 3, 32, 32))
+    assert ids.shape == (2, 8, 8) and int(ids.max()) < 1024 and tok.codebook.shape == (1024, 32)
+    assert torch.allclose(tok.codebook.norm(dim=1), torch.ones(1024))
+    # a 32 px teacher (8x8 grid) for a 16 px tokenizer (4x4 grid): the image goes up, the features come down
+    tch = tiny_teacher(img=32)
+    x = torch.rand(2, 3, 16, 16)
+    f = tch.features(x, (4, 4))
+    up = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    full = tch.features(up, (8, 8))  # (2, 64, 24) on the teacher's own grid
+    down = F.interpolate(full.transpose(1, 2).reshape(2, 24, 8, 8), size=(4, 4), mode="bilinear",
+                         align_corners=False, antialias=True).flatten(2).transpose(1, 2)
+    assert f.shape == (2, 16, 24) and torch.allclose(f, down, atol=1e-5)
+    with pytest.raises(ConfigError, match="teacher_block"):
+        Teacher(tch.model, block=2)
 
 
 def test_straight_through_gradients_reach_the_encoder():
