@@ -187,9 +187,13 @@ class VQKDObjective(TokenizerObjective):
         ema_codebook_update(cb, self.cluster_size, z, ids, self.cfg.ema_decay)
         dead = self.cluster_size < self.cfg.dead_code_threshold  # (K,) bool
         n_dead = int(dead.sum())
-        if n_dead:  # restarted at data points, with a count that gives them ~log(thr)/log(decay) steps to win
+        if n_dead:
+            # restarted at data points with the threshold as count: a code that wins no vector in the next batch
+            # falls under it again and is re-sampled at once (Jukebox), instead of idling ~log(thr)/log(decay)
+            # steps (350 at 0.03 and 0.99) as it would with a count of 1. Measured (docs/tokenizer.md): held-out
+            # codebook use 50% instead of 14% after 150 steps, the same teacher cosine
             cb[dead] = _sample(z, n_dead)
-            self.cluster_size[dead] = 1.0
+            self.cluster_size[dead] = self.cfg.dead_code_threshold
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch_images(batch)
