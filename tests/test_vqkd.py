@@ -189,6 +189,16 @@ def _reference_ids(sd: dict, images: torch.Tensor, heads: int, depth: int) -> to
     return (z @ codes.t()).argmax(-1).reshape(B, 4, 4)
 
 
+class _Touch:
+    """A pickle that creates a file when loaded without ``weights_only``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_official_checkpoint_converts_with_equal_ids(tmp_path):
     g = torch.Generator().manual_seed(0)
     sd = {**_official_vit("encoder", 3, 4, 4, 32, 2, g), **_official_vit("decoder", 8, 1, 4, 16, 1, g)}
@@ -213,6 +223,11 @@ def test_official_checkpoint_converts_with_equal_ids(tmp_path):
     with pytest.raises(Exception, match="exists"):
         convert_beit2(ckpt, tmp_path / "tok")  # never overwrites
     assert out.name == "tokenizer.safetensors"
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"encoder.cls_token": _Touch(marker)}}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="cannot read it as plain tensors"):
+        convert_beit2(tmp_path / "evil.pth", tmp_path / "evil")
+    assert not marker.exists()  # nothing was executed
     del sd["quantize.embedding.weight"]
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(Exception, match="not a BEiT v2 VQ-KD checkpoint"):
