@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +33,8 @@ from beit.tokenizers.vqkd import (
     evaluate_vqkd,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 from pretrain_driver import TINY as PRETRAIN_TINY  # noqa: E402
 from pretrain_driver import pretrain  # noqa: E402
 
@@ -344,3 +348,30 @@ def test_eval_command_and_errors(tmp_path, make_image_folder, capsys):
     err = capsys.readouterr().err.strip()
     assert "not a backbone" in err and "\n" not in err
     assert Path(tdir).exists()
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, make_image_folder):
+    """The codebook, its EMA counts and the restart RNG are run state: a killed run resumes to the same numbers."""
+    torch.manual_seed(0)
+    teacher = export(VisionTransformer(ModelConfig(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)),
+                     tmp_path / "teacher", "timm")
+    data = make_image_folder(tmp_path / "imgs", classes=(), per_class=8, size=16)
+    small = [f"model.{k}={v}" for k, v in TINY.items() if k != "target_dim"]
+    args = ["tokenizer", "train", "--objective", "vqkd", "--teacher", str(teacher), "--data", str(data), "--steps", "6",
+            "--batch-size", "4", "--precision", "fp32", "train.ckpt_every=3", "train.log_every=1",
+            "train.num_workers=0", *small]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    drv = [sys.executable, str(ROOT / "tests" / "kill_driver.py")]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run([*drv, "0", *args, "--out", str(full)], env=env, check=True, capture_output=True, timeout=300)
+    p = subprocess.run([*drv, "4", *args, "--out", str(cut)], env=env, capture_output=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    subprocess.run([*drv, "0", *args, "--out", str(cut), "--resume"], env=env, check=True, capture_output=True,
+                   timeout=300)
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    assert sorted(losses(full)) == list(range(1, 7)) and losses(full) == losses(cut)
+    assert torch.equal(load_tokenizer(full).codebook, load_tokenizer(cut).codebook)
