@@ -4,7 +4,7 @@ The final [CLS] token (before the final norm) is concatenated with the patch tok
 block ``l`` and passed through ``depth`` (2) extra transformer blocks; their patch outputs go through the
 backbone's final norm and its (shared) MIM head, and predict the visual tokens at the masked positions with
 their own cross-entropy, added to the main MIM loss. The head's patch tokens carry only what block ``l``
-knew, so the loss can only fall by putting information about the image into [CLS]: the linear probe on
+knew, so its loss falls by putting information about the image into the final [CLS]: the linear probe on
 [CLS] rises (the paper's ablation). The head is dropped after pretraining: it is a submodule of the
 method, not of the backbone, so it is trained and checkpointed but never part of what ``beit.load`` returns.
 Official layout: ``VisionTransformerForMaskedImageModelingCLS`` (``early_layers=9, head_layers=2`` for ViT-B).
