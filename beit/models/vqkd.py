@@ -185,7 +185,8 @@ class VQKDTokenizer(nn.Module):
         return self.decode_task_layer(tokens)
 
     def decode(self, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        raise ValueError("a VQ-KD tokenizer has no pixel decoder: its codes stand for teacher features, not pixels")
+        raise ConfigError("a VQ-KD tokenizer has no pixel decoder: its codes stand for teacher features, not pixels "
+                          "(pictures of decoded tokens need a dVAE or VQ-VAE tokenizer)")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images)
