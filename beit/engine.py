@@ -42,10 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import compiling, tracking
 from . import machine as machine_info
-from . import tracking
 from .checkpoint_io import holding_nonfinite, nonfinite_tensors
-from . import compiling
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .data.folder import SKIP_LIST, DropUnreadable, write_skip_list

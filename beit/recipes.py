@@ -14,7 +14,8 @@ from typing import Any
 from .config import ModelConfig, from_dict, image_hw
 
 __all__ = ["CAMVID_CLASSES", "DEMO_DEFAULT_METHOD", "DEMO_METHODS", "FINETUNE", "MODELS", "PRETRAIN",
-           "PRETRAIN_DEFAULTS", "SEGMENT", "TOKENIZERS", "TOKENIZER_RUNS", "image_hw_of", "parameter_count", "preset_dict"]
+           "PRETRAIN_DEFAULTS", "SEGMENT", "TOKENIZERS", "TOKENIZER_RUNS", "VQKD_RUNS", "VQKD_TOKENIZERS", "image_hw_of",
+           "parameter_count", "preset_dict"]
 
 # --------------------------------------------------------------------------------------------- backbones
 
@@ -80,6 +81,20 @@ TOKENIZER_RUNS: dict[str, dict] = {
         objective={"kl_weight": 6.6, "tau_anneal_fraction": 0.05, "kl_warmup_fraction": 0.01},
         train={"batch_size": 512},
     ),
+}
+
+# BEiT v2's semantic tokenizers (VQ-KD, beit.models.vqkd.VQKDConfig): the paper's 8192 x 32 codebook at 224 px,
+# a 1024-entry one for 32 px images; encoder/decoder widths follow the backbone they distil.
+VQKD_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "vqkd_32": dict(img_size=32, patch_size=4, vocab_size=1024, embed_dim=32, encoder_dim=192, encoder_depth=4,
+                    encoder_heads=3, decoder_dim=192, decoder_depth=1, decoder_heads=3),
+    "vqkd_224": dict(img_size=224, patch_size=16, vocab_size=8192, embed_dim=32, encoder_dim=768, encoder_depth=12,
+                     encoder_heads=12, decoder_dim=768, decoder_depth=1, decoder_heads=12),
+}
+VQKD_RUNS: dict[str, dict] = {
+    "vqkd_32": {"model": dict(VQKD_TOKENIZERS["vqkd_32"])},
+    "vqkd_224": {"model": dict(VQKD_TOKENIZERS["vqkd_224"]), "optim": {"lr": 2e-4, "warmup_fraction": 0.1},
+                 "train": {"epochs": 100, "batch_size": 512, "num_workers": 10}},
 }
 
 

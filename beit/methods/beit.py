@@ -7,7 +7,13 @@ only (HF ``BeitForMaskedImageModeling`` runs it on every patch, then drops most 
 
 Ablations of Table 4 in the paper: ``target=pixels`` regresses the masked patches' pixels instead of
 visual tokens (linear head ``D -> p*p*3``, MSE), ``predict=all`` takes the loss over every position, and
-``masking=random`` replaces blockwise masking with uniform masking.
+``masking=random`` replaces blockwise masking with uniform masking. ``target=teacher`` regresses a frozen
+teacher's patch features at the masked positions (``1 - cos``, head ``D -> C``): BEiT v2's natural ablation,
+the teacher's knowledge without the quantisation of a VQ-KD tokenizer.
+
+BEiT v2 (arXiv 2208.06366): the tokenizer may be a VQ-KD tokenizer (:mod:`beit.models.vqkd`; same ``encode``),
+and ``patch_aggregation=true`` adds the shallow [CLS] head of :mod:`beit.methods.aggregation` with its own
+masked-token loss; the head is a submodule of this method, never of the backbone ``beit.load`` returns.
 
 The tokenizer is frozen and is not part of this module's parameters or state dict: it is held as a plain
 attribute, not a registered submodule. That keeps it out of ``parameters()`` (optimizer, DDP, gradient
@@ -32,6 +38,7 @@ from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
 from ..models.tokenizer import Tokenizer, load_tokenizer
+from .aggregation import PatchAggregationHead, aggregation_block
 from .base import Method
 from .pixels import patchify, pixel_targets
 from .registry import register
@@ -49,7 +56,9 @@ class BEiTConfig:
     min_block: int = 16  # smallest block, in patches
     max_block: int | None = None  # largest block; None: the remaining budget (official)
     min_aspect: float = 0.3
-    target: str = "tokens"  # tokens (visual tokens, CE) | pixels (raw patch pixels, MSE)
+    target: str = "tokens"  # tokens (visual tokens, CE) | pixels (raw patch pixels, MSE) | teacher (its features, cos)
+    teacher: str = ""  # target=teacher: the backbone whose patch features are regressed (anything beit.load reads)
+    teacher_block: int = -1  # target=teacher: its block (0-based, -1 the last; its final norm applied)
     predict: str = "masked"  # masked: loss on masked positions only | all: every position
     norm_pix: bool = False  # target=pixels: normalise each target patch by its own mean/std
     # the shared crop of both views
@@ -59,14 +68,24 @@ class BEiTConfig:
     color_jitter: float = 0.4
     patch_interp: str = "bicubic"
     tokenizer_interp: str = "lanczos"
+    # BEiT v2 patch aggregation (methods/aggregation.py): a 2-block [CLS] head on the patch tokens of block
+    # patch_aggregation_block (0-based; None: 3/4 of the depth, the paper's 9 of 12), own MIM loss, dropped after
+    patch_aggregation: bool = False
+    patch_aggregation_block: int | None = None
+    patch_aggregation_depth: int = 2
 
     def __post_init__(self) -> None:
         check_fields(self, "beit", {"hflip": "prob", "color_jitter": "nonneg", "crop_scale crop_ratio": "positive"})
-        if self.target not in ("tokens", "pixels"):
-            raise ConfigError(f"target must be 'tokens' or 'pixels', got {self.target!r}")
+        if self.target not in ("tokens", "pixels", "teacher"):
+            raise ConfigError(f"target must be 'tokens', 'pixels' or 'teacher', got {self.target!r}")
+        if self.target == "teacher" and self.predict != "masked":
+            raise ConfigError("beit.target=teacher predicts the masked positions only (beit.predict=masked)")
         if self.predict not in ("masked", "all"):
             raise ConfigError(f"predict must be 'masked' or 'all', got {self.predict!r}")
         self.masking_config()  # validates the masking fields
+        if self.patch_aggregation and (self.target != "tokens" or self.predict != "masked"):
+            raise ConfigError("beit.patch_aggregation needs beit.target=tokens and beit.predict=masked")
+        check_fields(self, "beit", {"patch_aggregation_depth": "size"})
 
     def masking_config(self) -> MaskingConfig:
         return MaskingConfig(
@@ -118,6 +137,8 @@ class BEiTMethod(Method):
             if vocab is not None and model_vocab is not None and int(vocab) != int(model_vocab):
                 raise ConfigError(f"model.vocab_size={model_vocab} differs from the tokenizer's vocabulary {vocab}")
             self.pixel_head = None
+        elif self.cfg.target == "teacher":
+            self.pixel_head = None  # the feature head comes with the teacher (attach_teacher)
         else:
             embed_dim = int(getattr(mcfg, "embed_dim", 0) or model.cls_token.shape[-1])
             self.pixel_head = nn.Linear(embed_dim, self.patch_size**2 * 3)
@@ -128,6 +149,12 @@ class BEiTMethod(Method):
             tokenizer.requires_grad_(False)
         # not registered: see the module docstring
         self.__dict__["tokenizer"] = tokenizer
+        self.__dict__["teacher"] = None
+        self.feature_head: nn.Linear | None = None
+        self.aggregation = None
+        if self.cfg.patch_aggregation:  # a submodule of the method, not the backbone: beit.load never returns it
+            block = aggregation_block(self.cfg.patch_aggregation_block, len(model.blocks))
+            self.aggregation = PatchAggregationHead(model, block, self.cfg.patch_aggregation_depth)
 
     @classmethod
     def build(
@@ -148,6 +175,24 @@ class BEiTMethod(Method):
 
     # ------------------------------------------------------------------------------------------ targets
 
+    @property
+    def teacher_request(self) -> tuple[str, int] | None:
+        """``(path, block)`` of the teacher ``target=teacher`` needs and has not got yet: the pretraining task
+        loads it (loading a backbone is a layer above the methods) and hands it to :meth:`attach_teacher`."""
+        if self.cfg.target != "teacher" or self.__dict__["teacher"] is not None:
+            return None
+        return (self.cfg.teacher, self.cfg.teacher_block)
+
+    def attach_teacher(self, teacher: Any) -> None:
+        """``target=teacher``: the frozen teacher (``features(images in [0, 1], grid) -> (B, N, C)`` float32 and
+        ``dim``; :class:`beit.tokenizers.vqkd.Teacher`), and the regression head ``D -> C`` it implies. Call it
+        before training: the head's parameters must be in the optimiser."""
+        self.__dict__["teacher"] = teacher  # not registered, like the tokenizer
+        head = nn.Linear(self.model.embed_dim, int(teacher.dim))
+        nn.init.trunc_normal_(head.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(head.bias)
+        self.feature_head = head.to(self.model.cls_token.device)
+
     @torch.no_grad()
     def visual_tokens(self, tok_images: torch.Tensor) -> torch.Tensor:
         """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids, always in fp32: under bf16
@@ -166,6 +211,36 @@ class BEiTMethod(Method):
             ids = tok.encode(tok_images.float())  # (B, h, w)
         return ids.flatten(1).long()  # (B, N)
 
+    def _forward_aggregated(self, images: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MIM loss plus the patch-aggregation head's MIM loss (BEiT v2 Sec. 2.3), both on the masked positions
+        through the shared final norm and MIM head."""
+        m, head = self.model, self.aggregation
+        early, last = m.get_intermediate_layers(images, [head.block, -1], bool_masked_pos=mask)  # (B, 1+N, D) each
+        shared = m.rel_pos_bias(m.rel_pos_index) if m.rel_pos_bias is not None else None
+        agg = head(last[:, :1], early[:, 1:], shared, m.rel_pos_index)  # (B, N, D)
+        target = ids[mask]  # (M,)
+        loss, acc = _masked_ce(m.lm_head(m.norm(last[:, 1:])[mask]), target)
+        agg_loss, agg_acc = _masked_ce(m.lm_head(m.norm(agg)[mask]), target)
+        total = loss + agg_loss
+        return total, {"loss": total.detach(), "mlm_loss": loss.detach(), "mlm_acc": acc,
+                       "agg_loss": agg_loss.detach(), "agg_acc": agg_acc}
+
+    def _forward_teacher_target(self, images: torch.Tensor, mask: torch.Tensor, tok_images: torch.Tensor
+                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``1 - cos`` between the head's output and the teacher's patch features, over the masked positions."""
+        teacher = self.__dict__["teacher"]
+        if teacher is None or self.feature_head is None:
+            raise ConfigError("beit.target=teacher: no teacher attached (set beit.teacher=PATH; the pretraining "
+                              "task loads it)")
+        target = teacher.features(tok_images, self.model.grid_size)  # (B, N, C) float32, no gradient
+        tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
+        pred = self.feature_head(tokens[:, 1:][mask])  # (M, C)
+        cos = F.cosine_similarity(pred.float(), target[mask], dim=-1)  # (M,)
+        loss = _mean_or_zero((1 - cos).sum(), pred, cos.numel())
+        feat_cos = cos.detach().mean() if cos.numel() else cos.new_zeros(())
+        return loss, {"loss": loss.detach(), "feat_cos": feat_cos}
+
     def _pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_targets(images, self.patch_size, self.cfg.norm_pix)  # (B, N, p*p*3)
 
@@ -178,6 +253,8 @@ class BEiTMethod(Method):
 
         if cfg.target == "tokens":
             ids = self.visual_tokens(batch["tok_images"])  # (B, N)
+            if self.aggregation is not None:
+                return self._forward_aggregated(images, mask, ids)
             if cfg.predict == "masked":
                 logits = self.model.forward_mim(images, mask)  # (M, V), row-major order of the mask
                 target = ids[mask]  # (M,)
@@ -195,6 +272,9 @@ class BEiTMethod(Method):
                     acc = torch.zeros((), device=images.device)
             return loss, {"loss": loss.detach(), "mlm_acc": acc}
 
+        if cfg.target == "teacher":
+            return self._forward_teacher_target(images, mask, batch["tok_images"])
+
         # target == "pixels"
         target_pix = self._pixel_targets(images)  # (B, N, p*p*3)
         tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
@@ -207,6 +287,14 @@ class BEiTMethod(Method):
             pred = self.pixel_head(patches)  # (B, N, p*p*3)
             loss = (pred.float() - target_pix).pow(2).mean()
         return loss, {"loss": loss.detach()}
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) of ``(M, V)`` logits against ``(M,)`` ids; 0 (with a graph) when M = 0."""
+    loss = _mean_or_zero(F.cross_entropy(logits.float(), target, reduction="sum"), logits, len(target))
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == target).float().mean() if len(target) else logits.new_zeros(())
+    return loss, acc
 
 
 def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
@@ -233,6 +321,11 @@ def build(cfg):
                 f"the tokenizer gives a {grid} grid of ids but the model has a {cfg.model.grid_size} grid of "
                 f"patches ({cfg.model.img_size}px / patch {cfg.model.patch_size}); pick matching presets"
             )
+    if cfg.beit.target == "teacher":
+        if not cfg.beit.teacher:
+            raise ConfigError("beit.target=teacher regresses a teacher's patch features: set beit.teacher=PATH "
+                              "(a pretraining run or any backbone beit.load reads)")
+        tok_size = cfg.model.img_size  # the teacher's view: the patch view's crop in [0, 1], resized by the teacher
     method = BEiTMethod.build(cfg.model, tok, cfg.beit)
     cfg = dataclasses.replace(cfg, model=method.model.cfg)
     transform = build_pretrain_transform(cfg.beit, cfg.model, tok_size)

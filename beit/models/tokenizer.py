@@ -40,6 +40,7 @@ from torch import nn
 from .. import recipes
 from ..checkpoint_io import CheckpointError, check_finite, load_weights, removed_on_failure, write_safetensors
 from ..config import ConfigError, from_dict, replace, to_dict
+from .vqkd import VQKDConfig, VQKDTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
 TOKENIZER_FILE = "tokenizer.safetensors"
@@ -379,8 +380,9 @@ class TokenizerFileError(CheckpointError, ValueError):
         self.folder = folder
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
-    """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion)."""
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer | VQKDTokenizer:
+    """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion):
+    a :class:`Tokenizer` (dVAE / VQ-VAE) or a :class:`beit.models.vqkd.VQKDTokenizer` (VQ-KD)."""
     path = Path(path)
     if path.is_dir() and not tokenizer_file(path).is_file():
         raise TokenizerFileError(f"no tokenizer at {path / TOKENIZER_FILE}", folder=path)
@@ -398,8 +400,10 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
         what = "a model (a backbone, not a tokenizer)" if "model_config" in meta or any(
             k.startswith(("blocks.", "encoder.layer.")) for k in tensors) else "not a beit tokenizer"
         raise TokenizerFileError(f"{path}: {what}: no tokenizer config in the safetensors header")
-    cfg = from_dict(TokenizerConfig, meta["config"], prefix="model.")
-    tok = Tokenizer(cfg)
+    if meta["config"].get("quantizer") == "vqkd":  # a semantic tokenizer (BEiT v2), same file format
+        tok: Tokenizer | VQKDTokenizer = VQKDTokenizer(from_dict(VQKDConfig, meta["config"], prefix="model."))
+    else:
+        tok = Tokenizer(from_dict(TokenizerConfig, meta["config"], prefix="model."))
     try:
         tok.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -22,6 +22,7 @@ from ..data.shards import open_images
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
+from ..tokenizers.vqkd import Teacher
 from ..tracking import wanted as trackers_wanted
 from ..viz.attention import show_attention
 from ..viz.curves import run_curves
@@ -147,6 +148,9 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     ``dataset``: a dataset of images instead of the folder ``cfg.data.path``."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
+    request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
+    if request:
+        method.attach_teacher(Teacher.load(*request))
     dataset = build_dataset(cfg.data, transform, dataset)
     if cfg.data.decode == "fast":
         views = getattr(transform, "views", None)

@@ -1,10 +1,12 @@
-"""Visual tokenizers: train (Gumbel dVAE / VQ-VAE objectives on the shared engine), evaluate, convert DALL-E weights.
+"""Visual tokenizers: train (Gumbel dVAE / VQ-VAE / VQ-KD objectives on the shared engine), evaluate, convert
+DALL-E and BEiT v2 weights.
 
 The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``decode`` ids -> images) lives in
 :mod:`beit.models.tokenizer`; this package holds what is done with it: :mod:`.base` (what every objective
 shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.metrics` (PSNR, codebook use),
 :mod:`.train` (the run), :mod:`.evaluate` (a saved tokenizer on a folder), :mod:`.dalle`; the dataset is
-:mod:`beit.data.tokenizer`.
+:mod:`beit.data.tokenizer`. The semantic tokenizer of BEiT v2: :mod:`.vqkd` (objective, teacher),
+:mod:`.vqkd_train` (the run), :mod:`.beit2` (official checkpoints).
 """
 
 from ..models.tokenizer import (
@@ -17,6 +19,7 @@ from ..models.tokenizer import (
     save_tokenizer,
 )
 from .base import ObjectiveConfig, TokenizerObjective
+from .beit2 import convert_beit2
 from .dalle import ConversionError, convert_dalle
 from .evaluate import evaluate_cmd, reconstruction_grid
 from .gumbel import GumbelObjective
@@ -30,6 +33,8 @@ from .train import (
     train_tokenizer,
 )
 from .vq import VQObjective
+from .vqkd import Teacher, VQKDObjective, VQKDObjectiveConfig, evaluate_vqkd
+from .vqkd_train import VQKD_RUN_PRESETS, VQKDTrainConfig, build_vqkd_config, evaluate_vqkd_cmd, train_vqkd
 
 __all__ = [
     "OBJECTIVES",
@@ -42,16 +47,26 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerObjective",
     "TokenizerTrainConfig",
+    "Teacher",
+    "VQKDObjective",
+    "VQKDObjectiveConfig",
+    "VQKDTrainConfig",
+    "VQKD_RUN_PRESETS",
     "VQObjective",
     "build_config",
     "build_objective",
+    "build_vqkd_config",
+    "convert_beit2",
     "convert_dalle",
     "evaluate_cmd",
     "evaluate_tokenizer",
+    "evaluate_vqkd",
+    "evaluate_vqkd_cmd",
     "get_tokenizer_preset",
     "is_tokenizer_file",
     "load_tokenizer",
     "reconstruction_grid",
     "save_tokenizer",
     "train_tokenizer",
+    "train_vqkd",
 ]

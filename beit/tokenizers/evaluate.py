@@ -15,7 +15,9 @@ from ..config import ConfigError
 from ..data.folder import DropUnreadable
 from ..data.tokenizer import build_dataset
 from ..models.tokenizer import Tokenizer, load_tokenizer
+from ..models.vqkd import VQKDTokenizer
 from .metrics import evaluate_tokenizer
+from .vqkd_train import evaluate_vqkd_cmd
 
 log = logging.getLogger("beit")
 
@@ -46,8 +48,12 @@ def evaluate_cmd(
     out_json: str | Path | None = None,
     device: str = "cpu",
     num_workers: int = 0,
+    teacher: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a saved tokenizer (a run dir or ``tokenizer.safetensors``) on a folder of images.
+
+    A VQ-KD tokenizer has no pixels to reconstruct: it reports codebook usage, perplexity and the cosine to
+    its teacher's features (``teacher``, default: the one its run recorded; :func:`evaluate_vqkd_cmd`).
 
     Images are resized (shorter side) and centre-cropped to the tokenizer's size. Optionally writes a
     reconstruction grid PNG of the first 8 images and the numbers as JSON.
@@ -55,6 +61,9 @@ def evaluate_cmd(
     if batch_size < 1 or limit < 0:
         raise ConfigError(f"--batch-size must be >= 1 and --limit >= 0, got {batch_size} and {limit}")
     tok = load_tokenizer(tokenizer, device=device)
+    if isinstance(tok, VQKDTokenizer):
+        return evaluate_vqkd_cmd(tokenizer, data_dir, teacher=teacher, limit=limit, batch_size=batch_size,
+                                 device=device)
     ds = build_dataset(data_dir, tok.cfg.img_size, train=False, limit=limit)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=DropUnreadable())  # an image that fails to decode is left out

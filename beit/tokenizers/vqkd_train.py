@@ -1,0 +1,147 @@
+"""Training a VQ-KD tokenizer (``beit tokenizer train --objective vqkd --teacher PATH``) on the shared engine.
+
+The run config (:class:`VQKDTrainConfig`) has the sections of every tokenizer run (``model``, ``data``,
+``optim``, ``train``) with a VQ-KD ``model`` (:class:`beit.models.vqkd.VQKDConfig`) and a ``vqkd`` section
+(teacher, teacher block and precision, codebook EMA). The run writes what a tokenizer run writes:
+``RUN/tokenizer.safetensors`` (``beit.load`` / ``--tokenizer`` read it), ``config.yaml``, ``metrics.jsonl``,
+``checkpoints/``, ``loss.png`` and, with validation images, ``eval.json`` (codebook usage, perplexity,
+teacher cosine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import recipes
+from ..checkpoint_io import CheckpointError
+from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, replace, resolve
+from ..engine import finish_run, start_run, train
+from ..models.tokenizer import load_tokenizer, save_tokenizer
+from ..models.vqkd import VQKDConfig, VQKDTokenizer
+from ..viz.curves import run_curves
+from .train import TokenizerDataConfig, build_dataset
+from .vqkd import Teacher, VQKDObjective, VQKDObjectiveConfig, evaluate_vqkd
+
+__all__ = ["VQKD_RUN_PRESETS", "VQKDTrainConfig", "build_vqkd_config", "evaluate_vqkd_cmd", "train_vqkd"]
+
+log = logging.getLogger("beit")
+
+
+@dataclass
+class VQKDTrainConfig:
+    model: VQKDConfig = field(default_factory=VQKDConfig)
+    vqkd: VQKDObjectiveConfig = field(default_factory=VQKDObjectiveConfig)
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    # the official recipe's AdamW (run_vqkd_training.py): betas (0.9, 0.99), weight decay 1e-4, min lr 1e-5
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, min_lr=1e-5, weight_decay=1e-4, betas=(0.9, 0.99),
+                                            warmup_fraction=0.05, clip_grad=3.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, batch_size=64, log_every=20,
+                                                                    ckpt_every=500))
+
+
+# A run preset = the architecture of the same name + training defaults sized for it. vqkd_224 is the paper's
+# recipe (100 epochs on ImageNet-1k at batch 512, lr 5e-5 per 128 images, 10 warmup epochs); vqkd_32's lr is a
+# CPU-sized guess that scripts/vqkd_study.sh is there to settle.
+VQKD_RUN_PRESETS: dict[str, dict] = recipes.VQKD_RUNS  # the recipes live in beit.recipes (no torch)
+
+
+def build_vqkd_config(preset: str | None = "vqkd_32", config: str | Path | None = None,
+                      overrides: list[str] | dict | None = None) -> VQKDTrainConfig:
+    """defaults <- run preset <- YAML file <- ``key=value`` overrides (e.g. ``vqkd.teacher_block=3``)."""
+    return resolve(VQKDTrainConfig, VQKD_RUN_PRESETS, preset, config, overrides)
+
+
+def _check_finite(tok: VQKDTokenizer) -> None:
+    bad = [k for k, v in tok.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"the trained tokenizer has non-finite weights ({', '.join(bad[:3])}); not saved")
+
+
+def train_vqkd(
+    data_dir: str | Path | Dataset | None = None,
+    out_dir: str | Path = "runs/vqkd",
+    preset: str | None = "vqkd_32",
+    steps: int | None = None,
+    overrides: list[str] | dict | None = None,
+    *,
+    teacher: str | Path | None = None,
+    config: str | Path | None = None,
+    val_dir: str | Path | Dataset | None = None,
+    resume: bool = False,
+    max_minutes: float = 0.0,
+    cfg: VQKDTrainConfig | None = None,
+    resume_anyway: bool = False,
+) -> Path:
+    """Distil ``teacher`` (``vqkd.teacher``) into a VQ-KD tokenizer on the images of ``data_dir``; returns the run."""
+    if cfg is None:
+        cfg = build_vqkd_config(preset, config, overrides)
+    if steps is not None:
+        cfg.train.steps = int(steps)
+    if teacher is not None:
+        cfg.vqkd.teacher = str(teacher)
+    data: str | Path | Dataset = data_dir if data_dir is not None else cfg.data.path
+    if isinstance(data, (str, Path)):
+        if not str(data):
+            raise ConfigError("tokenizer training needs data: a folder of images (data.path / --data)")
+        cfg.data.path = str(data)
+    val: str | Path | Dataset | None = val_dir if val_dir is not None else (cfg.data.val_path or None)
+    if isinstance(val, (str, Path)):
+        cfg.data.val_path = str(val)
+
+    env = start_run(cfg.train)
+    vq = cfg.vqkd
+    tch = Teacher.load(vq.teacher, vq.teacher_block, vq.teacher_precision, vq.teacher_mean, vq.teacher_std)
+    if cfg.model.target_dim == 0:  # the decoder reconstructs the teacher's feature width
+        cfg.model = replace(cfg.model, target_dim=tch.dim)
+    mc = cfg.model
+    dataset = build_dataset(data, mc.img_size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
+    val_ds = build_dataset(val, mc.img_size, train=False, limit=cfg.data.val_limit) if val is not None else None
+    tok = VQKDTokenizer(mc)
+    method = VQKDObjective(tok, tch, vq)
+    if env.is_main:
+        log.info("training a VQ-KD tokenizer (%.2fM parameters, %dpx -> %dx%d tokens, vocab %d x %d) from a "
+                 "%d-block teacher (block %d, %s, %dpx) on %d images",
+                 sum(p.numel() for p in tok.parameters()) / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size,
+                 mc.embed_dim, len(tch.model.blocks), tch.block, vq.teacher_precision,
+                 tch.model.patch_embed.img_hw[0], len(dataset))  # type: ignore[arg-type]
+    res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
+                config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc="tokenizer vqkd",
+                max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
+    run_dir = Path(res.run_dir)
+    if env.is_main:
+        tok.eval()
+        _check_finite(tok)
+        save_tokenizer(tok, run_dir)
+        if val_ds is not None:
+            ev = res.last_eval or evaluate_vqkd(tok, tch, val_ds)
+            (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
+    finish_run(env, {"loss.png": run_curves(run_dir, "loss.png", ("loss", "rec", "teacher_cos", "perplexity"),
+                                            "VQ-KD tokenizer training")})
+    return run_dir
+
+
+def evaluate_vqkd_cmd(tokenizer: str | Path, data_dir: str | Path, *, teacher: str | None = None, limit: int = 0,
+                      batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
+    """``beit tokenizer eval`` for a VQ-KD tokenizer: its teacher is ``teacher`` or the one its run recorded."""
+    tok = load_tokenizer(tokenizer, device=device)
+    if not isinstance(tok, VQKDTokenizer):
+        raise ConfigError(f"{tokenizer} is not a VQ-KD tokenizer")
+    vq = VQKDObjectiveConfig()
+    run_cfg = Path(tokenizer) / "config.yaml"
+    if run_cfg.is_file():  # a training run: its own teacher settings
+        vq = build_vqkd_config(None, run_cfg).vqkd
+    if teacher:
+        vq.teacher = str(teacher)
+    if not vq.teacher:
+        raise ConfigError(f"{tokenizer}: no teacher recorded with this tokenizer; pass --teacher PATH")
+    tch = Teacher.load(vq.teacher, vq.teacher_block, vq.teacher_precision, vq.teacher_mean, vq.teacher_std)
+    ds = build_dataset(data_dir, tok.cfg.img_size, train=False, limit=limit)
+    res = evaluate_vqkd(tok, tch, DataLoader(ds, batch_size=batch_size, shuffle=False))
+    return {**res, "teacher": vq.teacher}
