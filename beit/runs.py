@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, interop, machine
+from . import interop, machine
 from .checkpoint import (
     CKPT_DIR,
     TMP_PREFIX,
@@ -47,6 +47,7 @@ from .config import ConfigError, ModelConfig, flatten, from_dict, to_dict
 from .data.views import IMAGENET_MEAN, IMAGENET_STD
 from .models.tokenizer import TOKENIZER_FILE, is_tokenizer_file, tokenizer_file
 from .models.vit import VisionTransformer
+from .version import __version__
 
 log = logging.getLogger("beit")
 

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from .config import TRACKERS, ConfigError, flatten
 
 __all__ = ["IDS_FILE", "TRACKERS", "Trackers", "TrackingError", "check_installed", "wanted"]
@@ -75,9 +78,6 @@ class _TensorBoard:
             self.w.add_scalar(k, v, step)
 
     def image(self, name: str, path: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
-
         self.w.add_image(name, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
     def close(self, failed: bool) -> None:  # noqa: ARG002

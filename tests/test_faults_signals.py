@@ -53,7 +53,7 @@ def wait_training(p: subprocess.Popen, out: Path, timeout: float = 240) -> None:
 
 
 def long_run(data: Path, out: Path, *extra: str) -> list:
-    return pretrain(data, out, 100_000, *extra)  # never reaches its end here: it is stopped
+    return pretrain(data, out, 100_000, "--json", *extra)  # never reaches its end here: it is stopped
 
 
 def steps_saved(out: Path) -> list[int]:

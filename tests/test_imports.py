@@ -31,6 +31,7 @@ ALLOWED = {("beit.methods.registry", "beit.methods"): "plugin discovery: the reg
 
 # Third-party packages that may be imported inside a function body, each with why it is imported late.
 LAZY_THIRD_PARTY = {
+    "torch": "heavy: the CLI parses (--help, presets, --version) without it and imports it when a command runs",
     "matplotlib": "heavy (~0.3 s and a font cache); pictures only",
     "torchvision": "heavy; transforms and pictures only, `import beit` and beit.load need none of it",
     "torch.utils.tensorboard": "optional: the tensorboard package, with train.tensorboard=true only",

@@ -131,13 +131,13 @@ def test_pretraining_on_shards_resumes_mid_epoch_exactly(packed, tmp_path):
 def test_cli_pack_and_info(tmp_path, make_image_folder):
     folder = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = [sys.executable, "-m", "beit", "-q", "data"]
-    res = subprocess.run([*run, "pack", str(folder), "--out", str(tmp_path / "sh"), "--shard-size", "4"],
+    run = [sys.executable, "-m", "beit", "-q", "data"]  # with --json after each subcommand
+    res = subprocess.run([*run, "pack", str(folder), "--out", str(tmp_path / "sh"), "--shard-size", "4", "--json"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["shards"] == 2 and out["samples"] == 6 and out["classes"] == 2
-    info = subprocess.run([*run, "info", out["pattern"]], env=env, capture_output=True, text=True, timeout=120)
+    info = subprocess.run([*run, "info", out["pattern"], "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert json.loads(info.stdout.strip().splitlines()[-1]) == {"kind": "TarShards", "samples": 6, "classes": 2,
                                                                 "shards": 2}
     again = subprocess.run([*run, "pack", str(folder), "--out", str(tmp_path / "sh")], env=env, capture_output=True,

@@ -22,7 +22,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from . import data, demo, embed, export, finetune, presets, pretrain, probe, segment, show, tokenizer
 from .common import TRAIN_FLAGS, add_train_flags, one_line, overrides, print_result, user_errors, with_paths
 from .runner import run_with
@@ -102,35 +102,52 @@ def main(argv: list[str] | None = None, groups: Sequence[ModuleType] = COMMAND_G
     (a second Ctrl-C), so ``beit pretrain ... && beit finetune ...`` never goes on from a partial run."""
     parser = build_parser(groups)
     args = parse(parser, argv)
-    # the library (and torch) only once a command runs: parsing and --help stay torch-free
-    from ..engine import take_stop_signal
-    from ..runs import abandon_failed_starts, forget_starts
-
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (args.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
-    take_stop_signal()  # a signal an earlier command of this process received is not this one's
-    forget_starts()  # and the run folders it claimed are not this one's to clean up
+    _take_stop_signal()  # a signal an earlier command of this process received is not this one's
+    _forget_starts()  # and the run folders it claimed are not this one's to clean up
     try:
         code = int(args.func(args) or 0)
     except BrokenPipeError:  # `beit presets | head`: the reader left; not an error (and no second one at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except user_errors() as e:
-        abandon_failed_starts()
+        _abandon_failed_starts()
         if args.debug:
             raise
         print(f"beit: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        abandon_failed_starts()
+        _abandon_failed_starts()
         if args.debug:
             raise
         print("beit: interrupted: stopped at once, without saving (the run keeps its last checkpoint)", file=sys.stderr)
         return 128 + signal.SIGINT
-    forget_starts()
-    received = take_stop_signal()
+    _forget_starts()
+    received = _take_stop_signal()
     return 128 + received if received and code == 0 else code
+
+
+# The run-folder and signal state lives in beit.runs and beit.engine, which only a command that trains loads
+# (parsing, --help and `beit presets` never import torch): where a module is not loaded it holds no state.
+def _loaded(name: str) -> ModuleType | None:
+    return sys.modules.get(f"beit.{name}")
+
+
+def _take_stop_signal() -> int | None:
+    engine = _loaded("engine")
+    return engine.take_stop_signal() if engine is not None else None
+
+
+def _forget_starts() -> None:
+    if (runs := _loaded("runs")) is not None:
+        runs.forget_starts()
+
+
+def _abandon_failed_starts() -> None:
+    if (runs := _loaded("runs")) is not None:
+        runs.abandon_failed_starts()
 
 
 if __name__ == "__main__":  # pragma: no cover

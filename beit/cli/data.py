@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .common import emit
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -20,8 +22,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
     ds = ImageFolder(args.folder, with_labels=labelled)
     with tqdm(total=len(ds), desc="pack", unit="img", disable=args.quiet) as bar:
         shards = pack(ds, args.out, shard_size=args.shard_size, prefix=args.prefix, progress=bar.update)
-    print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(ds), "classes": len(ds.classes),
-                      "pattern": f"{args.out.rstrip('/')}/{args.prefix}-{{000000..{len(shards) - 1:06d}}}.tar"}))
+    pattern = f"{args.out.rstrip('/')}/{args.prefix}-{{000000..{len(shards) - 1:06d}}}.tar"
+    emit(args, {"out": args.out, "shards": len(shards), "samples": len(ds), "classes": len(ds.classes),
+                "pattern": pattern},
+         f"packed {len(ds)} images ({len(ds.classes)} classes) into {len(shards)} shards, verified: {args.out}\n"
+         f"next: beit pretrain --data {shlex.quote(pattern)} --out runs/pretrain")
     return 0
 
 
@@ -35,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"kind": type(ds).__name__, "samples": len(ds), "classes": len(ds.classes)}
     if isinstance(ds, TarShards):
         info["shards"] = len(ds.shards)
-    print(json.dumps(info))
+    emit(args, info, "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
+from pathlib import Path
 
 from .. import recipes
 from .common import add_train_flags, overrides, print_config, print_result, run_options
@@ -16,8 +18,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = pretrain.build_config(args.preset or default_preset(args), args.config, ov)
     if print_config(args, cfg):
         return 0
-    print_result(args, pretrain.run(cfg, args.out, **run_options(args)), "pretrain", args.data)
+    print_result(args, pretrain.run(cfg, args.out, pictures=tracker_pictures, **run_options(args)), "pretrain",
+                 args.data)
     return 0
+
+
+def tracker_pictures(run: Path, image: Path, method: str) -> dict:
+    """What the trackers (``--log``) also get of a finished pretraining run: attention maps of its backbone on
+    ``image`` and, for MAE, its reconstructions (written into the run folder)."""
+    from ..viz.attention import show_attention
+    from ..viz.mae import show_mae
+
+    out = {"attention.png": partial(show_attention, run, image, run / "attention.png")}
+    if method == "mae":
+        out["reconstructions.png"] = partial(show_mae, run, image, run / "reconstructions.png")
+    return out
 
 
 def default_preset(args: argparse.Namespace) -> str | None:

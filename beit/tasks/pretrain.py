@@ -8,9 +8,11 @@ hands both to the one engine. Everything method-specific lives in the method's o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -24,9 +26,7 @@ from ..engine import TrainResult, claim_run, finish_run, start_run, train
 from ..methods import registry
 from ..tokenizers.vqkd import Teacher
 from ..tracking import wanted as trackers_wanted
-from ..viz.attention import show_attention
 from ..viz.curves import run_curves
-from ..viz.mae import show_mae
 from ..viz.masks import save_mask_grid
 
 log = logging.getLogger("beit")
@@ -143,9 +143,12 @@ def build_dataset(cfg: DataConfig, transform, data: Dataset | None = None) -> Da
 
 
 def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
-        resume_anyway: bool = False, dataset: Dataset | None = None) -> TrainResult:
+        resume_anyway: bool = False, dataset: Dataset | None = None,
+        pictures: Callable[[Path, Path, str], dict[str, Callable[[], Any]]] | None = None) -> TrainResult:
     """Pretrain as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config);
-    ``dataset``: a dataset of images instead of the folder ``cfg.data.path``."""
+    ``dataset``: a dataset of images instead of the folder ``cfg.data.path``. ``pictures(run, image, method)``:
+    more outputs of the finished run for the trackers (``--log``), e.g. attention maps; handed in by the caller
+    because looking inside a trained model sits above the tasks (:mod:`beit.viz`)."""
     env = start_run(cfg.train)
     method, transform, cfg = registry.build_method(cfg)
     request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
@@ -184,10 +187,7 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     outputs = {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
                                       f"{cfg.method} pretraining"),
                "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")}
-    if trackers_wanted(cfg.train) and len(dataset):  # pictures of the trained model for the trackers (--log)
-        image = dataset.samples[0][0]
-        outputs["attention.png"] = partial(show_attention, out, image, Path(out) / "attention.png")
-        if cfg.method == "mae":
-            outputs["reconstructions.png"] = partial(show_mae, out, image, Path(out) / "reconstructions.png")
+    if pictures is not None and trackers_wanted(cfg.train) and isinstance(dataset, ImageFolder) and len(dataset):
+        outputs.update(pictures(Path(out), dataset.samples[0][0], cfg.method))  # for the trackers (--log)
     finish_run(env, outputs, res)
     return res

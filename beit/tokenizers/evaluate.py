@@ -14,28 +14,12 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError
 from ..data.folder import DropUnreadable
 from ..data.tokenizer import build_dataset
-from ..models.tokenizer import Tokenizer, load_tokenizer
+from ..models.tokenizer import load_tokenizer
 from ..models.vqkd import VQKDTokenizer
-from .metrics import evaluate_tokenizer
+from .metrics import evaluate_tokenizer, reconstruction_grid
 from .vqkd_train import evaluate_vqkd_cmd
 
 log = logging.getLogger("beit")
-
-
-@torch.no_grad()
-def reconstruction_grid(tok: Tokenizer, images: torch.Tensor, path: str | Path) -> Path:
-    """PNG with the originals (top row) above their reconstructions through the code (bottom row)."""
-    from torchvision.utils import save_image
-
-    was_training = tok.training
-    tok.eval()
-    images = images.float()
-    rec = tok.reconstruct(images)
-    tok.train(was_training)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat([images.cpu(), rec.cpu()]), path, nrow=len(images), padding=2, pad_value=1.0)
-    return path
 
 
 def evaluate_cmd(

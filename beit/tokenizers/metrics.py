@@ -9,6 +9,7 @@ the hard code, exactly what BEiT's targets are, not the relaxed code seen in tra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.folder import DropUnreadable
 from ..models.tokenizer import Tokenizer
 
-__all__ = ["batch_images", "code_perplexity", "evaluate_tokenizer", "psnr"]
+__all__ = ["batch_images", "code_perplexity", "evaluate_tokenizer", "psnr", "reconstruction_grid"]
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -85,3 +86,19 @@ def evaluate_tokenizer(
         "perplexity": float(torch.exp(entropy)),
         "num_images": n,
     }
+
+
+@torch.no_grad()
+def reconstruction_grid(tok: Tokenizer, images: torch.Tensor, path: str | Path) -> Path:
+    """PNG with the originals (top row) above their reconstructions through the code (bottom row)."""
+    from torchvision.utils import save_image
+
+    was_training = tok.training
+    tok.eval()
+    images = images.float()
+    rec = tok.reconstruct(images)
+    tok.train(was_training)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([images.cpu(), rec.cpu()]), path, nrow=len(images), padding=2, pad_value=1.0)
+    return path

@@ -26,9 +26,8 @@ from ..engine import finish_run, start_run, train
 from ..models.tokenizer import Tokenizer, TokenizerConfig, save_tokenizer
 from ..viz.curves import run_curves
 from .base import ObjectiveConfig, TokenizerObjective
-from .evaluate import reconstruction_grid
 from .gumbel import GumbelObjective
-from .metrics import evaluate_tokenizer
+from .metrics import evaluate_tokenizer, reconstruction_grid
 from .vq import VQObjective
 
 log = logging.getLogger("beit")
