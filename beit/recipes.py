@@ -51,7 +51,7 @@ TOKENIZERS: dict[str, dict[str, Any]] = {
     "dvae_32": dict(img_size=32, vocab_size=512, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=128),
     "vq_32": _VQ_32,
     # vq_32 at half the width: 3x fewer encode FLOPs (0.035 vs 0.106 GFLOP per image; the frozen encode runs on
-    # every BEiT step). At the hour on CIFAR-10: BEiT fine-tunes as well as with vq_32 (docs/results.md 8.3)
+    # every BEiT step). At the hour on CIFAR-10: BEiT fine-tunes as well as with vq_32 (docs/notebook/2026-11-cifar10-hour.md, 8.3)
     "vq_32_small": {**_VQ_32, "n_hid": 32},
     # 64px -> 8x8 tokens (8x8 pixels per token, like DALL-E)
     "dvae_64": dict(img_size=64, vocab_size=1024, n_hid=64, n_groups=4, n_blk_per_group=1, n_init=128),
@@ -69,10 +69,10 @@ _VQ_TRAINING = {"objective": {"recon": "mse"}, "optim": {"lr": 2e-3}}  # the VQ 
 # A run preset = the tokenizer architecture of the same name + training defaults sized for it.
 TOKENIZER_RUNS: dict[str, dict] = {
     "dvae_32": _run_preset("dvae_32"),
-    # measured on CIFAR-10 (docs/results.md): 23.3 dB test PSNR, 99.6% of the codes in use after 20 minutes
+    # measured on CIFAR-10 (docs/notebook/2026-11-cifar10-tokenizer.md): 23.3 dB test PSNR, 99.6% of the codes in use after 20 minutes
     # on 2 CPU cores; MSE reconstruction and a higher lr than the dVAE default get there fastest
     "vq_32": _run_preset("vq_32", **_VQ_TRAINING),
-    # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning (docs/results.md section 8.3)
+    # the tiny BEiT preset's tokenizer: 3x fewer encode FLOPs, same BEiT fine-tuning (docs/notebook/2026-11-cifar10-hour.md, 8.3)
     "vq_32_small": _run_preset("vq_32_small", **_VQ_TRAINING),
     "dvae_64": _run_preset("dvae_64"),
     "dalle_112": _run_preset(
@@ -114,11 +114,11 @@ _BEIT: dict[str, dict] = {
     },
     # The small presets mask uniformly at random: on their 8x8 grid the paper's blocks (>= 16 patches) hide a
     # quarter of the image at once and most masked tokens have no visible neighbour (on ImageNet's 14x14 grid a
-    # block is small). Measured on CIFAR-10 (docs/results.md 8.4-8.5): after the same hour of pretraining,
+    # block is small). Measured on CIFAR-10 (docs/notebook/2026-11-cifar10-hour.md, 8.4-8.5): after the same hour of pretraining,
     # fine-tuned 51.9% with random masking vs 47.9% blockwise (scratch 44.2%; random masking over three label
     # draws: 52.9% vs scratch 44.6%). The tiny preset also crops its views
     # from (0.35, 1) of the image, not (0.08, 1): 8% of a 32 px image is a 9 px patch blown up (with the cheaper
-    # tokenizer, online kNN 31.0 vs 27.6 at the hour, fine-tuned the same: docs/results.md 8.3).
+    # tokenizer, online kNN 31.0 vs 27.6 at the hour, fine-tuned the same: docs/notebook/2026-11-cifar10-hour.md, 8.3).
     "beit_small_patch8_64": {
         "model": preset_dict("beit_small_patch8_64", drop_path_rate=0.1, layer_scale_init=0.1),
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_fraction": 0.05},
@@ -178,7 +178,7 @@ _IBOT: dict[str, dict] = {
     },
     # CPU-sized: 1024 prototypes and a 512-wide head (8192 x 2048 would dwarf the tiny backbone), no local
     # crops, teacher temperatures held at 0.04 (DINO's default): at the recipe's 0.07 the centred teacher of this
-    # small head is near uniform within ~40 steps and the [CLS] loss sits at ln K (docs/results.md section 8).
+    # small head is near uniform within ~40 steps and the [CLS] loss sits at ln K (docs/notebook/2026-11-cifar10-hour.md).
     "ibot_tiny_patch4_32": {
         "model": preset_dict("beit_tiny_patch4_32", **_IBOT_VIT),
         "optim": {"lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "warmup_fraction": 0.05, "clip_grad": 3.0},
@@ -227,7 +227,7 @@ FINETUNE: dict[str, dict] = {
         "train": {"epochs": 50, "batch_size": 128},
         "aug": {"crop_scale": [0.25, 1.0], "eval_crop_pct": 0.875},
     },
-    # Small labelled sets (docs/results.md section 8: CIFAR-10, 1,000 labels, on the 2-core CPU): no Mixup/CutMix
+    # Small labelled sets (docs/notebook/2026-11-cifar10-hour.md: CIFAR-10, 1,000 labels, on the 2-core CPU): no Mixup/CutMix
     # and lr 1e-3 ("R2") beat the ImageNet recipe from scratch (+8 points) and from MAE; RandAugment, random
     # erasing, label smoothing, drop path and layer decay stay.
     "beit_tiny_patch4_32": {
@@ -275,7 +275,7 @@ SEGMENT: dict[str, dict] = {
     # CamVid at 160x120 (../shared/data/camvid-160x120.tar.gz): the tiny ViT (192 wide, 6 deep) in 8 px
     # patches on the whole non-square image, a 15x20 grid; a backbone pretrained on 64 px squares (8x8)
     # comes with its tables resized. 1,800 steps of 8 (39 epochs) take ~22 minutes on a Xeon with AMX in bf16,
-    # one thread, compiled (0.65 s per step; docs/results.md section 9).
+    # one thread, compiled (0.65 s per step; docs/notebook/2026-11-camvid-segmentation.md).
     "camvid_tiny_patch8_120x160": {
         "model": _segment_model("beit_tiny_patch4_32", patch_size=8, img_size=[120, 160], drop_path_rate=0.1,
                         layer_scale_init=0.1),

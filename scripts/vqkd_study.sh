@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 29's study: does BEiT on semantic tokens (VQ-KD, BEiT v2) distilled from this toolkit's MAE pay on
-# CIFAR-10 with 1,000 labels, at the CPU budgets of docs/results.md section 8?
+# CIFAR-10 with 1,000 labels, at the CPU budgets of docs/notebook/2026-11-cifar10-hour.md?
 #
 # Rows (each fine-tuned with the tiny preset's recipe, mean head and grid head, and probed kNN / linear):
 #   pixels          raw pixels, no learning (probes only)

@@ -111,7 +111,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert summary["precision"]["pretrain"] in ("fp32", "bf16")  # what train.precision=auto chose
     assert f"Precision: {summary['precision']['pretrain']}" in report and summary["machine"] in report
     assert report.count("<img") >= 10 and "picture not available" not in report
-    from beit.viz.demo_report import verdict
+    from beit.demo import verdict
 
     assert -1 < html_text(report).find(verdict(summary)) < html_text(report).find("Fine-tuning with few labels")
     assert "Ankle boot" in report and "#000000" in report  # the class legend, background black

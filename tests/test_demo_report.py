@@ -29,7 +29,7 @@ def test_pretraining_text_follows_the_method_and_masking():
 
 
 def test_verdict_states_margins_and_the_measured_spread():
-    from beit.viz.demo_report import MEASURED_SPREAD, verdict
+    from beit.demo import MEASURED_SPREAD, verdict
 
     summary = {"method": "mae", "minutes": 10.0, "seed": 0,
                "finetune": {"pretrained": {"top1": 80.8}, "scratch": {"top1": 74.2}},

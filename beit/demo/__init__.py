@@ -17,9 +17,9 @@ from .plan import (
     make_plan,
     with_hidden,
 )
-from .report import method_name, summary_rows, summary_text, write_demo_report
+from .report import MEASURED_SPREAD, method_name, summary_rows, summary_text, verdict, write_demo_report
 from .run import Demo, Runner, run_demo, run_precisions
 
 __all__ = ["CALIBRATION_STEPS", "DEFAULT_METHOD", "FINETUNE_RECIPE", "LABELS_PER_CLASS", "METHODS", "SHARES", "Demo",
            "Plan", "Runner", "StageResult", "make_plan", "method_name", "run_demo", "run_precisions", "summary_rows",
-           "summary_text", "with_hidden", "write_demo_report"]
+           "summary_text", "verdict", "with_hidden", "write_demo_report", "MEASURED_SPREAD"]

@@ -145,19 +145,20 @@ def verdict(summary: dict) -> str:
             f"{_points(pre - scr)} the same recipe from scratch ({scr:.1f}%) and {_points(pre - pix)} k-NN on the "
             f"raw pixels with the same labels ({pix:.1f}%)")
     seg, base = summary.get("segment") or {}, summary.get("segment_baselines") or {}
-    if seg.get("mIoU") is not None and (base.get("scratch") or {}).get("mIoU") is not None:
+    if seg.get("mIoU") is not None and (base.get("scratch") or {}).get("mIoU") is not None \
+            and (base.get("constant") or {}).get("mIoU") is not None:
         text += (f"; segmentation {seg['mIoU']:.1f} mIoU against {base['scratch']['mIoU']:.1f} from scratch and "
                  f"{base['constant']['mIoU']:.1f} for the constant prediction")
     s = MEASURED_SPREAD
     if summary.get("method") == s["method"] and summary.get("minutes") == s["minutes"] and not smoke:
         text += (f"; this is one label draw (seed {summary.get('seed', 0)}): the margin over scratch "
                  f"{_margin_vs_spread(pre - scr, s['vs_scratch'])}, the margin over the pixels "
-                 f"{_margin_vs_spread(pre - pix, s['vs_pixels'])} (docs/results.md section 6).")
+                 f"{_margin_vs_spread(pre - pix, s['vs_pixels'])} (docs/notebook/2026-11-demo.md).")
     else:
         text += (f"; one label draw (seed {summary.get('seed', 0)}), whose spread is not measured for this setting "
                  f"(for the default {method_name(s['method'])} demo at {s['minutes']:g} minutes three draws moved "
                  f"the margins by {max(s['vs_scratch']) - min(s['vs_scratch']):.1f} and "
-                 f"{max(s['vs_pixels']) - min(s['vs_pixels']):.1f} points, docs/results.md section 6).")
+                 f"{max(s['vs_pixels']) - min(s['vs_pixels']):.1f} points, docs/notebook/2026-11-demo.md).")
     return text[0].upper() + text[1:]
 
 

@@ -42,6 +42,7 @@ from ..config import ConfigError
 from ..data.embedded import materialize
 from ..data.folder import list_images
 from ..methods import registry as method_registry
+from ..tasks.segment import constant_baseline
 from ..viz.curves import read_metrics
 from .plan import (
     CALIBRATION_STEPS,
@@ -382,8 +383,6 @@ class Demo:
         self._run(st, argv(self.p.runs / "segment-scratch", e.seg, steps, self.arch, init="none"), mapping,
                   self.hidden(steps, time_limit=False))
         # the floor: every pixel the most frequent training class (background), on the same validation canvases
-        from .tasks.segment import constant_baseline
-
         self.seg_constant = constant_baseline(e.seg, splits=("val",))
         st.steps, st.seconds = steps, time.perf_counter() - t
 
