@@ -45,7 +45,7 @@ def make_data(root: Path, n: int = 16) -> Path:
 def command(data: Path, out: Path, steps: int, when: str) -> list[str]:
     flags = [a for a in TINY if "=" not in a]
     pairs = [a for a in TINY if "=" in a]
-    return [sys.executable, str(ROOT / "tests" / "kill_driver.py"), when, "pretrain", "--data", str(data),
+    return [sys.executable, "-m", "tests.helpers.kill_driver", when, "pretrain", "--data", str(data),
             "--out", str(out), "--steps", str(steps), "--resume", *flags, *pairs]
 
 
