@@ -23,6 +23,6 @@ test:
 bench:
 	$(BIN)/python bench/pretrain_step.py
 
-# API reference from the docstrings (pdoc, in the dev and docs extras); tests/test_python_api.py builds it too
+# API reference from the docstrings (pdoc, in the dev and docs extras); tests/core/test_python_api.py builds it too
 docs:
 	$(BIN)/python -m pdoc beit beit.workflows beit.api beit.preprocess beit.exporting beit.tasks.embed beit.config beit.models.vit -o docs/api

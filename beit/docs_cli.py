@@ -17,7 +17,7 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 HEADER = """# Command-line reference
 
-Generated from the parser by `python -m beit.docs_cli`; do not edit by hand (`tests/test_cli_docs.py`
+Generated from the parser by `python -m beit.docs_cli`; do not edit by hand (`tests/docs/test_cli_docs.py`
 fails when this file and the parser disagree). Every training command also takes `key=value` config
 overrides after its flags (for example `optim.lr=1e-3 model.drop_path_rate=0.2`); `--help` on any command
 prints the same information.

@@ -219,7 +219,7 @@ def plan(c: Check, root: Path, runs: Path) -> None:
     common = ["--device", c.device, "--workers", str(S["workers"]), "train.log_every=1"]
     # no:logging: torch.compile's DEBUG records would fill the output and hide the failures
     c.run("pytest_cuda", [py, "-m", "pytest", "-q", "-rA", "-s", "--tb=short", "-p", "no:xdist", "-p", "no:logging",
-                          "-m", "cuda", "tests/test_cuda.py", "tests/test_attention.py"], 300, cuda_only=True,
+                          "-m", "cuda", "tests/gpu/test_cuda.py", "tests/models/test_attention.py"], 300, cuda_only=True,
           notes=_pytest_failures)
     att = c.work / "attention.json"
     c.run("attention_kernels", [py, "bench/attention_kernels.py", "--json", str(att), *(["--small"] if c.dry else [])],
@@ -297,7 +297,7 @@ def resume(c: Check, runs: Path, beit: list[str], argv, kill: int, every: int, t
     """SIGKILL right after step ``kill`` (checkpoints every ``every``), resume to ``total``; compare with an
     uninterrupted run."""
     cut, full = runs / "resume_cut", runs / "resume_full"
-    killer = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), str(kill)]
+    killer = [sys.executable, "-m", "tests.helpers.kill_driver", str(kill)]
     c.run(f"resume_kill_at_step_{kill}", [*killer, *argv(cut, total)], 120, expect_rc=-signal.SIGKILL)
     saved = kill // every * every
 

@@ -58,7 +58,7 @@ def command(data: Path, out: Path, steps: int, when: str, which: str = "pretrain
     words, tiny = TINY[which]
     flags = [a for a in [*tiny, *SHARED] if "=" not in a]
     pairs = [a for a in [*tiny, *SHARED] if "=" in a]
-    return [sys.executable, str(ROOT / "tests" / "kill_driver.py"), when, *words, "--data", str(data),
+    return [sys.executable, "-m", "tests.helpers.kill_driver", when, *words, "--data", str(data),
             "--out", str(out), "--steps", str(steps), "--resume-or-start", *flags, *pairs]
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks; a package so that tests import their inputs and references as ``from bench import ...``."""
