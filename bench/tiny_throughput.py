@@ -1,7 +1,7 @@
 """Images/s of the tiny presets' full training step, against the arithmetic and against the peer, in one process.
 
 Three models (issue 25): the demo's MAE (``beit demo``'s pretraining: ``mae_tiny_patch4_32`` with
-:data:`beit.demo.DEMO_ARCH`, 96 wide, 4 deep, at the default demo's batch), ``mae_tiny_patch4_32`` and
+:data:`beit.demo.plan.DEMO_ARCH`, 96 wide, 4 deep, at the default demo's batch), ``mae_tiny_patch4_32`` and
 ``beit_tiny_patch4_32`` at their presets' batch. A step is what :meth:`beit.engine.Trainer.optimizer_step`
 does: forward under the run's autocast, backward, the loss and metrics read as floats, gradient clipping when
 the recipe clips, the optimiser that :func:`beit.optim.build_optimizer` builds, ``zero_grad``. BEiT's step
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain_step import hf_model, matmul_peak, timed  # noqa: E402 - the peer BEiT, the ceiling, the clock
 
 from beit import machine  # noqa: E402
-from beit.demo import DEMO_ARCH, make_plan  # noqa: E402
+from beit.demo.plan import DEMO_ARCH, make_plan  # noqa: E402
 from beit.engine import autocast_context  # noqa: E402
 from beit.masking import MaskGenerator  # noqa: E402
 from beit.methods.base import hooks  # noqa: E402
