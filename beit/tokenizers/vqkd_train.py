@@ -15,11 +15,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import recipes
-from ..checkpoint_io import CheckpointError
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, replace, resolve
 from ..engine import finish_run, start_run, train
 from ..models.tokenizer import load_tokenizer, save_tokenizer
@@ -56,12 +54,6 @@ def build_vqkd_config(preset: str | None = "vqkd_32", config: str | Path | None 
                       overrides: list[str] | dict | None = None) -> VQKDTrainConfig:
     """defaults <- run preset <- YAML file <- ``key=value`` overrides (e.g. ``vqkd.teacher_block=3``)."""
     return resolve(VQKDTrainConfig, VQKD_RUN_PRESETS, preset, config, overrides)
-
-
-def _check_finite(tok: VQKDTokenizer) -> None:
-    bad = [k for k, v in tok.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"the trained tokenizer has non-finite weights ({', '.join(bad[:3])}); not saved")
 
 
 def train_vqkd(
@@ -117,7 +109,6 @@ def train_vqkd(
     run_dir = Path(res.run_dir)
     if env.is_main:
         tok.eval()
-        _check_finite(tok)
         save_tokenizer(tok, run_dir)
         if val_ds is not None:
             ev = res.last_eval or evaluate_vqkd(tok, tch, val_ds)

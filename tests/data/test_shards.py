@@ -107,8 +107,16 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_pretraining_on_shards_resumes_mid_epoch_exactly(packed, tmp_path):
+@pytest.mark.parametrize("kind", ["tar", "hf"])
+def test_pretraining_on_shards_resumes_mid_epoch_exactly(packed, tmp_path, kind):
     pattern = f"{tmp_path}/shards/train-{{000000..000004}}.tar"
+    if kind == "hf":  # the same images as an HF datasets folder
+        datasets = pytest.importorskip("datasets")
+        _, ds, _ = packed
+        datasets.Dataset.from_dict({"image": [str(p) for p in ds.paths]},
+                                   features=datasets.Features({"image": datasets.Image()})).save_to_disk(
+            str(tmp_path / "hf"))
+        pattern = str(tmp_path / "hf")
     driver = [sys.executable, "-m", "tests.helpers.pretrain_driver"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     common = ["--data", pattern, "--preset", "mae_tiny_patch4_32", "--steps", "9", "train.num_workers=2"]
