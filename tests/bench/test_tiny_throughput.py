@@ -32,7 +32,7 @@ def test_dry_run_profile_splits_the_step_into_phases(capsys):
 
 
 def test_models_are_the_demos_mae_and_the_tiny_presets():
-    from beit.demo import DEMO_ARCH
+    from beit.demo.plan import DEMO_ARCH
 
     assert tt.MODELS["demo_mae"][1] == list(DEMO_ARCH)
     setup = tt.build_setup("demo_mae")

@@ -85,9 +85,8 @@ def test_api_reference_builds(tmp_path):
 
 
 def test_segment_and_train_tokenizer_from_python(tmp_path):
-    from test_segment import make_shapes_dataset
-
     from beit.models.tokenizer import Tokenizer
+    from tests.tasks.test_segment import make_shapes_dataset
 
     seg = beit.segment(make_shapes_dataset(tmp_path / "seg_data"), out=tmp_path / "seg", steps=2, model=TINY,
                        head={"channels": 16, "aux_channels": 8},

@@ -253,12 +253,14 @@ def _pretrain_cfg(kv: list[str], method: str = "beit", preset: str | None = None
 def _builders():
     """Every command's config builder (key=value list -> config); pretraining once per method."""
     from beit.methods import registry
+    from beit.tokenizers.vqkd_train import build_vqkd_config
 
     out = {f"pretrain --method {m}": (lambda kv, m=m: _pretrain_cfg(kv, m)) for m in registry.methods()}
     out.update({"finetune": lambda kv: finetune.build_config(None, None, kv),
                 "segment": lambda kv: segment.build_config(None, None, kv),
                 "probe": lambda kv: probe.build_config(None, kv),
-                "tokenizer train": lambda kv: tok_train.build_config(None, None, kv)})
+                "tokenizer train": lambda kv: tok_train.build_config(None, None, kv),
+                "tokenizer train --objective vqkd": lambda kv: build_vqkd_config("vqkd_32", None, kv)})
     # with each preset too: model.img_size=[120,160] needs the patch size of a preset that fits it
     out.update({f"pretrain --preset {p}": (lambda kv, p=p: pretrain_task.build_config(p, None, kv))
                 for p in registry.presets()})
@@ -367,9 +369,8 @@ def test_decode_cache_off_as_written_in_the_readme(tmp_path, cli):
 def test_segmentation_folder_leaves_unreadable_images_out(tmp_path):
     """The segmentation folder follows the same rule: an unreadable image (with its mask) is left out, not
     replaced by the next image and mask; one that fails only when drawn gives None, never another sample."""
-    from test_segment import make_shapes_dataset
-
     from beit.tasks.segment import SegmentationFolder
+    from tests.tasks.test_segment import make_shapes_dataset
 
     root = make_shapes_dataset(tmp_path / "seg", n_train=4, n_val=2)
     (root / "images" / "val" / "0.png").write_bytes(b"")

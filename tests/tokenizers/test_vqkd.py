@@ -302,7 +302,7 @@ def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image
     assert 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 32 and -1 <= ev["teacher_cos"] <= 1
     tok = load_tokenizer(tok_run)
     assert isinstance(tok, VQKDTokenizer) and tok.cfg.target_dim == 48  # the MAE teacher's width
-    assert main(["tokenizer", "eval", "--tokenizer", str(tok_run), "--data", str(val)]) == 0  # the recorded teacher
+    assert main(["tokenizer", "eval", "--tokenizer", str(tok_run), "--data", str(val), "--json"]) == 0  # its teacher
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["teacher"] == str(teacher) and res["teacher_cos"] == pytest.approx(ev["teacher_cos"], abs=1e-5)
     assert res["codebook_usage"] == pytest.approx(ev["codebook_usage"])
@@ -337,7 +337,7 @@ def test_eval_command_and_errors(tmp_path, make_image_folder, capsys):
     assert main(["tokenizer", "eval", "--tokenizer", str(tmp_path / "tok"), "--data", str(data)]) == 2
     assert "--teacher" in capsys.readouterr().err
     assert main(["tokenizer", "eval", "--tokenizer", str(tmp_path / "tok"), "--data", str(data),
-                 "--teacher", str(tdir)]) == 0
+                 "--teacher", str(tdir), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["num_images"] == 3 and {"codebook_usage", "perplexity", "teacher_cos"} <= set(res)
     # a tokenizer is no teacher: one line
