@@ -36,9 +36,12 @@ def margins(summary: dict) -> dict[str, float]:
     out["fine-tune - scratch"] = out["fine-tune"] - out["scratch"]
     out["linear - pixels"] = out["linear"] - out["pixels linear"]
     out["k-NN - pixels"] = out["k-NN"] - out["pixels k-NN"]
-    for k in ("scratch_mIoU", "constant_mIoU"):  # present once the report gives segmentation its baselines
-        if k in summary["segment"]:
-            out[f"seg {k.split('_')[0]}"] = summary["segment"][k]
+    base = summary.get("segment_baselines") or {}  # the demo's own scratch segmenter and the constant prediction
+    for k in ("scratch", "constant"):
+        if (base.get(k) or {}).get("mIoU") is not None:
+            out[f"seg {k} mIoU"] = base[k]["mIoU"]
+    if out["seg mIoU"] is not None and "seg scratch mIoU" in out:
+        out["seg - scratch"] = out["seg mIoU"] - out["seg scratch mIoU"]
     return out
 
 
