@@ -450,8 +450,7 @@ __all__ = [
     "replace",
     "resolve",
     "save_yaml",
-    "to_dict",
-]
+    "to_dict", "TokenGrid"]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -492,3 +491,18 @@ def resolve(
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+class TokenGrid:
+    """The token grid of a tokenizer config: its ``img_size`` (square) over its ``downsample`` (pixels per token
+    side), both given by the config that mixes this in."""
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        s = self.img_size // self.downsample
+        return (s, s)
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w

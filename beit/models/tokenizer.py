@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import recipes
 from ..checkpoint_io import CheckpointError, check_finite, load_weights, removed_on_failure, write_safetensors
-from ..config import ConfigError, from_dict, replace, to_dict
+from ..config import ConfigError, TokenGrid, from_dict, replace, to_dict
 from .vqkd import VQKDConfig, VQKDTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -61,7 +61,7 @@ def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(TokenGrid):
     """One tokenizer: architecture plus the image size it was trained for."""
 
     img_size: int = 32
@@ -94,15 +94,6 @@ class TokenizerConfig:
     def downsample(self) -> int:
         return 2 ** (self.n_groups - 1)
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        s = self.img_size // self.downsample
-        return (s, s)
-
-    @property
-    def num_tokens(self) -> int:
-        h, w = self.grid_size
-        return h * w
 
 
 # the architectures live in beit.recipes (no torch)

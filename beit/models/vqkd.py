@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import recipes
-from ..config import ConfigError, ModelConfig, check_fields, replace
+from ..config import ConfigError, ModelConfig, TokenGrid, check_fields, replace
 from .vit import VisionTransformer
 
 __all__ = ["VQKD_PRESETS", "VQKDConfig", "VQKDTokenizer", "get_vqkd_preset", "l2norm"]
@@ -41,7 +41,7 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class VQKDConfig:
+class VQKDConfig(TokenGrid):
     """One VQ-KD tokenizer: encoder, codebook, decoder, and the teacher feature size it reconstructs."""
 
     img_size: int = 32
@@ -77,14 +77,8 @@ class VQKDConfig:
             raise ConfigError(f"model.input_norm must be minus_one_one or imagenet, got {self.input_norm!r}")
 
     @property
-    def grid_size(self) -> tuple[int, int]:
-        s = self.img_size // self.patch_size
-        return (s, s)
-
-    @property
-    def num_tokens(self) -> int:
-        h, w = self.grid_size
-        return h * w
+    def downsample(self) -> int:  # pixels per token side (TokenGrid)
+        return self.patch_size
 
 
 # 32 px: the CIFAR-scale BEiT preset's 8x8 grid (beit_tiny_patch4_32), ViT-Tiny width at a third of its depth

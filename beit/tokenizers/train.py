@@ -93,6 +93,45 @@ def _reconstructions(tok: Tokenizer, show: Dataset, path: Path) -> None:
     reconstruction_grid(tok, images.to(next(tok.parameters()).device), path)
 
 
+def resolve_data(cfg, data_dir: str | Path | Dataset | None, val_dir: str | Path | Dataset | None,
+                 steps: int | None) -> tuple[str | Path | Dataset, str | Path | Dataset | None]:
+    """The run's training and held-out images (every tokenizer objective's run): ``data_dir``/``val_dir``
+    (folders or datasets) over ``data.path``/``data.val_path``, ``steps`` over ``train.steps``; folder paths are
+    written back into ``cfg`` so that its ``config.yaml`` says what ran."""
+    if steps is not None:
+        cfg.train.steps = int(steps)
+    data: str | Path | Dataset = data_dir if data_dir is not None else cfg.data.path
+    if isinstance(data, (str, Path)):
+        if not str(data):
+            raise ConfigError("tokenizer training needs data: a folder of images (data.path / --data)")
+        cfg.data.path = str(data)
+    val: str | Path | Dataset | None = val_dir if val_dir is not None else (cfg.data.val_path or None)
+    if isinstance(val, (str, Path)):
+        cfg.data.val_path = str(val)
+    return data, val
+
+
+def training_datasets(cfg, data, val) -> tuple[Dataset, Dataset | None]:
+    """The augmented training set and the plain held-out set at the tokenizer's input size."""
+    size = cfg.model.img_size
+    dataset = build_dataset(data, size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
+    val_ds = build_dataset(val, size, train=False, limit=cfg.data.val_limit) if val is not None else None
+    return dataset, val_ds
+
+
+def save_run(env, tok, res, val_ds: Dataset | None, evaluate) -> Path:
+    """Rank 0 writes the trained tokenizer and, with held-out data, ``eval.json`` (the last evaluation, or
+    ``evaluate(val_ds)``); returns the run folder."""
+    run_dir = Path(res.run_dir)
+    if env.is_main:
+        tok.eval()
+        save_tokenizer(tok, run_dir)
+        if val_ds is not None:
+            ev = res.last_eval or evaluate(val_ds)
+            (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
+    return run_dir
+
+
 def train_tokenizer(
     data_dir: str | Path | Dataset | None = None,
     out_dir: str | Path = "runs/tokenizer",
@@ -116,22 +155,10 @@ def train_tokenizer(
     """
     if cfg is None:
         cfg = build_config(preset, config, overrides)
-    if steps is not None:
-        cfg.train.steps = int(steps)
-    data: str | Path | Dataset = data_dir if data_dir is not None else cfg.data.path
-    if isinstance(data, (str, Path)):
-        if not str(data):
-            raise ConfigError("tokenizer training needs data: a folder of images (data.path / --data)")
-        cfg.data.path = str(data)
-    val: str | Path | Dataset | None = val_dir if val_dir is not None else (cfg.data.val_path or None)
-    if isinstance(val, (str, Path)):
-        cfg.data.val_path = str(val)
-
+    data, val = resolve_data(cfg, data_dir, val_dir, steps)
     env = start_run(cfg.train)
     mc = cfg.model
-    dataset = build_dataset(data, mc.img_size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
-    val_ds = (build_dataset(val, mc.img_size, train=False, limit=cfg.data.val_limit)
-              if val is not None else None)
+    dataset, val_ds = training_datasets(cfg, data, val)
     tok = Tokenizer(mc)
     method = build_objective(tok, cfg.objective)
     if env.is_main:
@@ -141,13 +168,7 @@ def train_tokenizer(
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
                 config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc=f"tokenizer {mc.quantizer}",
                 max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
-    run_dir = Path(res.run_dir)
-    if env.is_main:
-        tok.eval()
-        save_tokenizer(tok, run_dir)
-        if val_ds is not None:
-            ev = res.last_eval or evaluate_tokenizer(tok, val_ds)
-            (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
+    run_dir = save_run(env, tok, res, val_ds, partial(evaluate_tokenizer, tok))
     show = val_ds if val_ds is not None else build_dataset(data, mc.img_size, train=False, limit=cfg.data.limit)
     finish_run(env, {"reconstructions.png": partial(_reconstructions, tok, show, run_dir / "reconstructions.png"),
                      "loss.png": run_curves(run_dir, "loss.png", ("loss", "recon", "psnr", "perplexity"),
@@ -162,6 +183,9 @@ __all__ = [
     "TokenizerTrainConfig",
     "build_config",
     "build_dataset",
+    "resolve_data",
+    "save_run",
+    "training_datasets",
     "build_objective",
     "image_transform",
     "train_tokenizer",

@@ -10,20 +10,21 @@ teacher cosine).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
 from .. import recipes
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, replace, resolve
+from ..data.tokenizer import build_dataset
 from ..engine import finish_run, start_run, train
-from ..models.tokenizer import load_tokenizer, save_tokenizer
+from ..models.tokenizer import load_tokenizer
 from ..models.vqkd import VQKDConfig, VQKDTokenizer
 from ..viz.curves import run_curves
-from .train import TokenizerDataConfig, build_dataset
+from .train import TokenizerDataConfig, resolve_data, save_run, training_datasets
 from .vqkd import Teacher, VQKDObjective, VQKDObjectiveConfig, evaluate_vqkd
 
 __all__ = ["VQKD_RUN_PRESETS", "VQKDTrainConfig", "build_vqkd_config", "evaluate_vqkd_cmd", "train_vqkd"]
@@ -74,27 +75,16 @@ def train_vqkd(
     """Distil ``teacher`` (``vqkd.teacher``) into a VQ-KD tokenizer on the images of ``data_dir``; returns the run."""
     if cfg is None:
         cfg = build_vqkd_config(preset, config, overrides)
-    if steps is not None:
-        cfg.train.steps = int(steps)
     if teacher is not None:
         cfg.vqkd.teacher = str(teacher)
-    data: str | Path | Dataset = data_dir if data_dir is not None else cfg.data.path
-    if isinstance(data, (str, Path)):
-        if not str(data):
-            raise ConfigError("tokenizer training needs data: a folder of images (data.path / --data)")
-        cfg.data.path = str(data)
-    val: str | Path | Dataset | None = val_dir if val_dir is not None else (cfg.data.val_path or None)
-    if isinstance(val, (str, Path)):
-        cfg.data.val_path = str(val)
-
+    data, val = resolve_data(cfg, data_dir, val_dir, steps)
     env = start_run(cfg.train)
     vq = cfg.vqkd
     tch = Teacher.load(vq.teacher, vq.teacher_block, vq.teacher_precision, vq.teacher_mean, vq.teacher_std)
     if cfg.model.target_dim == 0:  # the decoder reconstructs the teacher's feature width
         cfg.model = replace(cfg.model, target_dim=tch.dim)
     mc = cfg.model
-    dataset = build_dataset(data, mc.img_size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
-    val_ds = build_dataset(val, mc.img_size, train=False, limit=cfg.data.val_limit) if val is not None else None
+    dataset, val_ds = training_datasets(cfg, data, val)
     tok = VQKDTokenizer(mc)
     method = VQKDObjective(tok, tch, vq)
     if env.is_main:
@@ -106,15 +96,9 @@ def train_vqkd(
     res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
                 config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc="tokenizer vqkd",
                 max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
-    run_dir = Path(res.run_dir)
-    if env.is_main:
-        tok.eval()
-        save_tokenizer(tok, run_dir)
-        if val_ds is not None:
-            ev = res.last_eval or evaluate_vqkd(tok, tch, val_ds)
-            (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
+    run_dir = save_run(env, tok, res, val_ds, partial(evaluate_vqkd, tok, tch))
     finish_run(env, {"loss.png": run_curves(run_dir, "loss.png", ("loss", "rec", "teacher_cos", "perplexity"),
-                                            "VQ-KD tokenizer training")})
+                                            "VQ-KD tokenizer training")}, res)
     return run_dir
 
 
