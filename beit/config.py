@@ -450,7 +450,9 @@ __all__ = [
     "replace",
     "resolve",
     "save_yaml",
-    "to_dict", "TokenGrid"]
+    "to_dict",
+    "TokenGrid",
+]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
