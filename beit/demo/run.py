@@ -55,6 +55,8 @@ from .plan import (
     NO_TOKENIZER_TO_FINETUNE,
     PLACEHOLDERS,
     PRESET,
+    PRETRAIN_MAX_SHARE,
+    PRETRAIN_STEPS_WANTED,
     PROBE_POOLS,
     SHARES,
     TOKENIZER_PRESET,
@@ -131,9 +133,10 @@ class Demo:
         return left * self.shares[stage] / sum(self.shares[n] for n in rest)
 
     def steps_for(self, stage: StageResult, budget: float, calib_argv_fn, batch: int,
-                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5) -> int:
+                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5, wanted: tuple[int, float] | None = None) -> int:
         """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``)
-        on the few images of the calibration folders."""
+        on the few images of the calibration folders. ``wanted = (steps, most)``: raise the budget to what
+        ``steps`` take at the measured pace, up to ``most`` seconds."""
         self._limit_s = budget
         if self.plan.smoke:
             return 2
@@ -146,6 +149,14 @@ class Demo:
         fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
         shutil.rmtree(run_dir, ignore_errors=True)
         how = "timing run"
+        if wanted is not None:
+            need = wall + fixed + wanted[0] * step_s
+            if need > budget:
+                raised = min(need, max(wanted[1], budget))
+                stage.notes.append(f"its share ({budget:.0f} s) fits {int((budget - wall - fixed) / step_s):,} steps at "
+                                   f"this machine's pace, pretraining pays from ~{wanted[0]:,}: given {raised:.0f} s "
+                                   f"(at most {PRETRAIN_MAX_SHARE:.0%} of the time left), taken from the later stages")
+                budget = raised
         eval_s = n_evals * eval_images * step_s / batch / 3  # a forward pass is about a third of a step
         steps = int((budget - wall - fixed - eval_s) / step_s)
         self._limit_s = max(budget - wall, 0.0)
@@ -270,9 +281,12 @@ class Demo:
                     "--preset", preset, "--steps", str(steps), "--batch-size", str(self.plan.batch),
                     *self.common, *self.arch, *extra]
 
+        want = PRETRAIN_STEPS_WANTED.get(self.method)
+        left = max(self.deadline - time.perf_counter(), 0.0)
         steps = self.steps_for(st, self.budget("pretrain"),
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,
-                                              ["train.log_every=1"]), self.plan.batch)
+                                              ["train.log_every=1"]), self.plan.batch,
+                               wanted=(want, PRETRAIN_MAX_SHARE * left) if want and not self.plan.full_model else None)
         shutil.rmtree(run, ignore_errors=True)
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
                                  {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
