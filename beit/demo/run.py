@@ -49,7 +49,9 @@ from .plan import (
     CALIBRATION_WARMUP,
     DEFAULT_METHOD,
     DEMO_ARCH,
+    FINETUNE_MAX_SHARE,
     FINETUNE_RECIPE,
+    FINETUNE_STEPS_WANTED,
     LABELS_PER_CLASS,
     METHODS,
     NO_TOKENIZER_TO_FINETUNE,
@@ -133,10 +135,10 @@ class Demo:
         return left * self.shares[stage] / sum(self.shares[n] for n in rest)
 
     def steps_for(self, stage: StageResult, budget: float, calib_argv_fn, batch: int,
-                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5, wanted: tuple[int, float] | None = None) -> int:
+                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5, wanted: tuple[int, float, float] | None = None) -> int:
         """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``)
-        on the few images of the calibration folders. ``wanted = (steps, most)``: raise the budget to what
-        ``steps`` take at the measured pace, up to ``most`` seconds."""
+        on the few images of the calibration folders. ``wanted = (steps, most, share)``: raise the budget to
+        what ``steps`` take at the measured pace, up to ``most`` seconds (``share`` of the time left)."""
         self._limit_s = budget
         if self.plan.smoke:
             return 2
@@ -153,9 +155,9 @@ class Demo:
             need = wall + fixed + wanted[0] * step_s
             if need > budget:
                 raised = min(need, max(wanted[1], budget))
-                stage.notes.append(f"its share ({budget:.0f} s) fits {int((budget - wall - fixed) / step_s):,} steps at "
-                                   f"this machine's pace, pretraining pays from ~{wanted[0]:,}: given {raised:.0f} s "
-                                   f"(at most {PRETRAIN_MAX_SHARE:.0%} of the time left), taken from the later stages")
+                stage.notes.append(f"its share ({budget:.0f} s) fits {max(int((budget - wall - fixed) / step_s), 0):,} "
+                                   f"steps at this machine's pace, ~{wanted[0]:,} are wanted: given {raised:.0f} s "
+                                   f"(at most {wanted[2]:.0%} of the time left), taken from the later stages")
                 budget = raised
         eval_s = n_evals * eval_images * step_s / batch / 3  # a forward pass is about a third of a step
         steps = int((budget - wall - fixed - eval_s) / step_s)
@@ -164,6 +166,14 @@ class Demo:
                            f"budget {budget:.0f} s")
         stage.planned_step_s = step_s
         return max(min_steps, steps)
+
+    def _wanted(self, steps: dict[str, int], share: float) -> tuple[int, float, float] | None:
+        """``(steps, most seconds, share)`` for :meth:`steps_for` where the plan has a measured step count for
+        this method and model (the demo's small one), else None (the stage keeps its share)."""
+        want = steps.get(self.method)
+        if not want or self.plan.full_model:
+            return None
+        return want, share * max(self.deadline - time.perf_counter(), 0.0), share
 
     def check_plan(self, stage: StageResult, run_dir: Path, batch: int) -> None:
         """Note in the report when the run's own pace differs from its timing run's by more than 1.5x
@@ -281,12 +291,10 @@ class Demo:
                     "--preset", preset, "--steps", str(steps), "--batch-size", str(self.plan.batch),
                     *self.common, *self.arch, *extra]
 
-        want = PRETRAIN_STEPS_WANTED.get(self.method)
-        left = max(self.deadline - time.perf_counter(), 0.0)
         steps = self.steps_for(st, self.budget("pretrain"),
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,
                                               ["train.log_every=1"]), self.plan.batch,
-                               wanted=(want, PRETRAIN_MAX_SHARE * left) if want and not self.plan.full_model else None)
+                               wanted=self._wanted(PRETRAIN_STEPS_WANTED, PRETRAIN_MAX_SHARE))
         shutil.rmtree(run, ignore_errors=True)
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
                                  {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
@@ -317,7 +325,8 @@ class Demo:
             steps = self.steps_for(st, self.budget(name),
                                    lambda d: self._finetune_argv(d, self.p.calib / "data" / "labelled", init,
                                                                  CALIBRATION_STEPS, lpc, ["train.log_every=1"]),
-                                   self.plan.batch, eval_images=n_val, n_evals=2)
+                                   self.plan.batch, eval_images=n_val, n_evals=2,
+                                   wanted=self._wanted(FINETUNE_STEPS_WANTED, FINETUNE_MAX_SHARE))
             self._ft_steps = steps
         shutil.rmtree(run, ignore_errors=True)
         self._run(st, self._finetune_argv(run, e.root / "labelled", init, steps, lpc),

@@ -231,3 +231,25 @@ def test_step_seconds_skips_a_slow_start(tmp_path):
     ok = StageResult("tokenizer", "t", planned_step_s=0.22)
     demo.check_plan(ok, tmp_path / "run", 32)
     assert ok.notes == []
+
+
+def test_planner_raises_a_learning_stage_to_the_steps_it_needs_up_to_its_cap(tmp_path, monkeypatch):
+    """On a slow machine the shares alone would leave pretraining and fine-tuning short of what pays: the
+    planner gives a stage the time for its wanted steps at the measured pace, never more than its cap, and
+    says so in the report's notes; a stage whose share already fits them keeps its share."""
+    from beit.demo import plan
+    from beit.demo import run as demo_run
+
+    monkeypatch.setattr(demo_run, "_step_seconds", lambda *a, **k: 0.05)  # the timing run's measured pace
+    d = demo_run.Demo(tmp_path / "d", minutes=5, method="mae", run_command=lambda argv: {})
+    st = plan.StageResult("pretrain", "t")
+    # (the no-op timing run's own microseconds come off the budget: a step less at most)
+    assert d.steps_for(st, 10.0, lambda p: [], 32, wanted=(600, 100.0, 0.3)) in (599, 600)  # raised to 30 s
+    assert "600 are wanted" in st.notes[0] and "given 30 s" in st.notes[0]
+    assert d.steps_for(plan.StageResult("x", "t"), 10.0, lambda p: [], 32, wanted=(600, 20.0, 0.3)) in (399, 400)  # capped
+    kept = plan.StageResult("y", "t")
+    assert d.steps_for(kept, 60.0, lambda p: [], 32, wanted=(600, 100.0, 0.3)) in (1199, 1200)  # share fits more
+    assert not any("wanted" in n for n in kept.notes)
+    assert d._wanted(plan.PRETRAIN_STEPS_WANTED, 0.5)[0] == plan.PRETRAIN_STEPS_WANTED["mae"]
+    assert demo_run.Demo(tmp_path / "b", minutes=5, method="beit")._wanted(plan.PRETRAIN_STEPS_WANTED, 0.5) is None
+    assert demo_run.Demo(tmp_path / "f", minutes=5, full_model=True)._wanted(plan.FINETUNE_STEPS_WANTED, 0.3) is None
