@@ -35,9 +35,11 @@ SHARES = {"tokenizer": 0.18, "pretrain": 0.40, "finetune_pretrained": 0.10, "fin
 # On a slow machine the shares alone leave both learning stages short of what pays, so the planner reads
 # each stage's measured step time and raises its budget to the steps that stage needs, up to a cap of the
 # time then left (the stages after it share the rest). The numbers are measured for MAE on this data
-# (docs/notebook/2026-12-03-demo-planner.md; same label draw, top-1 of the fine-tuning): pretraining
-# 1,312 / 3,631 / 4,558 steps of 32 then 326 fine-tuning steps: 75.8 (746 steps) / 76.6 / 78.4; from the
-# 3,631-step backbone, 326 / 700 / 1,000 fine-tuning steps: 76.6 / 79.0 / 80.2 (the raw-pixel k-NN: 72.6).
+# (docs/notebook/2026-12-03-demo-planner.md; one label draw, fine-tuned top-1 %, raw-pixel k-NN 72.6):
+#   pretraining steps of 32:      1,312   3,631   4,558      from scratch
+#   326 fine-tuning steps          74.6    76.6    78.4         64.8
+#   700-750 fine-tuning steps      75.8    79.0      -          69.0-70.2
+#   1,000-1,087 fine-tuning steps    -     80.2    83.0         74.0
 # Both lengths pay, so on a 5-minute budget the pair is split about 3,300 : 600 rather than all to one;
 # the other methods keep their shares.
 PRETRAIN_STEPS_WANTED = {"mae": 3300}
