@@ -43,10 +43,9 @@ from ..data.embedded import materialize
 from ..data.folder import list_images
 from ..methods import registry as method_registry
 from ..tasks.segment import constant_baseline
-from ..viz.curves import read_metrics
+from .clock import Clock
 from .plan import (
     CALIBRATION_STEPS,
-    CALIBRATION_WARMUP,
     DEFAULT_METHOD,
     DEMO_ARCH,
     FINETUNE_MAX_SHARE,
@@ -54,13 +53,11 @@ from .plan import (
     FINETUNE_STEPS_WANTED,
     LABELS_PER_CLASS,
     METHODS,
-    NO_TOKENIZER_TO_FINETUNE,
     PLACEHOLDERS,
     PRESET,
     PRETRAIN_MAX_SHARE,
     PRETRAIN_STEPS_WANTED,
     PROBE_POOLS,
-    SHARES,
     TOKENIZER_PRESET,
     Paths,
     StageResult,
@@ -76,20 +73,6 @@ log = logging.getLogger("beit")
 # imports the command line it is a command of
 Runner = Callable[[list[str]], Any]
 
-
-
-def _rows(metrics: Path) -> list[dict]:
-    return read_metrics(metrics)
-
-
-def _step_seconds(run_dir: Path, batch: int, wall: float, warmup: int = CALIBRATION_WARMUP) -> float:
-    """Seconds per optimiser step from a run's metrics: the median over the logged rows after the first
-    ``warmup`` (start-up and the first slow steps), the whole wall clock over the steps without them."""
-    rows = [r for r in _rows(run_dir / "metrics.jsonl") if r.get("images_per_s", 0) > 0]
-    later = sorted(batch / r["images_per_s"] for r in rows[warmup:])
-    if later:
-        return later[len(later) // 2]
-    return wall / CALIBRATION_STEPS
 
 
 # --------------------------------------------------------------------------------------------- the demo
@@ -108,97 +91,14 @@ class Demo:
             raise ConfigError(f"beit demo runs {' or '.join(METHODS)}, not {method!r}")
         self.method = method
         self.uses_tokenizer = method == "beit"
-        # a method without a tokenizer splits the tokenizer's share between pretraining and the two fine-tunings
-        self.shares = dict(SHARES)
-        if not self.uses_tokenizer:
-            freed = self.shares.pop("tokenizer")
-            self.shares["pretrain"] += freed - 2 * NO_TOKENIZER_TO_FINETUNE
-            self.shares["finetune_pretrained"] += NO_TOKENIZER_TO_FINETUNE
-            self.shares["finetune_scratch"] += NO_TOKENIZER_TO_FINETUNE
         self.p = Paths(Path(out).expanduser().resolve())
         self.plan = make_plan(minutes, full_model)
         self.seed = seed
         self.t0 = time.perf_counter()
-        self.deadline = self.t0 + minutes * 60
+        self.clock = Clock(self.t0 + minutes * 60, method, self.plan, self.p.calib, self.run_command)
         self.stages: list[StageResult] = []
         self.arch = [] if full_model else list(DEMO_ARCH)
         self.common = ["--workers", "0", "--seed", str(seed)]
-        self._limit_s = 0.0
-
-    # ---- budget
-
-    def budget(self, stage: str) -> float:
-        """Seconds for ``stage``: its share of the time left among the stages still to run."""
-        names = list(self.shares)
-        rest = names[names.index(stage):]
-        left = max(self.deadline - time.perf_counter(), 0.0)
-        return left * self.shares[stage] / sum(self.shares[n] for n in rest)
-
-    def steps_for(self, stage: StageResult, budget: float, calib_argv_fn, batch: int,
-                  eval_images: int = 0, n_evals: int = 0, min_steps: int = 5, wanted: tuple[int, float, float] | None = None) -> int:
-        """Steps that fit ``budget`` seconds, from a 3-step timing run of the same command (``calib_argv_fn``)
-        on the few images of the calibration folders. ``wanted = (steps, most, share)``: raise the budget to
-        what ``steps`` take at the measured pace, up to ``most`` seconds (``share`` of the time left)."""
-        self._limit_s = budget
-        if self.plan.smoke:
-            return 2
-        run_dir = self.p.calib / stage.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t = time.perf_counter()
-        self.run_command(calib_argv_fn(run_dir))
-        wall = time.perf_counter() - t
-        step_s = _step_seconds(run_dir, batch, wall)
-        fixed = max(wall - CALIBRATION_STEPS * step_s, 0.0)  # start-up, small evaluation, pictures
-        shutil.rmtree(run_dir, ignore_errors=True)
-        how = "timing run"
-        if wanted is not None:
-            need = wall + fixed + wanted[0] * step_s
-            if need > budget:
-                raised = min(need, max(wanted[1], budget))
-                stage.notes.append(f"its share ({budget:.0f} s) fits {max(int((budget - wall - fixed) / step_s), 0):,} "
-                                   f"steps at this machine's pace, ~{wanted[0]:,} are wanted: given {raised:.0f} s "
-                                   f"(at most {wanted[2]:.0%} of the time left), taken from the later stages")
-                budget = raised
-        eval_s = n_evals * eval_images * step_s / batch / 3  # a forward pass is about a third of a step
-        steps = int((budget - wall - fixed - eval_s) / step_s)
-        self._limit_s = max(budget - wall, 0.0)
-        stage.notes.append(f"{how}: {step_s:.2f} s per step of {batch} images, {fixed:.0f} s start-up; "
-                           f"budget {budget:.0f} s")
-        stage.planned_step_s = step_s
-        return max(min_steps, steps)
-
-    def _wanted(self, steps: dict[str, int], share: float) -> tuple[int, float, float] | None:
-        """``(steps, most seconds, share)`` for :meth:`steps_for` where the plan has a measured step count for
-        this method and model (the demo's small one), else None (the stage keeps its share)."""
-        want = steps.get(self.method)
-        if not want or self.plan.full_model:
-            return None
-        return want, share * max(self.deadline - time.perf_counter(), 0.0), share
-
-    def check_plan(self, stage: StageResult, run_dir: Path, batch: int) -> None:
-        """Note in the report when the run's own pace differs from its timing run's by more than 1.5x
-        (a busy machine during the timing run gives a stage fewer steps than its budget allows)."""
-        if not stage.planned_step_s or not (run_dir / "metrics.jsonl").exists():
-            return
-        real = _step_seconds(run_dir, batch, 0.0, warmup=1)
-        ratio = stage.planned_step_s / real if real > 0 else 1.0
-        if ratio > 1.5:
-            stage.notes.append(f"the timing run predicted {stage.planned_step_s:.2f} s per step, the run took "
-                               f"{real:.2f}: it got ~{ratio:.1f}x fewer steps than its budget allowed (was the "
-                               "machine busy?)")
-        elif ratio < 1 / 1.5:
-            stage.notes.append(f"the run took {real:.2f} s per step, its timing run predicted "
-                               f"{stage.planned_step_s:.2f}: the wall-clock limit may have cut it short")
-
-    def hidden(self, steps: int, time_limit: bool = True) -> list[str]:
-        """Flags the demo adds to a training command and does not show: a log row every ~1/25 of the run
-        (curves), and a wall-clock stop at 1.5x the stage's budget in case the machine slows down mid-run.
-        Tasks get no stop: a task stopped before its evaluation would have no number to report (and
-        fine-tuning augments on the CPU, so its timing run is what sizes it)."""
-        h = [f"train.log_every={max(1, steps // 25)}"]
-        if time_limit and not self.plan.smoke:
-            h = ["--max-minutes", f"{max(1.5 * self._limit_s / 60, 0.2):.2f}", *h]
-        return h
 
     def _stage(self, name: str, title: str) -> StageResult:
         st = StageResult(name, title)
@@ -263,14 +163,14 @@ class Demo:
             return ["tokenizer", "train", "--data", str(data), *v, "--out", str(out), "--steps", str(steps),
                     *base, *extra]
 
-        steps = self.steps_for(st, self.budget("tokenizer"),
+        steps = self.clock.steps_for(st, self.clock.budget("tokenizer"),
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS, None,
                                               ["train.log_every=1"]), self.plan.batch)
         shutil.rmtree(run, ignore_errors=True)
         mapping = {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(e.val): PLACEHOLDERS["val_images"],
                    str(self.p.runs): "runs"}
-        self._run(st, argv(run, e.unlabelled, steps, e.val), mapping, self.hidden(steps))
-        self.check_plan(st, run, self.plan.batch)
+        self._run(st, argv(run, e.unlabelled, steps, e.val), mapping, self.clock.hidden(steps))
+        self.clock.check_plan(st, run, self.plan.batch)
         self.tok_eval = self._run(st, ["tokenizer", "eval", "--tokenizer", str(run), "--data", str(e.val),
                                        "--grid", str(run / "eval_grid.png")], mapping)
         st.steps, st.seconds = steps, time.perf_counter() - t
@@ -291,15 +191,15 @@ class Demo:
                     "--preset", preset, "--steps", str(steps), "--batch-size", str(self.plan.batch),
                     *self.common, *self.arch, *extra]
 
-        steps = self.steps_for(st, self.budget("pretrain"),
+        steps = self.clock.steps_for(st, self.clock.budget("pretrain"),
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,
                                               ["train.log_every=1"]), self.plan.batch,
-                               wanted=self._wanted(PRETRAIN_STEPS_WANTED, PRETRAIN_MAX_SHARE))
+                               wanted=self.clock.wanted(PRETRAIN_STEPS_WANTED, PRETRAIN_MAX_SHARE))
         shutil.rmtree(run, ignore_errors=True)
         self.pre_out = self._run(st, argv(run, e.unlabelled, steps),
                                  {str(e.unlabelled): PLACEHOLDERS["unlabelled"], str(self.p.runs): "runs"},
-                                 self.hidden(steps))
-        self.check_plan(st, run, self.plan.batch)
+                                 self.clock.hidden(steps))
+        self.clock.check_plan(st, run, self.plan.batch)
         st.steps, st.seconds = steps, time.perf_counter() - t
 
     def _finetune_argv(self, out: Path, data: Path, init: str, steps: int, lpc: int, extra=()) -> list[str]:
@@ -322,16 +222,16 @@ class Demo:
         if scratch and getattr(self, "_ft_steps", None):
             steps = self._ft_steps  # the same schedule for both, so the comparison is fair
         else:
-            steps = self.steps_for(st, self.budget(name),
+            steps = self.clock.steps_for(st, self.clock.budget(name),
                                    lambda d: self._finetune_argv(d, self.p.calib / "data" / "labelled", init,
                                                                  CALIBRATION_STEPS, lpc, ["train.log_every=1"]),
                                    self.plan.batch, eval_images=n_val, n_evals=2,
-                                   wanted=self._wanted(FINETUNE_STEPS_WANTED, FINETUNE_MAX_SHARE))
+                                   wanted=self.clock.wanted(FINETUNE_STEPS_WANTED, FINETUNE_MAX_SHARE))
             self._ft_steps = steps
         shutil.rmtree(run, ignore_errors=True)
         self._run(st, self._finetune_argv(run, e.root / "labelled", init, steps, lpc),
                   {str(e.root / "labelled"): PLACEHOLDERS["labelled"], str(self.p.runs): "runs"},
-                  self.hidden(steps, time_limit=False))
+                  self.clock.hidden(steps, time_limit=False))
         st.steps, st.seconds = steps, time.perf_counter() - t
         st.notes.append(f"{lpc} labelled images per class ({10 * lpc} in all); validation: {n_val} images")
 
@@ -363,7 +263,7 @@ class Demo:
     def probe(self) -> None:
         st = self._stage("probe", "Frozen-backbone probes")
         t = time.perf_counter()
-        lpc = self._probe_lpc = self._probe_labels_per_class(self.budget("probe"))
+        lpc = self._probe_lpc = self._probe_labels_per_class(self.clock.budget("probe"))
         # every pooling: the mean of the patch tokens drops the layout that the raw pixels keep
         # (docs/notebook/2026-11-demo.md)
         self._probes(st, str(self.p.runs / "pretrain"), lpc, pool=PROBE_POOLS)
@@ -376,7 +276,7 @@ class Demo:
         pixels with the probes' labels, and k-NN on the raw pixels with the fine-tuning labels."""
         st = self._stage("baselines", "Raw-pixel baselines")
         t = time.perf_counter()
-        lpc = getattr(self, "_probe_lpc", None) or self._probe_labels_per_class(self.shares["probe"] * self.plan.minutes * 60)
+        lpc = getattr(self, "_probe_lpc", None) or self._probe_labels_per_class(self.clock.shares["probe"] * self.plan.minutes * 60)
         self._probes(st, "pixels", lpc, tag="-pixels")
         self._probes(st, "pixels", self.labels_per_class, ("knn",), tag=f"-pixels-{self.labels_per_class}")
         st.seconds = time.perf_counter() - t
@@ -395,16 +295,16 @@ class Demo:
                     *self.common, f"train.eval_every={max(1, math.ceil(steps / 2))}", *extra]
 
         # half the stage's budget each: the pretrained backbone, then the same schedule from scratch (its baseline)
-        steps = self.steps_for(st, self.budget("segment") / 2,
+        steps = self.clock.steps_for(st, self.clock.budget("segment") / 2,
                                lambda d: argv(d, self.p.calib / "data" / "seg", CALIBRATION_STEPS,
                                               ["train.log_every=1"]),
                                self.plan.seg_batch, eval_images=self.counts.get("seg_val", 0), n_evals=1)
         mapping = {str(e.seg): PLACEHOLDERS["seg"], str(self.p.runs): "runs"}
         for out in (run, self.p.runs / "segment-scratch"):
             shutil.rmtree(out, ignore_errors=True)
-        self._run(st, argv(run, e.seg, steps), mapping, self.hidden(steps, time_limit=False))
+        self._run(st, argv(run, e.seg, steps), mapping, self.clock.hidden(steps, time_limit=False))
         self._run(st, argv(self.p.runs / "segment-scratch", e.seg, steps, self.arch, init="none"), mapping,
-                  self.hidden(steps, time_limit=False))
+                  self.clock.hidden(steps, time_limit=False))
         # the floor: every pixel the most frequent training class (background), on the same validation canvases
         self.seg_constant = constant_baseline(e.seg, splits=("val",))
         st.steps, st.seconds = steps, time.perf_counter() - t

@@ -165,7 +165,7 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
     assert "reconstruction + visible patches" in report and "picture not available" not in report
     assert len(list((out / "runs" / "pictures").glob("masked-*.png"))) == 3
 
-    shares = Demo(tmp_path / "x", minutes=10, method="mae").shares
+    shares = Demo(tmp_path / "x", minutes=10, method="mae").clock.shares
     assert "tokenizer" not in shares and abs(sum(shares.values()) - 1.0) < 1e-9
     assert shares["pretrain"] > SHARES["pretrain"] and shares["finetune_pretrained"] > SHARES["finetune_pretrained"]
 
@@ -217,7 +217,7 @@ def test_step_seconds_skips_a_slow_start(tmp_path):
     """A timing run whose first steps are slow (the cause of the demo's 50-step tokenizer) is read from the
     steps after the warm-up, and the run's own pace is compared with the plan in the report notes."""
     from beit.demo import CALIBRATION_STEPS, Demo, StageResult
-    from beit.demo.run import _step_seconds
+    from beit.demo.clock import _step_seconds
 
     _metrics(tmp_path / "calib", [4.0, 3.0, 0.2, 0.25, 0.2, 0.3][:CALIBRATION_STEPS])
     assert _step_seconds(tmp_path / "calib", 32, wall=9.0) == pytest.approx(0.25)
@@ -226,10 +226,10 @@ def test_step_seconds_skips_a_slow_start(tmp_path):
     demo = Demo(tmp_path / "demo", minutes=10)
     _metrics(tmp_path / "run", [1.0] + [0.2] * 10)
     st = StageResult("tokenizer", "t", planned_step_s=2.0)
-    demo.check_plan(st, tmp_path / "run", 32)
+    demo.clock.check_plan(st, tmp_path / "run", 32)
     assert len(st.notes) == 1 and "10.0x fewer steps" in st.notes[0]
     ok = StageResult("tokenizer", "t", planned_step_s=0.22)
-    demo.check_plan(ok, tmp_path / "run", 32)
+    demo.clock.check_plan(ok, tmp_path / "run", 32)
     assert ok.notes == []
 
 
@@ -237,11 +237,11 @@ def test_planner_raises_a_learning_stage_to_the_steps_it_needs_up_to_its_cap(tmp
     """On a slow machine the shares alone would leave pretraining and fine-tuning short of what pays: the
     planner gives a stage the time for its wanted steps at the measured pace, never more than its cap, and
     says so in the report's notes; a stage whose share already fits them keeps its share."""
-    from beit.demo import plan
+    from beit.demo import clock, plan
     from beit.demo import run as demo_run
 
-    monkeypatch.setattr(demo_run, "_step_seconds", lambda *a, **k: 0.05)  # the timing run's measured pace
-    d = demo_run.Demo(tmp_path / "d", minutes=5, method="mae", run_command=lambda argv: {})
+    monkeypatch.setattr(clock, "_step_seconds", lambda *a, **k: 0.05)  # the timing run's measured pace
+    d = demo_run.Demo(tmp_path / "d", minutes=5, method="mae", run_command=lambda argv: {}).clock
     st = plan.StageResult("pretrain", "t")
     # (the no-op timing run's own microseconds come off the budget: a step less at most)
     assert d.steps_for(st, 10.0, lambda p: [], 32, wanted=(600, 100.0, 0.3)) in (599, 600)  # raised to 30 s
@@ -250,6 +250,6 @@ def test_planner_raises_a_learning_stage_to_the_steps_it_needs_up_to_its_cap(tmp
     kept = plan.StageResult("y", "t")
     assert d.steps_for(kept, 60.0, lambda p: [], 32, wanted=(600, 100.0, 0.3)) in (1199, 1200)  # share fits more
     assert not any("wanted" in n for n in kept.notes)
-    assert d._wanted(plan.PRETRAIN_STEPS_WANTED, 0.5)[0] == plan.PRETRAIN_STEPS_WANTED["mae"]
-    assert demo_run.Demo(tmp_path / "b", minutes=5, method="beit")._wanted(plan.PRETRAIN_STEPS_WANTED, 0.5) is None
-    assert demo_run.Demo(tmp_path / "f", minutes=5, full_model=True)._wanted(plan.FINETUNE_STEPS_WANTED, 0.3) is None
+    assert d.wanted(plan.PRETRAIN_STEPS_WANTED, 0.5)[0] == plan.PRETRAIN_STEPS_WANTED["mae"]
+    assert demo_run.Demo(tmp_path / "b", minutes=5, method="beit").clock.wanted(plan.PRETRAIN_STEPS_WANTED, 0.5) is None
+    assert demo_run.Demo(tmp_path / "f", minutes=5, full_model=True).clock.wanted(plan.FINETUNE_STEPS_WANTED, 0.3) is None
