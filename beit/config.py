@@ -7,6 +7,9 @@ here and saves the resolved result next to every checkpoint. Unknown keys and il
 Configs shared by several commands live here (model, optimiser, training loop). A method's own knobs
 (masking, tokenizer objective, MAE decoder, ...) live in a dataclass next to the method and are plugged in
 through the same functions.
+
+Why one file of ~500 lines: the shared dataclasses and the one parser that checks them against YAML and
+overrides are one contract (the parser walks the dataclasses' fields); every layer imports it.
 """
 
 from __future__ import annotations

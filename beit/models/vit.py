@@ -6,6 +6,10 @@ state dicts load without renaming; :mod:`beit.interop` maps HF transformers name
 
 Conventions: images ``(B, C, H, W)``, square or not (``img_size`` = (H, W): an ``h x w`` patch grid); masks are ``bool`` with **True = masked**, shape ``(B, h, w)`` or
 ``(B, N)`` in row-major patch order; token sequences are ``(B, 1 + N, D)`` with [CLS] first.
+
+Why one file of ~600 lines: it is the one backbone every method, task and export shares (patch embedding,
+attention with its relative-position bias, block, the ViT and its heads); split, a reader following one
+forward pass would cross files at every call, and the parameter names above are one contract.
 """
 
 from __future__ import annotations
