@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 
-__all__ = ["PRECISIONS", "PrecisionChoice", "SideStream", "agreement", "encode_ids", "resolve_precision"]
+__all__ = ["PRECISIONS", "PrecisionChoice", "SideStream", "agreement", "choose_by_agreement", "encode_ids",
+           "resolve_precision"]
 
 log = logging.getLogger("beit")
 
@@ -73,15 +74,23 @@ def resolve_precision(setting: str, threshold: float, encode: Encode, images: to
     if setting != "auto":
         choice = PrecisionChoice(PRECISIONS[setting], setting, "beit.tokenizer_precision")
         return choice, encode_ids(encode, images, choice.dtype)
-    exact = encode_ids(encode, images, None)
     if device != "cuda":
-        return PrecisionChoice(None, "fp32", f"auto on {device}: exact ids"), exact
-    fast = encode_ids(encode, images, torch.float16)
+        return PrecisionChoice(None, "fp32", f"auto on {device}: exact ids"), encode_ids(encode, images, None)
+    return choose_by_agreement(encode, images, torch.float16, threshold)
+
+
+def choose_by_agreement(encode: Encode, images: torch.Tensor, dtype: torch.dtype, threshold: float
+                        ) -> tuple[PrecisionChoice, torch.Tensor]:
+    """``auto``'s probe: ``dtype`` if at least ``threshold`` of the batch's ids (over all processes) equal the fp32
+    encode's, else fp32; with the batch's ids in the chosen precision."""
+    exact = encode_ids(encode, images, None)
+    fast = encode_ids(encode, images, dtype)
     agree = _mean_over_ranks(agreement(fast, exact), images.device)
+    name = next(k for k, v in PRECISIONS.items() if v == dtype)
     if agree >= threshold:
-        return PrecisionChoice(torch.float16, "fp16", f"auto: {agree:.2%} of the first batch's ids equal fp32's "
+        return PrecisionChoice(dtype, name, f"auto: {agree:.2%} of the first batch's ids equal fp32's "
                                f"(>= beit.tokenizer_agreement={threshold})", agree), fast
-    return PrecisionChoice(None, "fp32", f"auto: fp16 gave only {agree:.2%} of fp32's ids on the first batch "
+    return PrecisionChoice(None, "fp32", f"auto: {name} gave only {agree:.2%} of fp32's ids on the first batch "
                            f"(< beit.tokenizer_agreement={threshold})", agree), exact
 
 
