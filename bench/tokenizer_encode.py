@@ -11,12 +11,14 @@ BEiT encodes every batch with its frozen tokenizer before the student's step (``
   batch per precision; medians), so that machine noise hits all alike; and the speed-up over fp32.
 
 ``--tokenizer`` names trained tokenizer files; ``--preset`` builds random-weight ones (speed only: the
-agreement of an untrained tokenizer says nothing about a trained one). ``--step`` (CUDA) also times the BEiT
-step (forward + backward) with the encode serial and on a side stream (``beit.tokenizer_overlap``), and
-checks that both give the same loss.
+agreement of an untrained tokenizer says nothing about a trained one). ``--step MODEL`` also times the BEiT
+step (forward + backward, first tokenizer) of that model preset: the student alone, the fp32 encode serial,
+on a side stream (``beit.tokenizer_overlap``, CUDA only) and the reduced encode on the side stream; it prints
+the tokenizer's share of the student's step and checks that the overlapped run gives the serial loss.
 
     python bench/tokenizer_encode.py --data cifar/train --tokenizer runs/tok_vq32s --preset dalle_112
-    python bench/tokenizer_encode.py --device cuda --preset dalle_112 --batch 64 --dtypes bf16,fp16 --step
+    python bench/tokenizer_encode.py --device cuda --preset dalle_112 --batch 64 --dtypes bf16,fp16 \\
+        --step beit_base_patch16_224
     python bench/tokenizer_encode.py --dry-run            # seconds: tiny sizes, for the CI test
 """
 
@@ -91,24 +93,42 @@ def speed_rows(tok, x: torch.Tensor, dtypes: list[str], rounds: int) -> dict[str
     return {name: len(x) / statistics.median(ts) for name, ts in times.items()}
 
 
-def step_overlap(tok, images: torch.Tensor, model: str, batch: int, rounds: int, device: torch.device) -> dict:
-    """BEiT steps (forward + backward, bf16 autocast) with the encode serial and overlapped, interleaved."""
-    mcfg = replace(get_preset(model), drop_path_rate=0.0)  # no random draws: the two losses are comparable
-    methods = {}
-    for overlap in (False, True):
-        torch.manual_seed(0)
-        cfg = BEiTConfig(tokenizer_precision="fp32", tokenizer_overlap=overlap)
-        methods[overlap] = BEiTMethod.build(mcfg, tok, cfg).to(device)
+class FixedIds(torch.nn.Module):
+    """A tokenizer that costs nothing: the student's step alone, for the tokenizer's share of the step."""
+
+    def __init__(self, ids: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.ids, self.vocab_size = ids, vocab_size
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.ids
+
+
+def step_variants(tok, images: torch.Tensor, model: str, batch: int, rounds: int, device: torch.device) -> dict:
+    """BEiT steps (forward + backward under the step's autocast) interleaved: the student alone (fixed ids), the
+    fp32 encode serial (before this bench existed), on the side stream, and the reduced encode (fp16 on CUDA,
+    bf16 on CPU) on the side stream. Returns images/s, the tokenizer's share of the student's step, and whether
+    the overlapped fp32 run gave the serial run's loss."""
+    mcfg = replace(get_preset(model), drop_path_rate=0.0)  # no random draws: the losses are comparable
     n = mcfg.grid_size[0] * mcfg.grid_size[1]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, mcfg.img_size, mcfg.img_size, generator=g).to(device)
     mask = (torch.rand(batch, n, generator=g) < 0.4).to(device)
     tok_x = images[:batch].to(device)
+    reduced = "fp16" if device.type == "cuda" else "bf16"
+    ids = encode_ids(tok.encode, tok_x, None)
+    variants = {"student_alone": (FixedIds(ids, tok.vocab_size), "fp32", False), "fp32_serial": (tok, "fp32", False),
+                "fp32_overlap": (tok, "fp32", True), f"{reduced}_overlap": (tok, reduced, True)}
+    methods = {}
+    for name, (t, prec, overlap) in variants.items():
+        torch.manual_seed(0)
+        cfg = BEiTConfig(tokenizer_precision=prec, tokenizer_overlap=overlap)
+        methods[name] = BEiTMethod.build(mcfg, t, cfg).to(device)
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    times: dict[bool, list[float]] = {False: [], True: []}
-    losses: dict[bool, float] = {}
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    losses: dict[str, float] = {}
     for r in range(rounds + 2):  # two warm-up rounds: the first batch resolves the precision serially
-        for overlap, m in methods.items():
+        for name, m in methods.items():
             sync(device)
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype):
@@ -116,13 +136,15 @@ def step_overlap(tok, images: torch.Tensor, model: str, batch: int, rounds: int,
             loss.backward()
             sync(device)
             m.zero_grad(set_to_none=True)
-            losses[overlap] = float(loss.detach())
+            losses[name] = float(loss.detach())
             if r >= 2:
-                times[overlap].append(time.perf_counter() - t)
+                times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": model, "batch": batch, "serial_img_s": batch / med[False], "overlap_img_s": batch / med[True],
-            "overlap_speedup": med[False] / med[True], "overlap_active": methods[True]._side.active(device),
-            "same_loss": losses[False] == losses[True]}
+    alone = med["student_alone"]
+    return {"model": model, "batch": batch, "side_stream": methods["fp32_overlap"]._side.active(device),
+            "images_per_s": {k: batch / v for k, v in med.items()},
+            "tokenizer_share": {k: v / alone - 1 for k, v in med.items() if k != "student_alone"},
+            "overlap_same_loss": losses["fp32_overlap"] == losses["fp32_serial"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bf16", help="reduced precisions to compare with fp32 (bf16, fp16)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--step", help="CUDA: also time the BEiT step of this model preset serial vs overlapped")
+    ap.add_argument("--step", help="also time the BEiT step of this model preset (see above)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes (seconds), for the CI test")
     a = ap.parse_args(argv)
@@ -184,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         if get_preset(model).grid_size != grid_tok:
             print(f"step: {model} does not fit the {grid_tok} grid of {label}: skipped", flush=True)
         else:
-            s = step_overlap(tok, images, model, a.batch, a.rounds, device)
+            s = step_variants(tok, images, model, a.batch, a.rounds, device)
             doc["step"] = s
-            print(f"step {model} batch {s['batch']}: serial {s['serial_img_s']:.1f} img/s, overlapped "
-                  f"{s['overlap_img_s']:.1f} img/s ({s['overlap_speedup']:.2f}x; side stream "
-                  f"{'active' if s['overlap_active'] else 'inactive off CUDA'}), same loss: {s['same_loss']}",
-                  flush=True)
+            print(f"step {model} batch {s['batch']} (side stream {'on' if s['side_stream'] else 'off: not CUDA'}), "
+                  f"overlapped fp32 loss equal to serial: {s['overlap_same_loss']}", flush=True)
+            for k, v in s["images_per_s"].items():
+                share = s["tokenizer_share"].get(k)
+                print(f"  {k}: {v:.1f} img/s" + (f", tokenizer {share:.0%} of the student's step" if share is not None
+                                                 else ""), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
