@@ -215,10 +215,10 @@ class BEiTMethod(Method):
     def visual_tokens(self, tok_images: torch.Tensor) -> torch.Tensor:
         """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids, whatever the step's autocast:
         the encoder body in ``beit.tokenizer_precision`` (resolved on the first batch, :attr:`tokenizer_choice`),
-        the code head and argmax in fp32. ``fp32`` (``auto`` on CPU) is the exact encode: in a bf16 encode
-        1-6% of a trained ``vq_32``'s ids changed with bf16 code distances, ~1% with fp32 ones (the targets of
-        the documented CPU results are fp32's). The encode runs channels-last
-        (docs/notebook/2026-11-cpu-speed.md)."""
+        the code head and argmax in fp32. ``fp32`` (``auto`` on CPU) is the exact encode: a bf16 encode changed
+        1-6% of a trained ``vq_32``'s ids with bf16 code distances, ~1% with fp32 ones, and 2.5% of a
+        ``vq_32_small``'s with the fp32 head (bench/tokenizer_encode.py); the documented CPU results were made with
+        fp32's targets. The encode runs channels-last (docs/notebook/2026-11-cpu-speed.md)."""
         tok = self.tokenizer
         if isinstance(tok, nn.Module):
             p = next(tok.parameters(), None)
