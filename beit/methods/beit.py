@@ -345,6 +345,9 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
 def build(cfg):
     """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
     tok, tok_size = None, None
+    device = cfg.train.device
+    if cfg.beit.tokenizer_precision == "fp16" and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        raise ConfigError("beit.tokenizer_precision=fp16 needs CUDA; use fp32 or bf16 on CPU")  # before the run starts
     if cfg.beit.target == "tokens":
         if not cfg.tokenizer:
             raise ConfigError(

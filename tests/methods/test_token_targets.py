@@ -112,6 +112,16 @@ def test_auto_is_fp32_on_cpu_and_fp16_needs_cuda(synthetic_images):
         BEiTConfig(tokenizer_agreement=1.5)
 
 
+def test_fp16_on_a_cpu_run_is_refused_when_the_method_is_built():
+    """Before the run folder is claimed (one line from the CLI), not at the first batch."""
+    from beit.methods.beit import build
+    from beit.tasks.pretrain import build_config
+
+    cfg = build_config("beit_tiny_patch4_32", overrides=["train.device=cpu", "beit.tokenizer_precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        build(cfg)
+
+
 def test_the_probe_keeps_the_reduced_precision_only_above_the_threshold():
     """auto's probe (run on CUDA with fp16; here with bf16 on CPU): an encode whose ids depend on the autocast in
     a quarter of the positions agrees 75% with fp32."""
