@@ -13,6 +13,8 @@ its code head (logits conv or codebook distances) and the argmax always run in f
   fp32 (logged either way). fp16 is what the official BEiT code computes: its ``dall_e`` encoder runs every
   conv but the output conv in fp16 on CUDA. fp16 rather than the step's bf16: 3 more mantissa bits, and a
   frozen encoder in eval mode has bounded activations (an overflow would show as disagreement in the probe).
+  Note that the CUDA "fp32" encode of a dVAE is not exact fp32 either: torch runs fp32 convolutions in TF32 by
+  default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), 10 mantissa bits in the products, as fp16.
 
 Overlap (``beit.tokenizer_overlap``, CUDA only): :class:`SideStream` encodes a batch's targets on a second
 CUDA stream while the student's forward runs on the current one; the loss waits for the ids. The encode and
