@@ -8,9 +8,11 @@ environment, tiny data folders written from the shipped Fashion-MNIST images (no
 tests (FlexAttention vs SDPA in fp32/bf16 with gradients, half-precision steps), a tokenizer, BEiT/MAE/iBOT
 pretraining in bf16 and fp16 (gradient scaler), fine-tuning, segmentation, torchrun with one process
 (nccl), resume after SIGKILL, ``bench/pretrain_step.py`` against HF at base/224 (with MFU against the card's
-datasheet peak and the largest batch that fits for base and large in the auto precision) and
-``bench/loader.py`` (images/s per CPU core of each loader path against torchvision's). The JSON is rewritten
-after every step, so a run cut short still leaves its results. Exit status 1 if any step failed.
+datasheet peak and the largest batch that fits for base and large in the auto precision),
+``bench/tokenizer_encode.py`` (the DALL-E-sized tokenizer's fp32 / bf16 / fp16 encode and its share of the
+base/224 step, serial and on a side stream) and ``bench/loader.py`` (images/s per CPU core of each loader
+path against torchvision's). The JSON is rewritten after every step, so a run cut short still leaves its
+results. Exit status 1 if any step failed.
 """
 
 from __future__ import annotations
@@ -333,6 +335,20 @@ def bench(c: Check, py: str) -> None:
                           largest_batch=doc["largest_batch"])
 
     c.run("bench_pretrain_step", argv, 420, check=check)
+    tok = c.work / "tokenizer_encode.json"
+    if c.dry:
+        argv = [py, "bench/tokenizer_encode.py", "--dry-run", "--json", str(tok)]
+    else:  # the DALL-E-sized dVAE (random weights: speed and the overlap; agreement needs the real weights)
+        argv = [py, "bench/tokenizer_encode.py", "--device", "cuda", "--preset", "dalle_112", "--batch", "64",
+                "--images", "512", "--dtypes", "bf16,fp16", "--rounds", "5", "--step", "beit_base_patch16_224",
+                "--json", str(tok)]
+
+    def tok_check(st: Step, _out: str) -> None:
+        doc = json.loads(tok.read_text())
+        st.details.update(rows=doc["rows"], step=doc["step"])
+        assert doc["step"]["overlap_same_loss"], "the overlapped encode changed the loss"
+
+    c.run("bench_tokenizer_encode", argv, 240, check=tok_check)
     loader = c.work / "loader.json"
 
     def loader_check(st: Step, _out: str) -> None:

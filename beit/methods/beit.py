@@ -26,6 +26,8 @@ and ``train()`` (it stays in eval mode). The price is that ``.to(device)`` does 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +40,16 @@ from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
 from ..models.tokenizer import Tokenizer, load_tokenizer
+from ..models.vqkd import VQKDTokenizer
 from .aggregation import PatchAggregationHead, aggregation_block
 from .base import Method
 from .pixels import patchify, pixel_targets
 from .registry import register
+from .token_targets import PRECISIONS, PrecisionChoice, SideStream, encode_ids, resolve_precision
 
 __all__ = ["BEiTConfig", "BEiTMethod", "build_pretrain_transform", "patchify"]
+
+log = logging.getLogger("beit")
 
 
 @dataclass
@@ -73,6 +79,13 @@ class BEiTConfig:
     patch_aggregation: bool = False
     patch_aggregation_block: int | None = None
     patch_aggregation_depth: int = 2
+    # the frozen tokenizer's encode (methods/token_targets.py): its encoder body in fp32 | bf16 | fp16 (CUDA), or
+    # auto (fp32 on CPU; on CUDA fp16 if >= tokenizer_agreement of the first batch's ids equal fp32's, else
+    # fp32); the code head and argmax are fp32 in every case. tokenizer_overlap: on CUDA, encode on a side
+    # stream while the student's forward runs (the same numbers as the serial run)
+    tokenizer_precision: str = "auto"
+    tokenizer_agreement: float = 0.99
+    tokenizer_overlap: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "beit", {"hflip": "prob", "color_jitter": "nonneg", "crop_scale crop_ratio": "positive"})
@@ -85,7 +98,10 @@ class BEiTConfig:
         self.masking_config()  # validates the masking fields
         if self.patch_aggregation and (self.target != "tokens" or self.predict != "masked"):
             raise ConfigError("beit.patch_aggregation needs beit.target=tokens and beit.predict=masked")
-        check_fields(self, "beit", {"patch_aggregation_depth": "size"})
+        check_fields(self, "beit", {"patch_aggregation_depth": "size", "tokenizer_agreement": "prob"})
+        if self.tokenizer_precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"beit.tokenizer_precision must be auto, fp32, bf16 or fp16, got "
+                              f"{self.tokenizer_precision!r}")
 
     def masking_config(self) -> MaskingConfig:
         return MaskingConfig(
@@ -150,6 +166,8 @@ class BEiTMethod(Method):
         # not registered: see the module docstring
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["teacher"] = None
+        self.tokenizer_choice: PrecisionChoice | None = None  # resolved on the first batch (token_targets.py)
+        self._side = SideStream(self.cfg.tokenizer_overlap)
         self.feature_head: nn.Linear | None = None
         self.aggregation = None
         if self.cfg.patch_aggregation:  # a submodule of the method, not the backbone: beit.load never returns it
@@ -195,11 +213,12 @@ class BEiTMethod(Method):
 
     @torch.no_grad()
     def visual_tokens(self, tok_images: torch.Tensor) -> torch.Tensor:
-        """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids, always in fp32: under bf16
-        autocast 1-6% of the ids change (measured on Fashion-MNIST and CIFAR-10 with a trained ``vq_32``; 0.7-1.1%
-        even with fp32 code distances), and the targets must not depend on the machine's precision. Its
-        ``encode`` runs channels-last, which makes fp32 faster than the bf16 it replaces
-        (docs/notebook/2026-11-cpu-speed.md)."""
+        """Frozen tokenizer: ``(B, 3, h', w')`` in [0, 1] -> ``(B, N)`` int64 ids, whatever the step's autocast:
+        the encoder body in ``beit.tokenizer_precision`` (resolved on the first batch, :attr:`tokenizer_choice`),
+        the code head and argmax in fp32. ``fp32`` (``auto`` on CPU) is the exact encode: a bf16 encode changed
+        1-6% of a trained ``vq_32``'s ids with bf16 code distances, ~1% with fp32 ones, and 2.5% of a
+        ``vq_32_small``'s with the fp32 head (bench/tokenizer_encode.py); the documented CPU results were made with
+        fp32's targets. The encode runs channels-last (docs/notebook/2026-11-cpu-speed.md)."""
         tok = self.tokenizer
         if isinstance(tok, nn.Module):
             p = next(tok.parameters(), None)
@@ -207,11 +226,28 @@ class BEiTMethod(Method):
                 tok.to(tok_images.device)
             if tok.training:
                 tok.eval()
-        with torch.autocast(tok_images.device.type, enabled=False):
-            ids = tok.encode(tok_images.float())  # (B, h, w)
+        choice = self.tokenizer_choice
+        if choice is None:  # the first batch: the range check and the precision (auto may compare it with fp32)
+            choice, ids = resolve_precision(self.cfg.tokenizer_precision, self.cfg.tokenizer_agreement, tok.encode,
+                                            tok_images)
+            self.tokenizer_choice = choice
+            log.info("tokenizer precision: %s (%s)", choice.name, choice.reason)
+        else:
+            # the images were checked for [0, 1] on the first batch: no host sync per step for it
+            checked = isinstance(tok, (Tokenizer, VQKDTokenizer))
+            encode = (lambda x: tok.encode(x, check_range=False)) if checked else tok.encode
+            ids = encode_ids(encode, tok_images, choice.dtype)
         return ids.flatten(1).long()  # (B, N)
 
-    def _forward_aggregated(self, images: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor
+    def _start_targets(self, tok_images: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the encode of the targets (on the side stream on CUDA after the first batch); returns the function
+        that gives the ids once the loss needs them."""
+        if self.tokenizer_choice is None or not self._side.active(tok_images.device):
+            ids = self.visual_tokens(tok_images)
+            return lambda: ids
+        return self._side.start(self.visual_tokens, tok_images)
+
+    def _forward_aggregated(self, images: torch.Tensor, mask: torch.Tensor, targets: Callable[[], torch.Tensor]
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MIM loss plus the patch-aggregation head's MIM loss (BEiT v2 Sec. 2.3), both on the masked positions
         through the shared final norm and MIM head."""
@@ -219,7 +255,7 @@ class BEiTMethod(Method):
         early, last = m.get_intermediate_layers(images, [head.block, -1], bool_masked_pos=mask)  # (B, 1+N, D) each
         shared = m.rel_pos_bias(m.rel_pos_index) if m.rel_pos_bias is not None else None
         agg = head(last[:, :1], early[:, 1:], shared, m.rel_pos_index)  # (B, N, D)
-        target = ids[mask]  # (M,)
+        target = targets()[mask]  # (M,)
         loss, acc = _masked_ce(m.lm_head(m.norm(last[:, 1:])[mask]), target)
         agg_loss, agg_acc = _masked_ce(m.lm_head(m.norm(agg)[mask]), target)
         total = loss + agg_loss
@@ -252,17 +288,19 @@ class BEiTMethod(Method):
         cfg = self.cfg
 
         if cfg.target == "tokens":
-            ids = self.visual_tokens(batch["tok_images"])  # (B, N)
+            targets = self._start_targets(batch["tok_images"])  # the student's forward may run meanwhile
             if self.aggregation is not None:
-                return self._forward_aggregated(images, mask, ids)
+                return self._forward_aggregated(images, mask, targets)
             if cfg.predict == "masked":
                 logits = self.model.forward_mim(images, mask)  # (M, V), row-major order of the mask
+                ids = targets()  # (B, N)
                 target = ids[mask]  # (M,)
                 loss = _mean_or_zero(F.cross_entropy(logits.float(), target, reduction="sum"), logits, len(target))
                 masked_logits = logits
             else:
                 tokens = self.model.forward_features(images, bool_masked_pos=mask)  # (B, 1+N, D)
                 logits = self.model.lm_head(tokens[:, 1:])  # (B, N, V)
+                ids = targets()
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
                 masked_logits, target = logits[mask], ids[mask]  # (M, V), (M,)
             with torch.no_grad():
@@ -307,6 +345,9 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
 def build(cfg):
     """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
     tok, tok_size = None, None
+    device = cfg.train.device
+    if cfg.beit.tokenizer_precision == "fp16" and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        raise ConfigError("beit.tokenizer_precision=fp16 needs CUDA; use fp32 or bf16 on CPU")  # before the run starts
     if cfg.beit.target == "tokens":
         if not cfg.tokenizer:
             raise ConfigError(

@@ -170,6 +170,13 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``blocks.output`` (the code head): what a reduced-precision encode may compute."""
+        for name, module in self.blocks.named_children():
+            if name != "output":
+                x = module(x)
+        return x
+
 
 class Decoder(nn.Module):
     """(B, n_in, h, w) code -> (B, 2 * out_chans, h * 2**(G-1), w * 2**(G-1)): logit-Laplace mu, log-scale."""
@@ -258,7 +265,10 @@ class Tokenizer(nn.Module):
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, vocab_size, h, w) code logits (VQ: negative squared distances)."""
         self._check_images(images)
-        z = self.encoder(map_pixels(images))  # (B, K or D, h, w)
+        return self._code_logits(self.encoder(map_pixels(images)))  # (B, K or D, h, w) -> (B, K, h, w)
+
+    def _code_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, K or D, h, w) -> (B, K, h, w) code logits (VQ: negative squared distances)."""
         if self.codebook is None:
             return z
         b, d, h, w = z.shape
@@ -267,21 +277,33 @@ class Tokenizer(nn.Module):
         return logits.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, K, h, w)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """(B, C, H, W) float in [0, 1] -> (B, h, w) long token ids (argmax of the code logits)."""
+    def encode(self, images: torch.Tensor, batch_size: int = 256, *, check_range: bool = True) -> torch.Tensor:
+        """(B, C, H, W) float in [0, 1] -> (B, h, w) long token ids (argmax of the code logits).
+
+        The encoder body runs in whatever autocast the caller set (BEiT's ``beit.tokenizer_precision``); the
+        code head (the logits conv, or the codebook distances) and the argmax always run in fp32, as the
+        official DALL-E encoder keeps its output conv in fp32: a reduced-precision encode changes an id only
+        where the encoder's features change, never through rounded logits or ties. Without autocast this is
+        exactly the fp32 computation. ``check_range=False`` skips the [0, 1] check, a host sync per call that
+        a caller which checked its first batch can spare."""
         self._check_images(images)
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
-                f"tokenizer expects pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                "(were the images normalised with a mean/std?)"
-            )
+        if check_range:
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(
+                    f"tokenizer expects pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                    "(were the images normalised with a mean/std?)"
+                )
         # channels-last: oneDNN's fast convolution layout on CPU (measured 2-2.6x faster encode in bf16 and
         # fp32 for vq_32 and dalle_112, docs/notebook/2026-11-cpu-speed.md); the ids are the same computation
-        return torch.cat(
-            [self.encode_logits(chunk.contiguous(memory_format=torch.channels_last)).argmax(1)
-             for chunk in images.split(batch_size)]
-        )
+        return torch.cat([self._encode_ids(chunk.contiguous(memory_format=torch.channels_last))
+                          for chunk in images.split(batch_size)])
+
+    def _encode_ids(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.encoder.features(map_pixels(images))  # (B, C', h, w), in the caller's autocast dtype
+        with torch.autocast(h.device.type, enabled=False):
+            z = self.encoder.blocks.output(h.float())  # (B, K or D, h, w) fp32
+            return self._code_logits(z).argmax(1)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, h, w) ids -> (B, n_init, h, w): the decoder's input layer, as a lookup instead of a one-hot conv."""

@@ -147,9 +147,16 @@ class VQKDTokenizer(nn.Module):
 
     def encode_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, h, w, embed_dim) l2-normalised code-space vectors (with gradients)."""
+        return self._code_vectors(self._encoder_tokens(images))
+
+    def _encoder_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, N, encoder_dim) patch tokens after the encoder's final norm."""
         self._check_images(images)
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-        tokens = self.encoder.forward_features(x)[:, 1:]  # (B, N, encoder_dim), after the final norm
+        return self.encoder.forward_features(x)[:, 1:]
+
+    def _code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, encoder_dim) -> (B, h, w, embed_dim) l2-normalised codes (the task layer)."""
         z = l2norm(self.encode_task_layer(tokens))  # (B, N, embed_dim)
         h, w = self.cfg.grid_size
         return z.reshape(len(z), h, w, -1)
@@ -159,13 +166,21 @@ class VQKDTokenizer(nn.Module):
         return (z @ self.codebook.to(z.dtype).t()).argmax(-1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> (B, h, w) long token ids."""
+    def encode(self, images: torch.Tensor, batch_size: int = 256, *, check_range: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> (B, h, w) long token ids. The encoder ViT runs in the caller's
+        autocast; the task layer, the l2 norm and the nearest code run in fp32 (as the dVAE's code head in
+        :meth:`beit.models.tokenizer.Tokenizer.encode`). ``check_range=False`` skips the [0, 1] check."""
         self._check_images(images)
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"tokenizer expects pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
-        return torch.cat([self.nearest_code(self.encode_vectors(c)) for c in images.split(batch_size)])
+        if check_range:
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"tokenizer expects pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return torch.cat([self._encode_ids(c) for c in images.split(batch_size)])
+
+    def _encode_ids(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self._encoder_tokens(images)  # in the caller's autocast dtype
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.nearest_code(self._code_vectors(tokens.float()))
 
     def decode_features(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w, embed_dim) (quantized) codes -> (B, h*w, target_dim) predicted teacher features."""

@@ -135,3 +135,55 @@ def test_pretraining_steps_in_half_precision(tmp_path, make_image_folder, prec):
     assert {r["precision"] for r in rows if "loss" in r} == {prec}
     _, state, tensors = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
     assert int(state["step"]) == 6
+
+
+def _beit_with_tokenizer(**beit):
+    from beit.config import ModelConfig, from_dict
+    from beit.methods import BEiTConfig, BEiTMethod
+    from beit.models.tokenizer import Tokenizer, get_tokenizer_preset
+
+    torch.manual_seed(0)
+    tok = Tokenizer(get_tokenizer_preset("dvae_32")).eval()
+    model = from_dict(ModelConfig, dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                                        drop_path_rate=0.0))
+    return BEiTMethod.build(model, tok, BEiTConfig(min_block=4, **beit)).to(DEV)
+
+
+def test_tokenizer_overlap_gives_the_serial_ids_and_losses(synthetic_images):
+    """beit.tokenizer_overlap: the encode on a side stream while the student's forward runs gives the same ids,
+    losses and gradients as the serial encode, over several batches (the side stream really used)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [{"images": torch.randn(16, 3, 32, 32, generator=g).to(DEV),
+                "tok_images": synthetic_images(16, seed=s).to(DEV),
+                "mask": (torch.rand(16, 8, 8, generator=g) < 0.4).to(DEV)} for s in range(4)]
+    runs = {}
+    for overlap in (False, True):
+        m = _beit_with_tokenizer(tokenizer_precision="fp32", tokenizer_overlap=overlap)
+        out = []
+        for b in batches:
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                loss, metrics = m(b)
+            loss.backward()
+            out.append((loss.detach().clone(), metrics["mlm_acc"].clone(), m.model.lm_head.weight.grad.clone()))
+            m.zero_grad(set_to_none=True)
+        runs[overlap] = out
+        assert bool(m._side._streams) == overlap  # the side stream was created (and used) only when asked
+    for (l0, a0, g0), (l1, a1, g1) in zip(runs[False], runs[True]):
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+        assert torch.equal(a1, a0)  # same ids, same predictions
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_tokenizer_auto_probes_fp16_on_cuda(synthetic_images):
+    """auto on CUDA compares an fp16 encode with fp32 on the first batch and keeps fp16 only above the threshold;
+    the ids it returns afterwards are those of the chosen precision."""
+    from beit.methods.token_targets import encode_ids
+
+    x = synthetic_images(16, seed=1).to(DEV)
+    m = _beit_with_tokenizer(tokenizer_agreement=0.0)
+    m.visual_tokens(x)
+    assert m.tokenizer_choice.name == "fp16" and 0.0 <= m.tokenizer_choice.agreement <= 1.0
+    assert torch.equal(m.visual_tokens(x), encode_ids(m.tokenizer.encode, x, torch.float16).flatten(1))
+    strict = _beit_with_tokenizer(tokenizer_agreement=1.0)
+    strict.visual_tokens(x)
+    assert strict.tokenizer_choice.name == ("fp16" if strict.tokenizer_choice.agreement == 1.0 else "fp32")

@@ -27,13 +27,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert {n for n, s in status.items() if s == "skipped"} == CUDA_ONLY
     assert {"tokenizer", "pretrain_beit_bf16", "pretrain_mae_bf16", "pretrain_ibot_bf16", "finetune", "segment",
             "torchrun_1proc", "resume_kill_at_step_3", "resume_after_sigkill", "bench_pretrain_step",
-            "bench_loader"} <= set(status)
+            "bench_tokenizer_encode", "bench_loader"} <= set(status)
     steps = {s["name"]: s for s in doc["steps"]}
     assert steps["torchrun_1proc"]["details"]["backend"] == "gloo"
     assert steps["resume_after_sigkill"]["details"]["max_abs_loss_diff_vs_uninterrupted"] == 0.0  # CPU: exact
     row = steps["bench_pretrain_step"]["details"]["rows"][0]
     assert row["ours_img_s"] > 0 and 0 < row["mfu_vs_matmul"] < 2 and row["gflop_per_image"] > 0
     assert row["mfu"] is None  # no datasheet peak on a CPU
+    tok = steps["bench_tokenizer_encode"]["details"]
+    assert tok["step"]["overlap_same_loss"] and tok["rows"][0]["images_per_s"]["fp32"] > 0
     loader = steps["bench_loader"]["details"]["images_per_s_per_core"]
     assert loader["peer"] > 0 and set(loader) >= {"beit_folder", "beit_shards", "beit_shards_u8_fast"}
     assert "isa" in doc["environment"]["machine"]
