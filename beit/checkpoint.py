@@ -37,7 +37,6 @@ from .checkpoint_io import (
     read_json,
     recorded_digest,
     removed_on_failure,
-    safetensors_metadata,
     seal,
     sealable,
 )
@@ -301,15 +300,11 @@ def _written_with_manifest(ckpt: Path) -> bool:
 
 
 def _legacy_problem(ckpt: Path) -> str | None:
-    """Checkpoints written before manifests existed: every file must at least parse (weights finite, checked
-    by the caller); they load with one warning. One written since, whose manifest is gone, is damaged."""
+    """Checkpoints written before manifests existed: every file must at least parse (weights parse and are
+    finite: checked by the caller); they load with one warning. One written since, whose manifest is gone, is damaged."""
     if _written_with_manifest(ckpt):
         return f"{MANIFEST} is missing, so its files cannot be verified (this version writes one with every checkpoint)"
-    for name in _weights_files(ckpt):
-        try:
-            safetensors_metadata(ckpt / name)  # the header parses
-        except CheckpointError as e:
-            return f"{name} is not readable ({e})"
+    # that every weights file parses is checked with their finiteness (_nonfinite_problem), right after this
     if (ckpt / "state.json").is_file():
         try:
             read_json(ckpt / "state.json")
