@@ -25,4 +25,4 @@ bench:
 
 # API reference from the docstrings (pdoc, in the dev and docs extras); tests/core/test_python_api.py builds it too
 docs:
-	$(BIN)/python -m pdoc beit beit.workflows beit.api beit.preprocess beit.exporting beit.tasks.embed beit.config beit.models.vit -o docs/api
+	$(BIN)/python -m pdoc beit beit.workflows beit.loading beit.preprocess beit.exporting beit.tasks.embed beit.config beit.models.vit -o docs/api

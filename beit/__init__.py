@@ -22,8 +22,8 @@ from .version import __version__
 
 # public name -> the module that defines it
 _LAZY = {
-    "load": "beit.api",
-    "transform_for": "beit.api",
+    "load": "beit.loading",
+    "transform_for": "beit.preprocess",
     "ModelConfig": "beit.config",
     "VisionTransformer": "beit.models",
     "create_model": "beit.models",
@@ -40,9 +40,10 @@ __all__ = ["ModelConfig", "RunResult", "VisionTransformer", "__version__", "crea
            "pretrain", "probe", "segment", "train_tokenizer", "transform_for"]
 
 if TYPE_CHECKING:  # for type checkers, IDEs and pdoc; at run time __getattr__ imports them
-    from .api import load, transform_for
     from .config import ModelConfig
+    from .loading import load
     from .models import VisionTransformer, create_model
+    from .preprocess import transform_for
     from .workflows import RunResult, embed, finetune, pretrain, probe, segment, train_tokenizer
 
 

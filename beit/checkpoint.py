@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint_io import (
     CheckpointError,
     file_digest,
     holding_nonfinite,
-    load_weights,
+    nonfinite_in_file,
     nonfinite_tensors,
     read_json,
     recorded_digest,
@@ -53,7 +52,7 @@ CHECKPOINT_FORMAT = "beit-checkpoint/2"
 TMP_PREFIX = ".tmp-"  # interrupted writes; removed at the start of the next run (under its lock)
 OLD_PREFIX = ".old-"
 __all__ = ["CHECKPOINT_FORMAT", "CKPT_DIR", "CheckpointError", "NonFiniteCheckpointError", "checkpoint_problem",
-           "find_checkpoints", "latest_checkpoint", "load_checkpoint", "refuse_nonfinite", "remove_stale",
+           "find_checkpoints", "latest_checkpoint", "refuse_nonfinite", "remove_stale",
            "require_checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 
@@ -277,10 +276,9 @@ def _nonfinite_problem(ckpt: Path) -> str | None:
     saves were checked, or a file edited by hand), or None."""
     for name in _weights_files(ckpt):
         try:
-            with safe_open(str(ckpt / name), framework="pt") as f:
-                bad = [k for k in f.keys() if nonfinite_tensors({k: f.get_tensor(k)})]
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            return f"{name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            bad = nonfinite_in_file(ckpt / name)
+        except CheckpointError as e:
+            return f"{name} is not readable ({e})"
         if bad:
             return f"{name}: {holding_nonfinite(bad)}"
     return None
@@ -302,16 +300,11 @@ def _written_with_manifest(ckpt: Path) -> bool:
 
 
 def _legacy_problem(ckpt: Path) -> str | None:
-    """Checkpoints written before manifests existed: every file must at least parse (weights finite, checked
-    by the caller); they load with one warning. One written since, whose manifest is gone, is damaged."""
+    """Checkpoints written before manifests existed: every file must at least parse (weights parse and are
+    finite: checked by the caller); they load with one warning. One written since, whose manifest is gone, is damaged."""
     if _written_with_manifest(ckpt):
         return f"{MANIFEST} is missing, so its files cannot be verified (this version writes one with every checkpoint)"
-    for name in _weights_files(ckpt):
-        try:
-            with safe_open(str(ckpt / name), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            return f"{name} is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    # that every weights file parses is checked with their finiteness (_nonfinite_problem), right after this
     if (ckpt / "state.json").is_file():
         try:
             read_json(ckpt / "state.json")
@@ -455,16 +448,6 @@ def discard_after(run_dir: str | Path, step: int) -> None:
         if p.is_dir() and p.name > f"step_{step:08d}":
             log.warning("removing %s: the run resumes from step %d and will write it again", p, step)
             shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
-    """Return (model_state, state_json, state_tensors) of a checkpoint directory, verified first."""
-    ckpt = verify_checkpoint(ckpt)  # content hashes and finiteness: not checked again while reading
-    model_state = load_weights(ckpt / "model.safetensors", verified=True)[0]
-    state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
-    has_state = (ckpt / "state.safetensors").is_file()
-    tensors = load_weights(ckpt / "state.safetensors", verified=True)[0] if has_state else {}
-    return model_state, state, tensors
 
 
 def restore_training_state(

@@ -308,6 +308,30 @@ def load_weights(path: str | Path, *, verified: bool = False) -> tuple[dict[str,
     return sd, meta
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The raw string metadata of a safetensors file's header, no tensor read (a format probe); a one-line
+    :class:`CheckpointError` when the file does not parse as safetensors."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(_first_line(e)) from None
+
+
+def nonfinite_in_file(path: str | Path) -> list[str]:
+    """Names of the floating-point tensors of a safetensors file holding NaN or inf, reading one tensor at a
+    time (a checkpoint check: nothing is kept); a one-line :class:`CheckpointError` when it does not parse."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return [k for k in f.keys() if nonfinite_tensors({k: f.get_tensor(k)})]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(_first_line(e)) from None
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """``torch.save`` writes a zip archive (or, before PyTorch 1.6, a pickle starting with PROTO)."""
     if zipfile.is_zipfile(path):
@@ -325,12 +349,22 @@ def _refused_global(message: str) -> str:
     return "an object that is not a tensor or plain container"
 
 
-def read_torch_file(path: str | Path) -> Any:
+class UnpicklingRefused(CheckpointError):
+    """A pickle that asks for an object outside the allowed ones; ``refused`` names it (nothing was run)."""
+
+    def __init__(self, message: str, refused: str) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def read_torch_file(path: str | Path, *, allowed: list | tuple = ()) -> Any:
     """``torch.load`` restricted to tensors and plain containers (``weights_only=True``) on the CPU.
 
     ``argparse.Namespace`` is allowed too: official BEiT training checkpoints store their ``args`` in one,
-    and it is a plain attribute bag. Anything else that needs code to unpickle is refused. Errors never
-    repeat PyTorch's advice to retry with ``weights_only=False``.
+    and it is a plain attribute bag; ``allowed``: more globals for ``torch.serialization.safe_globals``
+    (classes, or ``(class, "module.name")`` pairs binding a pickled name to an inert stand-in). Anything else
+    that needs code to unpickle is refused (:class:`UnpicklingRefused`). Errors never repeat PyTorch's advice
+    to retry with ``weights_only=False``.
     """
     path = Path(path)
     if not path.is_file():
@@ -338,15 +372,17 @@ def read_torch_file(path: str | Path) -> Any:
     if not _looks_like_torch_file(path):
         raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch file)")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *allowed]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: this loader refuses to unpickle arbitrary objects ({_refused_global(str(e))}): "
+        refused = _refused_global(str(e))
+        raise UnpicklingRefused(
+            f"{path}: this loader refuses to unpickle arbitrary objects ({refused}): "
             "only tensors and plain containers are read. Convert a file you trust to safetensors "
-            "elsewhere, or export its state dict only."
+            "elsewhere, or export its state dict only.", refused
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        # the restricted unpickler raises these on malformed data
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch file ({first})") from None
     check_finite(dict(_nested_tensors(obj)), path)
@@ -366,6 +402,6 @@ def _nested_tensors(obj: Any, prefix: str = "", depth: int = 0):
 
 
 __all__ = ["DIGEST_KEY", "CheckpointError", "CheckpointWriteError", "NonFiniteError", "check_finite", "describe_tensors",
-           "digest_problem", "file_digest", "holding_nonfinite", "load_weights", "nonfinite_tensors", "read_json", "read_safetensors",
-           "read_torch_file", "recorded_digest", "removed_on_failure", "save_weights", "seal", "sealable",
+           "digest_problem", "file_digest", "holding_nonfinite", "load_weights", "nonfinite_in_file", "nonfinite_tensors", "read_json",
+           "read_safetensors", "read_torch_file", "safetensors_metadata", "UnpicklingRefused", "recorded_digest", "removed_on_failure", "save_weights", "seal", "sealable",
            "write_error", "write_safetensors"]

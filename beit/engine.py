@@ -48,6 +48,7 @@ from .checkpoint_io import holding_nonfinite, nonfinite_tensors
 from .compiling import AUTO_EAGER_STEPS, decide
 from .config import OptimConfig, TrainConfig
 from .data.folder import SKIP_LIST, DropUnreadable, write_skip_list
+from .loading import read_checkpoint
 from .methods.base import hooks as method_hooks
 from .nonfinite import NonFiniteGuard, NonFiniteStepError, Seen, clip_grads, grad_norm
 from .optim import build_optimizer, lr_at, set_lr
@@ -585,7 +586,7 @@ class Trainer:
             RunDir(self.run_dir).record_files("config.yaml")
 
     def _load(self, existing: Path) -> None:
-        model_state, state, tensors = ckpt.load_checkpoint(existing)
+        model_state, state, tensors = read_checkpoint(existing)
         _load_resumed_weights(self.method, model_state, existing)
         ckpt.restore_training_state(state, tensors, self.optimizer, self.scaler)
         self.state.step = self.state.start_step = int(state["step"])

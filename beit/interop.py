@@ -5,13 +5,13 @@ buffers dropped; HF transformers names are mapped here, both its on-disk layout 
 .attention.attention.query``, what ``save_pretrained`` writes and the Hub holds) and its v5 in-memory layout
 (``beit.layers.{i}.attention.q_proj``). Nothing here imports ``transformers`` or ``timm``.
 
-Entry points: :func:`load_any` (path -> model), :func:`export` (model -> folder in ``hf`` or ``timm``
-format), :func:`resize_pos_and_rel_tables` (load at another resolution).
+Pure functions of state dicts and configs: no file is opened here. Reading their files is
+:mod:`beit.loading` (:func:`beit.loading.load_any`), writing them :mod:`beit.exporting`; the position
+tables at another resolution are :mod:`beit.models.positions`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,120 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from beit.checkpoint_io import (
     CheckpointError,
     file_digest,
-    load_weights,
     read_json,
-    read_torch_file,
-    removed_on_failure,
-    save_weights,
-    write_safetensors,
 )
 from beit.config import ConfigError, ModelConfig, from_dict, to_dict
-from beit.models.vit import VisionTransformer, num_relative_distance, uses_fc_norm
+from beit.models.positions import REL_TABLE, grid_of_rel_table
+from beit.models.vit import VisionTransformer, uses_fc_norm
 
 log = logging.getLogger(__name__)
 
-_REL = "relative_position_bias_table"
 _SKIP = re.compile(r"(relative_position_index|k_bias|num_batches_tracked)$")
 
-# --------------------------------------------------------------------------------------------- resizing
-
-
-def _grid_of_rel_table(rows: int) -> int:
-    side = math.isqrt(rows - 3)  # (2h - 1)^2 = rows - 3 for a square grid
-    if side * side != rows - 3 or side % 2 == 0:
-        raise CheckpointError(f"relative position table with {rows} rows is not (2h-1)^2 + 3 for a square grid")
-    return (side + 1) // 2
-
-
-def _source_grid(n: int, new_grid: tuple[int, int], old_grid: tuple[int, int] | None,
-                 of_rows: bool) -> tuple[int, int]:
-    """The grid a table of ``n`` rows (relative) or patches (absolute) was made for: ``old_grid`` if given,
-    the new grid if the size matches it (nothing to resize), else a square one."""
-    if old_grid is not None:
-        return tuple(old_grid)  # type: ignore[return-value]
-    fits_new = (num_relative_distance(new_grid) if of_rows else new_grid[0] * new_grid[1]) == n
-    if fits_new:
-        return tuple(new_grid)  # type: ignore[return-value]
-    if of_rows:
-        side = _grid_of_rel_table(n)
-    else:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise CheckpointError(f"position embedding with {n} patches is not a square grid")
-    return (side, side)
-
-
-def resize_rel_table(table: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
-                     mode: str = "bicubic") -> torch.Tensor:
-    """``(num_rel, heads)`` table for another grid ``(h', w')``, square or not: the ``(2h-1, 2w-1)`` grid of
-    offsets resampled (``mode``: bicubic, or bilinear as HF transformers' ``interpolate_pos_encoding``) to
-    ``(2h'-1, 2w'-1)``, the 3 [CLS] rows kept as they are (the official code uses scipy's
-    geometric-progression interpolation; a bicubic resample is its torch-only equivalent for the smooth
-    tables BEiT learns). ``old_grid``: the table's grid when it is not square."""
-    old_h, old_w = _source_grid(table.shape[0], tuple(new_grid), old_grid, of_rows=True)
-    new_h, new_w = new_grid
-    if (old_h, old_w) == (new_h, new_w):
-        return table
-    heads = table.shape[1]
-    grid = table[:-3].T.reshape(1, heads, 2 * old_h - 1, 2 * old_w - 1).float()  # (1, H, 2h-1, 2w-1)
-    grid = F.interpolate(grid, size=(2 * new_h - 1, 2 * new_w - 1), mode=mode, align_corners=False)
-    rows = grid.reshape(heads, -1).T.to(table.dtype)  # ((2h'-1)(2w'-1), H)
-    return torch.cat([rows, table[-3:]], dim=0)
-
-
-def resize_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int],
-                     old_grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """``(1, 1+N, D)`` absolute embedding for another grid ``(h', w')``: bicubic on the patch grid (as HF
-    transformers' ``interpolate_pos_encoding``), [CLS] row kept. ``old_grid``: when it is not square."""
-    old_h, old_w = _source_grid(pos.shape[1] - 1, tuple(new_grid), old_grid, of_rows=False)
-    if (old_h, old_w) == tuple(new_grid):
-        return pos
-    D = pos.shape[-1]
-    grid = pos[:, 1:].reshape(1, old_h, old_w, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos.dtype)  # (1, h'w', D)
-    return torch.cat([pos[:, :1], grid], dim=1)
-
-
-def resize_pos_and_rel_tables(state_dict: dict[str, torch.Tensor], new_grid: tuple[int, int],
-                              old_grid: tuple[int, int] | None = None,
-                              rel_mode: str = "bicubic") -> dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` (our names) with ``pos_embed`` and every relative position table resized to
-    ``new_grid`` patches (rows, columns); sizes that already match are returned unchanged (resizing to the
-    same size is the identity). Tables are taken as square unless ``old_grid`` says otherwise;
-    ``rel_mode`` resamples the relative tables (bilinear: as HF transformers)."""
-    out = dict(state_dict)
-    for k, v in state_dict.items():
-        if k == "pos_embed":
-            out[k] = resize_pos_embed(v, new_grid, old_grid)
-        elif k.endswith(_REL):
-            out[k] = resize_rel_table(v, new_grid, old_grid, rel_mode)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- timm / official
-
-
-def _unwrap(obj: Any) -> tuple[dict[str, torch.Tensor], bool]:
-    """The state dict inside a checkpoint object, and whether it came wrapped (official training files)."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"expected a state dict, got {type(obj).__name__}")
-    for key in ("model", "module", "state_dict", "model_ema"):
-        if key in obj and isinstance(obj[key], dict):
-            inner, _ = _unwrap(obj[key])
-            return inner, True
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise CheckpointError("no tensors found in checkpoint")
-    for prefix in ("module.", "encoder.", "model."):
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd, False
 
 
 def timm_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,14 +54,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
         raise CheckpointError("not a BEiT/ViT state dict (no patch_embed.proj.weight / cls_token)")
     D, C, p, _ = sd["patch_embed.proj.weight"].shape
     depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    tables = [v for k, v in sd.items() if k.endswith(_REL)]
+    tables = [v for k, v in sd.items() if k.endswith(REL_TABLE)]
     heads = tables[0].shape[1] if tables else max(1, D // 64)
     if "img_size" in overrides:  # given (timm model_args, a non-square size): the tables need not be square
         grid = 0
     elif "pos_embed" in sd:
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
     elif tables:
-        grid = _grid_of_rel_table(tables[0].shape[0])
+        grid = grid_of_rel_table(tables[0].shape[0])
     else:
         grid = 224 // p
     has_fc = "fc_norm.weight" in sd
@@ -175,8 +76,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Model
         qkv_bias="blocks.0.attn.q_bias" in sd,
         layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else 0.0,  # the value is in the weights
         use_abs_pos_emb="pos_embed" in sd,
-        use_shared_rel_pos_bias=f"rel_pos_bias.{_REL}" in sd,
-        use_rel_pos_bias=f"blocks.0.attn.{_REL}" in sd,
+        use_shared_rel_pos_bias=f"rel_pos_bias.{REL_TABLE}" in sd,
+        use_rel_pos_bias=f"blocks.0.attn.{REL_TABLE}" in sd,
         use_mean_pooling=has_fc or "head.weight" not in sd,
         use_fc_norm=has_fc,
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
@@ -223,14 +124,6 @@ def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
         use_rel_pos_bias=cfg.use_rel_pos_bias,
         use_shared_rel_pos_bias=cfg.use_shared_rel_pos_bias,
     )
-
-
-def _timm_arch(cfg: ModelConfig) -> str:
-    size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(cfg.embed_dim, "base")
-    if size == "tiny" or size == "small":  # timm registers no tiny/small BEiT; the args define the model
-        size = "base"
-    res = 384 if cfg.img_size == 384 else 224
-    return f"beit_{size}_patch16_{res}"
 
 
 # --------------------------------------------------------------------------------------------- HF transformers
@@ -493,141 +386,7 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, arch: str 
     return out
 
 
-def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    st = folder / "model.safetensors"
-    if st.is_file():
-        return load_weights(st)[0]
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        sd: dict[str, torch.Tensor] = {}
-        for s in shards:
-            sd.update(load_weights(s)[0])
-        return sd
-    pt = folder / "pytorch_model.bin"
-    if pt.is_file():
-        return _unwrap(read_torch_file(pt))[0]
-    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer,
-                     old_grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Fit a state dict (our names) to ``model``: resize position tables to its grid (from ``old_grid``,
-    square by default), spread a shared relative table into per-layer tables (BEiT fine-tuning) or fold
-    per-layer ones into a shared one, keep fixed sin-cos tables of the model, and drop heads whose shape no
-    longer matches."""
-    sd = resize_pos_and_rel_tables(state_dict, model.grid_size, old_grid)
-    shared_key = f"rel_pos_bias.{_REL}"
-    own = model.state_dict()
-    if shared_key in sd and shared_key not in own and f"blocks.0.attn.{_REL}" in own:
-        table = sd.pop(shared_key)
-        for i in range(model.num_layers):
-            k = f"blocks.{i}.attn.{_REL}"
-            sd[k] = table.clone() if k not in sd else sd[k] + table
-    if model.cfg.use_sincos_pos_emb:
-        sd["pos_embed"] = own["pos_embed"]
-    for k in list(sd):
-        if k in own and sd[k].shape != own[k].shape and k.split(".")[0] in ("head", "lm_head"):
-            log.warning("dropping %s: shape %s does not fit the model's %s (new head)", k,
-                        tuple(sd[k].shape), tuple(own[k].shape))
-            del sd[k]
-    return sd
-
-
-def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict: bool = True,
-                   old_grid: tuple[int, int] | None = None) -> VisionTransformer:
-    """``VisionTransformer(cfg)`` with ``state_dict`` (made for patch grid ``old_grid``, square by default)
-    loaded after :func:`adapt_state_dict`, in eval mode.
-
-    ``strict``: every weight must be used and every parameter provided; otherwise mismatches are logged."""
-    model = VisionTransformer(cfg)
-    sd = adapt_state_dict(state_dict, model, old_grid)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit the model: {e}") from None
-    if missing or unexpected:
-        msg = f"missing: {sorted(missing)}; unexpected: {sorted(unexpected)}"
-        if strict:
-            raise CheckpointError("weights do not match the model: " + msg)
-        log.warning("loaded with mismatches (kept the model's init for missing ones) - %s", msg)
-    return model.eval()
-
-
-def without_head(saved: ModelConfig, state_dict: dict[str, torch.Tensor],
-                 overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
-    """``(overrides, state_dict, strict)`` for loading weights saved as ``saved`` with ``overrides``.
-
-    ``num_classes=0`` on a classifier keeps its pooling layout (``fc_norm``, as trained) and drops only the
-    head, so every other weight is used and the load stays strict (no warnings); the model then returns its
-    pooled features (timm's ``num_classes=0``). Any other override relaxes the check (a fresh head, ...)."""
-    if overrides.get("num_classes") != 0 or saved.num_classes == 0:
-        return overrides, state_dict, not overrides
-    overrides = {"use_fc_norm": uses_fc_norm(saved), **overrides}
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    return overrides, sd, set(overrides) <= {"num_classes", "use_fc_norm"}
-
-
-def load_any(path: str | Path, **overrides: Any) -> tuple[str, VisionTransformer]:
-    """Load weights in any supported layout -> ``(kind, model)``, kind in ``hf | timm | official | beit``.
-
-    - a folder with an HF ``config.json`` (``model_type: beit``) and model.safetensors / pytorch_model.bin;
-    - a folder written by :func:`export_timm` (timm's ``config.json`` with ``model_args``);
-    - a ``.safetensors`` file: ours (metadata ``model_config``) or a timm state dict;
-    - a ``.pth``/``.pt``/``.bin`` file: official BEiT (``{'model': ...}``) or a timm state dict.
-
-    ``overrides`` change the architecture before loading: ``img_size`` resizes position tables, a new
-    ``num_classes`` gets a fresh head, ``use_rel_pos_bias=True, use_shared_rel_pos_bias=False`` copies a
-    shared table into every layer. Any override relaxes the check that all weights match.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    strict = not overrides
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{path}: folder without config.json (expected an HF or timm export)")
-        problem = export_problem(path)
-        if problem:
-            raise CheckpointError(f"{path}: {problem}")
-        meta = read_json(cfg_file)
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{cfg_file}: not a model config (a JSON object was expected)")
-        if meta.get("model_type") == "beit":
-            src = hf_config_to_model_config(meta)
-            sd = hf_to_ours(_hf_weights(path), src)
-            overrides, sd, strict = without_head(src, sd, overrides)
-            cfg = hf_config_to_model_config(meta, **overrides)
-            return "hf", build_and_load(cfg, sd, strict)
-        if "model_args" in meta or str(meta.get("architecture", "")).startswith("beit"):
-            sd = timm_to_ours(_hf_weights(path))
-            args = _timm_overrides(meta.get("model_args", {}))
-            overrides, sd, strict = without_head(infer_config(sd, **args), sd, overrides)
-            cfg = infer_config(sd, **{**args, **overrides})
-            return "timm", build_and_load(cfg, sd, strict)
-        raise CheckpointError(f"{path}/config.json is neither an HF Beit nor a timm config")
-    if path.suffix == ".safetensors":
-        sd, meta = load_weights(path)
-        sd = timm_to_ours(sd)
-        if isinstance(meta.get("model_config"), dict):
-            saved = from_dict(ModelConfig, meta["model_config"], prefix="model.")
-            overrides, sd, strict = without_head(saved, sd, overrides)
-            cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides}, prefix="model.")
-            return "beit", build_and_load(cfg, sd, strict, saved.grid_size)
-        extra = _timm_overrides(meta["timm_model_args"]) if isinstance(meta.get("timm_model_args"), dict) else {}
-        return "timm", build_and_load(infer_config(sd, **{**extra, **overrides}), sd, strict)
-    obj = read_torch_file(path)
-    sd, wrapped = _unwrap(obj)
-    if any(k.startswith(("beit.", "encoder.layer.", "embeddings.")) for k in sd):
-        raise CheckpointError(f"{path}: HF transformers weights; pass the folder with its config.json")
-    sd = timm_to_ours(sd)
-    return ("official" if wrapped else "timm"), build_and_load(infer_config(sd, **overrides), sd, strict)
-
-
-def _timm_overrides(args: dict[str, Any]) -> dict[str, Any]:
+def timm_config_overrides(args: dict[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields that a timm ``model_args`` dict pins down beyond the weights' shapes."""
     out: dict[str, Any] = {}
     if "num_heads" in args:
@@ -641,39 +400,11 @@ def _timm_overrides(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------------------------- exporting
-
-
-def _state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-
-
-def export_hf(model: VisionTransformer, out_dir: str | Path, arch: str | None = None,
-              labels: list[str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers.<arch>.from_pretrained(out_dir)``
-    loads; ``arch`` defaults to BeitForImageClassification / BeitForMaskedImageModeling / BeitModel by the
-    model's heads; ``labels``: the class names (``id2label``/``label2id``; ``LABEL_i`` without them)."""
-    cfg = model.cfg
-    arch = arch or hf_arch_for(cfg)
-    hf_cfg = model_config_to_hf_config(cfg, arch)
-    if labels and cfg.num_classes and len(labels) == cfg.num_classes:
-        hf_cfg["id2label"] = {str(i): name for i, name in enumerate(labels)}
-        hf_cfg["label2id"] = {name: i for i, name in enumerate(labels)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_plain(ours_to_hf(_state_dict(model), cfg, arch), out / "model.safetensors")
-    write_text(out / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-    _write_export_manifest(out, ("config.json", "model.safetensors"))
-    return out
+# --------------------------------------------------------------------------------------------- export folders
 
 
 EXPORT_MANIFEST = "manifest.json"  # next to an export: size + SHA-256 of its files (transformers, timm ignore it)
 EXPORT_FORMAT = "beit-export/1"
-
-
-def _write_export_manifest(out: Path, names: tuple[str, ...]) -> None:
-    files = {n: {"size": (out / n).stat().st_size, "sha256": file_digest(out / n)} for n in names}
-    write_text(out / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1) + "\n")
 
 
 def export_problem(folder: Path) -> str | None:
@@ -694,121 +425,24 @@ def export_problem(folder: Path) -> str | None:
     return None
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write (the exports' JSON, manifest and model card)."""
-    from .checkpoint import write_text_atomically
-
-    write_text_atomically(path, text)
-
-
-def _save_plain(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Atomic safetensors write with the plain ``format: pt`` metadata transformers looks for (and the file's
-    own SHA-256, which transformers ignores); non-finite weights are refused."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with removed_on_failure(path, tmp):
-        write_safetensors({k: v.contiguous() for k, v in sd.items()}, tmp, {"format": "pt"})
-        tmp.replace(path)
-
-
-def export_timm(model: VisionTransformer, out_dir: str | Path, pretrained_cfg: dict[str, Any] | None = None) -> Path:
-    """Write timm's local-folder layout: ``model.safetensors`` (timm ``Beit`` names) + ``config.json``
-    (``architecture``, ``num_classes``, ``label_names``, ``model_args``, ``pretrained_cfg``).
-
-    ``pretrained_cfg``: the input description (``mean``, ``std``, ``crop_pct``, ``interpolation``,
-    ``label_names``: ``model.pretrained_cfg`` of :func:`beit.load`); ImageNet statistics and crop 1.0 without it.
-    Load it with ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` (timm's local-folder
-    convention; without ``pretrained=True`` timm builds random weights, as for any model name), or by hand::
-
-        cfg = json.load(open(out_dir / "config.json"))
-        m = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
-        m.load_state_dict(safetensors.torch.load_file(out_dir / "model.safetensors"))
-    """
-    cfg = model.cfg
-    args = timm_model_args(cfg)
-    pc = dict(pretrained_cfg or {})
-    labels = pc.get("label_names") if cfg.num_classes and len(pc.get("label_names") or []) == cfg.num_classes else None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = ours_to_timm(_state_dict(model))
-    if cfg.use_sincos_pos_emb:
-        sd["pos_embed"] = model.pos_embed.detach().float().cpu()
-    save_weights(sd, out / "model.safetensors", {"timm_model_args": args})
-    meta = dict(
-        architecture=_timm_arch(cfg),
-        num_classes=cfg.num_classes,
-        num_features=cfg.embed_dim,
-        global_pool=args["global_pool"],
-        model_args=args,
-        pretrained_cfg=dict(
-            input_size=[cfg.in_chans, *cfg.img_hw],
-            fixed_input_size=True,
-            num_classes=cfg.num_classes,
-            mean=list(pc.get("mean", (0.485, 0.456, 0.406))),
-            std=list(pc.get("std", (0.229, 0.224, 0.225))),
-            interpolation=pc.get("interpolation", "bicubic"),
-            crop_pct=float(pc.get("crop_pct", 1.0)),
-            crop_mode="center",
-            first_conv="patch_embed.proj",  # what timm adapts for in_chans, drops for num_classes changes
-            classifier="head",
-        ),
-    )
-    if labels:
-        meta["label_names"] = list(labels)
-    write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
-    _write_export_manifest(out, ("config.json", "model.safetensors"))
-    return out
-
-
-def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """``out_dir`` if an export may write there: a new or empty folder, or any folder with ``overwrite``
-    (then only the exported files are replaced). A file, or a non-empty folder without ``overwrite``, is
-    refused with a one-line :class:`FileExistsError`: nothing of the user's is replaced silently."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"export target {out} is a file, not a folder")
-    if out.is_dir() and not overwrite:
-        held = sorted(p.name for p in out.iterdir())
-        if held:
-            raise FileExistsError(f"export target {out} is not empty (holds {', '.join(held[:3])}"
-                                  f"{', ...' if len(held) > 3 else ''}): choose a new folder or pass --overwrite")
-    return out
-
-
-def export(model: VisionTransformer, out_dir: str | Path, fmt: str, overwrite: bool = False) -> Path:
-    """Export for another library: ``fmt`` is ``hf`` (transformers) or ``timm``. ``out_dir`` must be new or
-    empty unless ``overwrite`` (see :func:`check_export_target`)."""
-    check_export_target(out_dir, overwrite)
-    if fmt == "hf":
-        return export_hf(model, out_dir)
-    if fmt == "timm":
-        return export_timm(model, out_dir)
-    raise ConfigError(f"unknown export format {fmt!r}; expected 'hf' or 'timm'")
-
-
 def model_metadata(model: VisionTransformer) -> dict[str, Any]:
     """Safetensors metadata that makes a weights file self-describing for :func:`load_any` (kind ``beit``)."""
     return {"model_config": to_dict(model.cfg)}
 
 
 __all__ = [
-    "adapt_state_dict",
-    "build_and_load",
-    "check_export_target",
-    "export",
-    "export_hf",
+    "EXPORT_FORMAT",
+    "EXPORT_MANIFEST",
     "export_problem",
-    "export_timm",
+    "hf_arch_for",
     "hf_config_to_model_config",
     "hf_to_ours",
     "infer_config",
-    "load_any",
     "model_config_to_hf_config",
     "model_metadata",
     "ours_to_hf",
     "ours_to_timm",
-    "resize_pos_and_rel_tables",
+    "timm_config_overrides",
     "timm_model_args",
     "timm_to_ours",
-    "without_head",
-    "write_text",
 ]

@@ -1,4 +1,4 @@
-"""Run directories, and the backbones they hold.
+"""Run directories: what a training command writes, and how it is claimed, checked and read back.
 
 A *run directory* is what a training command writes into ``--out``::
 
@@ -10,7 +10,7 @@ A *run directory* is what a training command writes into ``--out``::
 
 A checkpoint directory (``RUN/checkpoints/step_N``, ``.../best``) is read the same way: its own
 ``config.yaml`` and weights. :class:`RunDir` answers "is this a run?", "where is its config, its latest
-checkpoint, its metrics?"; the functions below load or adopt the backbone of a run (or of any other file
+checkpoint, its metrics?"; the weights in it are read by :mod:`beit.loading` (the one way in for weights),
 :func:`beit.load` reads) for a downstream model.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import interop, machine
+from . import machine
 from .checkpoint import (
     CKPT_DIR,
     TMP_PREFIX,
@@ -42,11 +42,10 @@ from .checkpoint import (
     verify_checkpoint,
     write_text_atomically,
 )
-from .checkpoint_io import file_digest, load_weights, read_json
-from .config import ConfigError, ModelConfig, flatten, from_dict, to_dict
+from .checkpoint_io import file_digest, read_json
+from .config import ModelConfig, flatten, from_dict
 from .data.views import IMAGENET_MEAN, IMAGENET_STD
-from .models.tokenizer import TOKENIZER_FILE, is_tokenizer_file, tokenizer_file
-from .models.vit import VisionTransformer
+from .models.tokenizer import tokenizer_file
 from .version import __version__
 
 log = logging.getLogger("beit")
@@ -57,19 +56,14 @@ __all__ = [
     "session_record",
     "RunError",
     "abandon_failed_starts",
-    "forget_starts",
-    "is_run",
-    "release_in_child",
-    "adopt_architecture",
+    "config_differences",
     "describe_kind",
-    "backbone_state",
-    "build_backbone",
-    "checkpoint_model_config",
-    "init_from",
-    "load_run",
-    "resumed_model_config",
-    "run_backbone_state",
-    "run_config",
+    "forget_starts",
+    "input_digest",
+    "is_run",
+    "read_config",
+    "release_in_child",
+    "run_kind",
 ]
 
 
@@ -277,25 +271,7 @@ class RunDir:
             return None
         return from_dict(ModelConfig, saved["model"], prefix="model.")
 
-    def backbone_state(self, which: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-        """(model config, backbone state dict in our names); ``which`` names one of the run's backbones."""
-        ck = self.checkpoint()
-        cfg_dict = self.config()
-        if run_kind(cfg_dict) == "tokenizer":
-            raise CheckpointError(f"{self.path} is a tokenizer run, not a backbone: {_BACKBONE_HINT}")
-        if not isinstance(cfg_dict.get("model"), dict):
-            raise CheckpointError(f"{self.path}: its config has no model section")
-        state = read_json(ck / "state.json") if (ck / "state.json").is_file() else {}
-        prefix = _backbone_prefix(self.path, state, which)
-        # self.checkpoint() verified the folder that holds it (hashes, finiteness): not checked twice
-        weights = load_weights(ck / "model.safetensors", verified=True)[0]
-        sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        if not sd:
-            raise CheckpointError(f"{ck}: no weights under {prefix!r}")
-        return from_dict(ModelConfig, cfg_dict["model"], prefix="model."), sd
 
-
-_BACKBONE_HINT = "give a pretraining or fine-tuning run, or a model file"
 def git_commit(root: Path | None = None) -> str | None:
     """The commit of the checkout beit runs from (``+dirty`` with uncommitted changes to tracked files), or None
     for an installed package (no ``.git`` next to it) or without git."""
@@ -452,154 +428,3 @@ _KIND_WORDS = {"tokenizer": "a tokenizer run", "segment": "a segmentation run", 
 def describe_kind(kind: str) -> str:
     """``pretrain-mae`` -> ``a pretraining run (mae)``; the other kinds in words."""
     return f"a pretraining run ({kind.split('-', 1)[1]})" if kind.startswith("pretrain-") else _KIND_WORDS[kind]
-
-
-def not_a_tokenizer(path: Path) -> str:
-    """Why folder ``path`` holds no tokenizer, in the user's terms (a backbone run, an unfinished run...):
-    the wording of :class:`beit.models.tokenizer.TokenizerFileError` for a folder."""
-    if RunDir.holds_run(path):
-        try:
-            kind = RunDir(path).kind()
-        except CheckpointError:
-            kind = "unknown"
-        if kind == "tokenizer":
-            return f"{path}: tokenizer run without {TOKENIZER_FILE} (its training has not finished)"
-        return (f"{path} is {describe_kind(kind)}, not a tokenizer: give a tokenizer run "
-                f"(`beit tokenizer train`) or a {TOKENIZER_FILE} file")
-    return f"no tokenizer at {path / TOKENIZER_FILE}"
-
-
-def _backbone_prefix(path: Path, state: dict, which: str | None) -> str:
-    """The weights' prefix for ``which`` (None: the default backbone) from a checkpoint's ``state.json``."""
-    prefix = state.get("state_prefix", "model.")
-    named = state.get("backbones") or {}
-    if isinstance(prefix, dict):  # checkpoints written before ``backbones``: the first entry is the default
-        named, prefix = prefix, next(iter(prefix.values()))
-    if which is None:
-        return prefix
-    if not named:
-        log.warning("--which %s ignored: this run has one set of weights", which)
-        return prefix
-    if which not in named:
-        raise CheckpointError(f"{path}: no {which!r} weights; choose one of {', '.join(named)}")
-    return named[which]
-
-
-def run_config(path: str | Path) -> dict:
-    """The resolved config (a dict) saved with a run or checkpoint directory."""
-    return RunDir(path).config()
-
-
-def run_backbone_state(path: str | Path, which: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, backbone state dict in our names) of a run or checkpoint directory."""
-    return RunDir(path).backbone_state(which)
-
-
-def load_run(path: str | Path, which: str | None = None, **overrides) -> VisionTransformer:
-    """The backbone of a run, with its heads; ``overrides`` change ``ModelConfig`` fields."""
-    saved, sd = run_backbone_state(path, which)
-    overrides, sd, strict = interop.without_head(saved, sd, overrides)
-    cfg = from_dict(ModelConfig, {**to_dict(saved), **overrides}, prefix="model.") if overrides else saved
-    return interop.build_and_load(cfg, sd, strict=strict, old_grid=saved.grid_size)
-
-
-def _other_backbone(path: Path) -> VisionTransformer | None:
-    """The backbone in a file or folder that is not a run (HF, timm, official BEiT); None for a tokenizer."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if is_tokenizer_file(path):
-        return None
-    return interop.load_any(path)[1]
-
-
-def backbone_state(path: str | Path, which: str | None = None) -> dict[str, torch.Tensor]:
-    """Backbone weights (our names) from anything :func:`beit.load` reads, for initialising another model."""
-    return _backbone_state_and_grid(path, which)[0]
-
-
-def _backbone_state_and_grid(path: str | Path, which: str | None) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-    """Backbone weights and the patch grid (rows, columns) their position tables were made for."""
-    p = Path(path)
-    if RunDir.holds_run(p):
-        cfg, sd = run_backbone_state(p, which)
-        return sd, cfg.grid_size
-    model = _other_backbone(p)
-    if model is None:
-        raise CheckpointError(f"{p} is a tokenizer, not a backbone: {_BACKBONE_HINT}")
-    return model.state_dict(), model.grid_size
-
-
-def init_from(path: str | Path, cfg: ModelConfig, which: str | None = None) -> VisionTransformer:
-    """``VisionTransformer(cfg)`` initialised from the backbone in ``path`` (heads not taken when their
-    shape differs; shared relative position bias copied into each layer when ``cfg`` has per-layer tables;
-    position tables resized to ``cfg``'s grid). Fails if any block weight is missing."""
-    sd, grid = _backbone_state_and_grid(path, which)
-    # pretraining heads never serve a downstream model
-    sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "head.", "mask_token"))
-          and not (k.startswith("norm.") and cfg.use_mean_pooling and cfg.num_classes > 0)}
-    model = VisionTransformer(cfg)
-    sd = interop.adapt_state_dict(sd, model, grid)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model ({e.args[0].splitlines()[-1].strip()})") from None
-    body = [k for k in missing if k.startswith(("blocks.", "patch_embed."))]
-    if body:
-        raise CheckpointError(f"{path}: missing backbone weights {body[:4]} (a different architecture?)")
-    log.info("initialised from %s (fresh: %s; unused: %s)", path, ", ".join(sorted(missing)) or "none",
-             ", ".join(sorted(unexpected)) or "none")
-    return model
-
-
-# --------------------------------------------------------------------------------------------- downstream
-
-# Fields that describe the pretrained network itself; they come from the checkpoint, not the preset.
-_ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                "layer_norm_eps", "use_abs_pos_emb", "use_sincos_pos_emb", "layer_scale_init")
-
-
-def _no_init(init: str) -> bool:
-    return not init or init.lower() == "none"
-
-
-def checkpoint_model_config(path: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of the backbone stored in ``path`` (run directory or any other format)."""
-    p = Path(path)
-    if RunDir.holds_run(p):
-        return run_backbone_state(p)[0]
-    model = _other_backbone(p)
-    if model is None:
-        raise ConfigError(f"--init {path} is a tokenizer, not a backbone: {_BACKBONE_HINT}")
-    return model.cfg
-
-
-def adopt_architecture(cfg: ModelConfig, init: str) -> ModelConfig:
-    """``cfg`` with the architecture of the checkpoint ``init`` (widths, depth, heads, patch size, position
-    scheme, LayerScale); the task's fields (image size, heads, drop path, pooling) stay as configured."""
-    if _no_init(init):
-        return cfg
-    ck = checkpoint_model_config(init)
-    changed = {k: getattr(ck, k) for k in _ARCH_FIELDS if getattr(ck, k) != getattr(cfg, k)}
-    if not (ck.use_rel_pos_bias or ck.use_shared_rel_pos_bias) and (cfg.use_rel_pos_bias or cfg.use_shared_rel_pos_bias):
-        # a backbone pretrained without relative position bias (MAE, iBOT) keeps its absolute positions:
-        # the recipe's per-layer tables would start at zero and have nothing to copy from
-        changed.update(use_rel_pos_bias=False, use_shared_rel_pos_bias=False)
-    if changed:
-        log.info("architecture from %s: %s", init, ", ".join(f"{k}={v}" for k, v in changed.items()))
-    if ck.img_size != cfg.img_size:
-        log.info("checkpoint trained at %dx%d px (height x width), used at %dx%d px: position tables are "
-                 "resized from its %dx%d patch grid", *ck.img_hw, *cfg.img_hw, *ck.grid_size)
-    return from_dict(ModelConfig, {**to_dict(cfg), **changed}, prefix="model.")
-
-
-def build_backbone(init: str, cfg: ModelConfig) -> VisionTransformer:
-    """``VisionTransformer(cfg)``, initialised from ``init`` unless it is empty or ``none``."""
-    if _no_init(init):
-        return VisionTransformer(cfg)
-    return init_from(init, cfg)
-
-
-def resumed_model_config(out: str | Path, resume: bool) -> ModelConfig | None:
-    """The model config saved in run ``out`` when it is being resumed from a checkpoint: the weights then
-    come from the checkpoint, so ``--init`` is neither read again nor needed any more."""
-    return RunDir(out).resumable_model_config() if resume else None

@@ -43,7 +43,8 @@ from beit.data.folder import list_images  # noqa: E402
 from beit.methods.beit import BEiTConfig, BEiTMethod  # noqa: E402
 from beit.methods.token_targets import PRECISIONS, agreement, encode_ids  # noqa: E402
 from beit.models.presets import get_preset  # noqa: E402
-from beit.models.tokenizer import Tokenizer, get_tokenizer_preset, load_tokenizer  # noqa: E402
+from beit.loading import load_tokenizer  # noqa: E402
+from beit.models.tokenizer import Tokenizer, get_tokenizer_preset  # noqa: E402
 
 
 def load_images(root: str, n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -174,8 +174,8 @@ def one_line(e: BaseException) -> str:
     """The message of a user error on one line: a DataLoader worker's wrapper removed, an OS error as
     ``path: reason``, line breaks joined."""
     from ..data.folder import unwrap_worker_error
+    from ..loading import not_a_tokenizer
     from ..models.tokenizer import TokenizerFileError
-    from ..runs import not_a_tokenizer
 
     e = unwrap_worker_error(e)
     text = str(e)

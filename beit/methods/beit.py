@@ -39,7 +39,7 @@ from .. import recipes
 from ..config import ConfigError, ModelConfig, check_fields, replace
 from ..data.views import BeitPretrainTransform, TwoViewTransform
 from ..masking import MaskGenerator, MaskingConfig
-from ..models.tokenizer import Tokenizer, load_tokenizer
+from ..models.tokenizer import Tokenizer
 from ..models.vqkd import VQKDTokenizer
 from .aggregation import PatchAggregationHead, aggregation_block
 from .base import Method
@@ -342,8 +342,9 @@ def _mean_or_zero(total: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tenso
     return total / n
 
 
-def build(cfg):
-    """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig)."""
+def build(cfg, *, load_tokenizer):
+    """Registry builder for ``--method beit``: (method, per-sample transform, resolved PretrainConfig);
+    ``load_tokenizer``: path -> tokenizer (:func:`beit.loading.load_tokenizer`, handed in by the task)."""
     tok, tok_size = None, None
     device = cfg.train.device
     if cfg.beit.tokenizer_precision == "fp16" and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
@@ -375,4 +376,5 @@ def build(cfg):
 
 PRESETS: dict[str, dict] = recipes.PRETRAIN["beit"]  # the recipes live in beit.recipes (no torch)
 
-register("beit", build, config=BEiTConfig, presets=PRESETS, default_preset=recipes.PRETRAIN_DEFAULTS["beit"])
+register("beit", build, config=BEiTConfig, presets=PRESETS, default_preset=recipes.PRETRAIN_DEFAULTS["beit"],
+         loads_tokenizer=True)

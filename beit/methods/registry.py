@@ -8,7 +8,9 @@ CLI's ``--method`` choices and each method's default preset.
 
 A builder takes the whole ``PretrainConfig`` and returns ``(method, per-sample transform, config)``, the
 config being the one it actually used (e.g. with ``model.vocab_size`` set from the tokenizer), so the saved
-config rebuilds the same model.
+config rebuilds the same model. A method that reads a tokenizer (BEiT's ``--tokenizer``) registers with
+``loads_tokenizer=True`` and is handed the loader (:func:`beit.loading.load_tokenizer`, by the pretraining
+task): methods sit below the loading layer and never open weight files themselves.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class MethodSpec:
     config: type | None = None  # dataclass of the method's section ``cfg.<name>`` (None: no section)
     presets: dict[str, dict] = field(default_factory=dict)  # preset name -> config dict (method is filled in)
     default_preset: str = ""  # the CPU-sized recipe used when neither --preset nor --config is given
+    loads_tokenizer: bool = False  # the builder takes ``load_tokenizer`` (path -> tokenizer) as a keyword
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -41,7 +44,7 @@ _NOT_METHODS = {"base", "registry"}
 
 
 def register(name: str, build: Builder, *, config: type | None = None, presets: dict[str, dict] | None = None,
-             default_preset: str = "") -> MethodSpec:
+             default_preset: str = "", loads_tokenizer: bool = False) -> MethodSpec:
     """Make ``--method name`` available; returns its spec. Preset names must be unique across methods."""
     presets = {k: {**v, "method": name} for k, v in (presets or {}).items()}
     taken = {p: m for m, s in _METHODS.items() if m != name for p in s.presets}
@@ -50,7 +53,7 @@ def register(name: str, build: Builder, *, config: type | None = None, presets: 
         raise ValueError(f"method {name!r}: preset {clash[0]!r} already belongs to method {taken[clash[0]]!r}")
     if default_preset and default_preset not in presets:
         raise ValueError(f"method {name!r}: default preset {default_preset!r} is not one of its presets")
-    spec = MethodSpec(name, build, config, presets, default_preset)
+    spec = MethodSpec(name, build, config, presets, default_preset, loads_tokenizer)
     _METHODS[name] = spec
     return spec
 
@@ -92,5 +95,12 @@ def presets() -> dict[str, dict]:
     return {k: v for spec in methods().values() for k, v in spec.presets.items()}
 
 
-def build_method(cfg):
-    return get(cfg.method).build(cfg)
+def build_method(cfg, load_tokenizer: Callable[[str], Any] | None = None):
+    """``(method, per-sample transform, resolved config)`` of ``cfg.method``; ``load_tokenizer`` (path ->
+    tokenizer, :func:`beit.loading.load_tokenizer`) for a method that reads one."""
+    spec = get(cfg.method)
+    if not spec.loads_tokenizer:
+        return spec.build(cfg)
+    if load_tokenizer is None:
+        raise TypeError(f"method {spec.name!r} reads a tokenizer: pass load_tokenizer (beit.loading.load_tokenizer)")
+    return spec.build(cfg, load_tokenizer=load_tokenizer)

@@ -34,17 +34,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .. import recipes
-from ..checkpoint_io import CheckpointError, check_finite, load_weights, removed_on_failure, write_safetensors
-from ..config import ConfigError, TokenGrid, from_dict, replace, to_dict
-from .vqkd import VQKDConfig, VQKDTokenizer
+from ..checkpoint_io import CheckpointError, check_finite, removed_on_failure, write_safetensors
+from ..config import ConfigError, TokenGrid, replace, to_dict
 
 LOGIT_LAPLACE_EPS = 0.1
 TOKENIZER_FILE = "tokenizer.safetensors"
-_FORMAT = "beit-tokenizer"
+TOKENIZER_FORMAT = "beit-tokenizer"  # the ``format`` in a tokenizer file's header: how it is recognised
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -355,7 +353,7 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
         path = path / TOKENIZER_FILE
     tensors = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
     check_finite(tensors, f"refusing to write the tokenizer {path}")
-    meta = {"format": _FORMAT, "config": json.dumps(to_dict(tok.cfg))}
+    meta = {"format": TOKENIZER_FORMAT, "config": json.dumps(to_dict(tok.cfg))}
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with removed_on_failure(path, tmp):
         write_safetensors(tensors, tmp, meta, finite=False)
@@ -369,23 +367,11 @@ def tokenizer_file(path: str | Path) -> Path:
     return path / TOKENIZER_FILE if path.is_dir() else path
 
 
-def is_tokenizer_file(path: str | Path) -> bool:
-    """True if ``path`` (a file or a folder holding tokenizer.safetensors) is a tokenizer written here."""
-    path = tokenizer_file(path)
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == _FORMAT
-    except Exception:  # not a safetensors file at all
-        return False
-
-
 class TokenizerFileError(CheckpointError, ValueError):
     """The path given as a tokenizer does not hold one (a backbone, an unfinished run, a damaged file).
 
     ``folder``: the folder that holds no tokenizer file, if that is the mistake; what it holds instead (a
-    backbone run, an unfinished tokenizer run) is worded above the models (:func:`beit.runs.not_a_tokenizer`,
+    backbone run, an unfinished tokenizer run) is worded above the models (:func:`beit.loading.not_a_tokenizer`,
     applied by the CLI), since a model file knows nothing of run folders."""
 
     def __init__(self, message: str, folder: Path | None = None) -> None:
@@ -393,39 +379,9 @@ class TokenizerFileError(CheckpointError, ValueError):
         self.folder = folder
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer | VQKDTokenizer:
-    """Load a tokenizer from ``tokenizer.safetensors`` or a folder holding one (a training run, a conversion):
-    a :class:`Tokenizer` (dVAE / VQ-VAE) or a :class:`beit.models.vqkd.VQKDTokenizer` (VQ-KD)."""
-    path = Path(path)
-    if path.is_dir() and not tokenizer_file(path).is_file():
-        raise TokenizerFileError(f"no tokenizer at {path / TOKENIZER_FILE}", folder=path)
-    path = tokenizer_file(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}")
-    try:
-        tensors, meta = load_weights(path)
-    except CheckpointError as e:  # unreadable, damaged (its recorded SHA-256 differs) or not finite
-        msg = str(e)
-        if "not a readable safetensors file" in msg:
-            msg = f"{path}: not a safetensors file{msg.split('safetensors file', 1)[-1]}"
-        raise TokenizerFileError(msg) from None
-    if meta.get("format") != _FORMAT or not isinstance(meta.get("config"), dict):
-        what = "a model (a backbone, not a tokenizer)" if "model_config" in meta or any(
-            k.startswith(("blocks.", "encoder.layer.")) for k in tensors) else "not a beit tokenizer"
-        raise TokenizerFileError(f"{path}: {what}: no tokenizer config in the safetensors header")
-    if meta["config"].get("quantizer") == "vqkd":  # a semantic tokenizer (BEiT v2), same file format
-        tok: Tokenizer | VQKDTokenizer = VQKDTokenizer(from_dict(VQKDConfig, meta["config"], prefix="model."))
-    else:
-        tok = Tokenizer(from_dict(TokenizerConfig, meta["config"], prefix="model."))
-    try:
-        tok.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit its own config ({str(e).splitlines()[0]})") from None
-    return tok.to(device).eval()
-
-
 __all__ = [
     "LOGIT_LAPLACE_EPS",
+    "TOKENIZER_FORMAT",
     "TOKENIZER_PRESETS",
     "Codebook",
     "Conv2d",
@@ -434,8 +390,6 @@ __all__ = [
     "Encoder",
     "Tokenizer",
     "get_tokenizer_preset",
-    "is_tokenizer_file",
-    "load_tokenizer",
     "map_pixels",
     "save_tokenizer",
     "stats_to_images",

@@ -218,7 +218,7 @@ class PatchEmbed(nn.Module):
         if x.dim() != 4 or other:
             raise ValueError(
                 f"expected images (B, C, {self.img_hw[0]}, {self.img_hw[1]}), got {tuple(x.shape)}; "
-                "load the model at this resolution (beit.interop.load_any(path, img_size=...))"
+                "load the model at this resolution (beit.load(path, img_size=...))"
             )
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 

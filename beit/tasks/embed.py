@@ -25,10 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..api import load, transform_for
 from ..config import ConfigError, check_fields, resolve
 from ..data.folder import DataError, list_images, load_image
+from ..loading import load
 from ..models.vit import VisionTransformer
+from ..preprocess import transform_for
 from .probe import parse_layers, pool_names, pooled_features
 
 log = logging.getLogger("beit")

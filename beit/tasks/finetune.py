@@ -42,10 +42,11 @@ from ..data.folder import DataError, ImageFolder
 from ..data.shards import open_images
 from ..data.views import to_rgb_pil
 from ..engine import TrainResult, finish_run, start_run, train
+from ..loading import adopt_architecture, build_backbone, resumed_model_config
 from ..methods.base import Method
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
+from ..runs import RunDir
 from ..viz.curves import run_curves
 from .augment import (
     AugConfig,

@@ -23,6 +23,7 @@ from ..data.folder import ImageFolder
 from ..data.shards import open_images
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
 from ..engine import TrainResult, claim_run, finish_run, start_run, train
+from ..loading import load_tokenizer
 from ..methods import registry
 from ..tokenizers.vqkd import Teacher
 from ..tracking import wanted as trackers_wanted
@@ -150,7 +151,7 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     more outputs of the finished run for the trackers (``--log``), e.g. attention maps; handed in by the caller
     because looking inside a trained model sits above the tasks (:mod:`beit.viz`)."""
     env = start_run(cfg.train)
-    method, transform, cfg = registry.build_method(cfg)
+    method, transform, cfg = registry.build_method(cfg, load_tokenizer=load_tokenizer)
     request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
     if request:
         method.attach_teacher(Teacher.load(*request))

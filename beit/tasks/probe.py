@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, check_fields, resolve
 from ..data.folder import SKIP_LIST, DataError, DropUnreadable, ImageFolder, load_image, write_skip_list
+from ..loading import load
 from ..models.vit import VisionTransformer, grid_pool
 from .augment import AugConfig, build_eval_transform
 from .finetune import FinetuneDataConfig, balanced_subset, labelled_splits, topk_correct
@@ -286,8 +287,6 @@ def _native_size(path: str | Path) -> int:
 
 def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     """Probe as ``cfg`` says; returns (and writes to ``out`` if given) the JSON-able result."""
-    from .. import api
-
     if not cfg.init:
         raise ConfigError("give the backbone: --init CKPT")
     torch.manual_seed(cfg.seed)
@@ -297,7 +296,7 @@ def run(cfg: ProbeConfig, out: str | Path | None = None) -> dict:
     else:
         overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
         random_init = cfg.init.startswith(RANDOM_PREFIX)
-        model = api.load(cfg.init.removeprefix(RANDOM_PREFIX), **overrides)
+        model = load(cfg.init.removeprefix(RANDOM_PREFIX), **overrides)
         if not isinstance(model, VisionTransformer):
             raise ConfigError(f"--init {cfg.init}: not a vision transformer checkpoint (a tokenizer?)")
         if random_init:  # the same architecture, freshly initialised (seeded): the probes' "from scratch"

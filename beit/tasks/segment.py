@@ -67,10 +67,11 @@ from ..data.folder import (
 )
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, random_resized_crop_params
 from ..engine import TrainResult, autocast_context, finish_run, start_run, train
+from ..loading import adopt_architecture, build_backbone, resumed_model_config, run_weights
 from ..methods.base import Method
 from ..models.vit import VisionTransformer
 from ..optim import param_groups
-from ..runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
+from ..runs import RunDir
 from ..viz.curves import run_curves
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
 from .segment_eval import (
@@ -451,13 +452,10 @@ def build_task(cfg: SegmentConfig, num_classes: int, init: bool = True) -> tuple
 
 def load_segmenter(path: str | Path) -> SegmentationTask:
     """The whole segmenter (backbone + heads) of a ``beit segment`` run or one of its checkpoint folders."""
-    from ..checkpoint_io import load_weights
-
-    run = RunDir(path)
-    cfg = from_dict(SegmentConfig, run.config())
+    config, weights = run_weights(path)
+    cfg = from_dict(SegmentConfig, config)
     task, _ = build_task(cfg, cfg.data.num_classes, init=False)
-    ck = run.checkpoint()
-    task.load_state_dict(load_weights(ck / "model.safetensors")[0], strict=True)
+    task.load_state_dict(weights, strict=True)
     return task.eval()
 
 

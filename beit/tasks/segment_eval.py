@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, from_dict, image_hw, normalize_img_size, to_dict
+from ..loading import adapt_state_dict
 from ..models.vit import VisionTransformer
 
 # ``task`` below is a :class:`beit.tasks.segment.SegmentationTask` (not imported: that module imports this one)
@@ -114,8 +115,6 @@ def slide_logits(task: SegmentationTask, images: torch.Tensor, stride: tuple[int
 
 def backbone_at(model: VisionTransformer, size: tuple[int, int]) -> VisionTransformer:
     """``model`` itself at its own input size, else a copy for ``size`` with position tables resized."""
-    from ..interop import adapt_state_dict
-
     if tuple(size) == model.patch_embed.img_hw:
         return model
     cfg = from_dict(ModelConfig, {**to_dict(model.cfg), "img_size": list(size)}, prefix="model.")

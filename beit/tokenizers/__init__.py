@@ -6,7 +6,8 @@ The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``deco
 shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.metrics` (PSNR, codebook use),
 :mod:`.train` (the run), :mod:`.evaluate` (a saved tokenizer on a folder), :mod:`.dalle`; the dataset is
 :mod:`beit.data.tokenizer`. The semantic tokenizer of BEiT v2: :mod:`.vqkd` (objective, teacher),
-:mod:`.vqkd_train` (the run), :mod:`.beit2` (official checkpoints).
+:mod:`.vqkd_train` (the run), :mod:`.beit2` (official checkpoints). A saved tokenizer is read back through
+the one way in for weights: :func:`beit.load` / :func:`beit.loading.load_tokenizer`.
 """
 
 from ..models.tokenizer import (
@@ -14,8 +15,6 @@ from ..models.tokenizer import (
     Tokenizer,
     TokenizerConfig,
     get_tokenizer_preset,
-    is_tokenizer_file,
-    load_tokenizer,
     save_tokenizer,
 )
 from .base import ObjectiveConfig, TokenizerObjective
@@ -63,8 +62,6 @@ __all__ = [
     "evaluate_vqkd",
     "evaluate_vqkd_cmd",
     "get_tokenizer_preset",
-    "is_tokenizer_file",
-    "load_tokenizer",
     "reconstruction_grid",
     "save_tokenizer",
     "train_tokenizer",

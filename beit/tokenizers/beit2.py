@@ -9,7 +9,8 @@ teacher (``teacher_model.*``) and ``scaling_layer.*`` are dropped, as the offici
 names are this toolkit's already; only ``fc_norm`` -> ``norm`` and the codebook are renamed. The codebook is
 l2-normalised (its rows are unit vectors after any EMA step): the nearest code is then the one of highest
 cosine (paper Eq. 1), whatever the stored norms. Images go in as ``2x - 1`` (the official ``process_type``
-``default``). The file is read with ``torch.load(weights_only=True)``: nothing is unpickled.
+``default``). The file is read by :func:`beit.loading.read_official` (``torch.load(weights_only=True)``):
+nothing is unpickled but tensors and plain containers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import CheckpointError
+from ..checkpoint_io import CheckpointError, NonFiniteError
+from ..loading import read_official
 from ..models.tokenizer import TOKENIZER_FILE, save_tokenizer
 from ..models.vqkd import VQKDConfig, VQKDTokenizer, l2norm
 
@@ -80,9 +82,12 @@ def convert_beit2(path: str | Path, out_dir: str | Path, *, encoder_heads: int =
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} exists; pass --overwrite to replace it")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, or not a torch file at all
-        raise CheckpointError(f"{path}: cannot read it as plain tensors ({str(e).splitlines()[0][:120]})") from None
+        obj = read_official(path)
+    except NonFiniteError:
+        raise
+    except CheckpointError as e:  # a pickle with code in it, or not a torch file at all
+        why = str(e).splitlines()[0].removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: cannot read it as plain tensors ({why[:160]})") from None
     if isinstance(obj, dict):
         obj = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):

@@ -2,8 +2,8 @@
 
 The official files are whole ``dall_e.Encoder`` / ``dall_e.Decoder`` modules pickled with ``torch.save``;
 a plain ``torch.load`` would run whatever the pickle asks for. The project rule is that pickles are read
-with ``weights_only=True`` or not at all, so they are read by torch's restricted unpickler with an
-allow-list. The allow-listed names (``dall_e.encoder.Encoder``, ``torch.nn.modules.activation.ReLU``, ...)
+with ``weights_only=True`` or not at all, so they are read (:func:`beit.loading.read_official`) by torch's
+restricted unpickler with an allow-list. The allow-listed names (``dall_e.encoder.Encoder``, ``torch.nn.modules.activation.ReLU``, ...)
 are bound to :class:`_Stub`, an inert record that only stores the pickled ``__dict__``: no real module is
 built, no ``__setstate__``/constructor of a third-party class runs, and the ``dall_e`` package does not
 even need to be installed. Anything outside the list (``os.system``, ``builtins.eval``, other classes) is
@@ -17,13 +17,14 @@ convolutional and was trained at 256px).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint_io import CheckpointError, UnpicklingRefused
 from ..config import save_yaml
+from ..loading import read_official
 from ..models.tokenizer import Tokenizer, TokenizerConfig, save_tokenizer
 
 
@@ -65,16 +66,13 @@ def _safe_load_module_record(path: str | Path) -> _Stub:
     if not path.is_file():
         raise ConversionError(f"{path} does not exist")
     try:
-        with torch.serialization.safe_globals(_STUBS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        obj = read_official(path, allowed=_STUBS)
+    except UnpicklingRefused as e:
         raise ConversionError(
-            f"{path}: refused to unpickle (only DALL-E dVAE modules are allowed; nothing was executed): {first}"
+            f"{path}: refused to unpickle (only DALL-E dVAE modules are allowed; nothing was executed): {e.refused}"
         ) from None
-    except Exception as e:  # noqa: BLE001 - the restricted unpickler raises KeyError etc. on malformed data
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConversionError(f"{path}: not a readable torch file ({msg})") from None
+    except CheckpointError as e:  # not a torch file, or malformed data
+        raise ConversionError(str(e)) from None
     if not isinstance(obj, _Stub):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a pickled dall_e Encoder/Decoder")
     return obj

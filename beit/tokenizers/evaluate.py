@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError
 from ..data.folder import DropUnreadable
 from ..data.tokenizer import build_dataset
-from ..models.tokenizer import load_tokenizer
+from ..loading import load_tokenizer
 from ..models.vqkd import VQKDTokenizer
 from .metrics import evaluate_tokenizer, reconstruction_grid
 from .vqkd_train import evaluate_vqkd_cmd

@@ -148,7 +148,7 @@ def train_tokenizer(
 ) -> Path:
     """Train a tokenizer with the shared engine; returns the run directory.
 
-    Writes ``RUN/tokenizer.safetensors`` (load with :func:`beit.tokenizers.load_tokenizer`),
+    Writes ``RUN/tokenizer.safetensors`` (load with :func:`beit.loading.load_tokenizer`),
     ``RUN/config.yaml``, ``RUN/metrics.jsonl``, ``RUN/reconstructions.png`` (originals above their
     reconstructions), ``RUN/checkpoints/`` (resume) and, with validation data, ``RUN/eval.json``.
     ``data_dir``/``val_dir`` override ``data.path``/``data.val_path``; ``steps`` overrides ``train.steps``.

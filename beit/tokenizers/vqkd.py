@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..api import load
 from ..config import ConfigError, check_fields
+from ..loading import load
 from ..models.vit import VisionTransformer
 from ..models.vqkd import IMAGENET_MEAN, IMAGENET_STD, VQKDTokenizer, l2norm
 from .base import TokenizerObjective, batch_images, code_perplexity

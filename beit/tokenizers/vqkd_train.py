@@ -21,7 +21,7 @@ from .. import recipes
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, replace, resolve
 from ..data.tokenizer import build_dataset
 from ..engine import finish_run, start_run, train
-from ..models.tokenizer import load_tokenizer
+from ..loading import load_tokenizer
 from ..models.vqkd import VQKDConfig, VQKDTokenizer
 from ..viz.curves import run_curves
 from .train import TokenizerDataConfig, resolve_data, save_run, training_datasets

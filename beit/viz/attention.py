@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import image_hw
+from ..loading import load
 from .images import normalize, prepare_image
 
 log = logging.getLogger("beit")
@@ -28,7 +29,6 @@ __all__ = ["cls_attention", "load_backbone", "normalize", "prepare_image", "show
 def load_backbone(init: Any, img_size: int | tuple[int, int] | None = None):
     """A :class:`VisionTransformer` from a model or anything ``beit.load`` reads; ``img_size`` (a side or
     ``(height, width)``) loads a checkpoint at another resolution, its position tables resized."""
-    from .. import api
     from ..config import ConfigError
     from ..models.vit import VisionTransformer
 
@@ -37,7 +37,7 @@ def load_backbone(init: Any, img_size: int | tuple[int, int] | None = None):
             raise ConfigError("img_size applies to a checkpoint path, not to a model object")
         model = init
     else:
-        model = api.load(init) if img_size is None else api.load(init, img_size=img_size)
+        model = load(init) if img_size is None else load(init, img_size=img_size)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"{init}: not a vision transformer checkpoint (a tokenizer?)")
     return model.eval()

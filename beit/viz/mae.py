@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..config import ConfigError, from_dict
-from ..runs import RunDir
+from ..loading import run_weights
 from .images import masked_view, normalize, pixel_mask, prepare_image, unnormalize
 
 __all__ = ["is_greyscale", "load_mae_method", "mae_panels", "show_mae"]
@@ -32,17 +32,16 @@ __all__ = ["is_greyscale", "load_mae_method", "mae_panels", "show_mae"]
 
 def load_mae_method(run: str | Path):
     """The full MAE method (encoder + decoder) of a run or checkpoint directory, in eval mode."""
-    from ..checkpoint_io import load_weights
     from ..methods.mae import MAEMethod
     from ..tasks.pretrain import config_class
 
-    run = RunDir(run)
-    cfg = from_dict(config_class(), run.config())
+    config, weights = run_weights(run)
+    cfg = from_dict(config_class(), config)
     if cfg.method != "mae":
-        raise ConfigError(f"{run.path} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
+        raise ConfigError(f"{run} is a {cfg.method!r} run; `beit show mae` needs an MAE pretraining run "
                           "(its decoder draws the reconstruction)")
     method = MAEMethod.build(cfg.model, cfg.mae)
-    method.load_state_dict(load_weights(run.checkpoint() / "model.safetensors")[0])
+    method.load_state_dict(weights)
     return method.eval()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..loading import load_tokenizer
 from .attention import load_backbone
 from .images import masked_view, normalize, prepare_image
 
@@ -33,9 +34,9 @@ def _mask_generator(init: Any, grid: tuple[int, int]):
     if isinstance(init, (str, Path)):
         try:
             from ..config import from_dict
-            from ..runs import run_config
+            from ..runs import RunDir
 
-            raw = run_config(init).get("beit")
+            raw = RunDir(init).config().get("beit")
             if isinstance(raw, dict):
                 cfg = from_dict(BEiTConfig, raw, prefix="beit.").masking_config()
         except Exception:  # noqa: BLE001 - not a run (HF/timm file): the defaults are the paper's
@@ -54,8 +55,6 @@ def mim_predict(init: Any, tokenizer: Any, image: Any, seed: int = 0,
     ``init``: a model or run with an MIM head; ``tokenizer``: a Tokenizer or its path.
     """
     from ..config import ConfigError
-    from ..models.tokenizer import load_tokenizer
-
     model = load_backbone(init)
     if model.lm_head is None:
         raise ConfigError(f"{init}: no masked-image-modeling head (needs a BEiT run with visual-token targets)")

@@ -89,7 +89,8 @@ def _checkpoint(run, step=5):
 
 
 def test_manifest_catches_corruption_that_stays_finite(tmp_path):
-    from beit.checkpoint import checkpoint_problem, latest_checkpoint, load_checkpoint, require_checkpoint
+    from beit.checkpoint import checkpoint_problem, latest_checkpoint, require_checkpoint
+    from beit.loading import read_checkpoint
 
     ck = _checkpoint(tmp_path)
     assert checkpoint_problem(ck) is None and latest_checkpoint(tmp_path) == ck
@@ -106,7 +107,7 @@ def test_manifest_catches_corruption_that_stays_finite(tmp_path):
     with pytest.raises(CheckpointError, match="no intact checkpoint .*step_00000005: model.safetensors does not match"):
         require_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="damaged"):
-        load_checkpoint(ck)
+        read_checkpoint(ck)
 
 
 def _as_written_before_manifests(ck: Path) -> None:
@@ -127,12 +128,13 @@ def _as_written_before_manifests(ck: Path) -> None:
 
 
 def test_checkpoint_without_manifest_is_checked_by_parsing(tmp_path, caplog):
-    from beit.checkpoint import checkpoint_problem, load_checkpoint
+    from beit.checkpoint import checkpoint_problem
+    from beit.loading import read_checkpoint
 
     ck = _checkpoint(tmp_path)
     _as_written_before_manifests(ck)
     assert checkpoint_problem(ck) is None
-    assert torch.equal(load_checkpoint(ck)[0]["w"], torch.linspace(-1, 1, 4096))
+    assert torch.equal(read_checkpoint(ck)[0]["w"], torch.linspace(-1, 1, 4096))
     assert sum("predates manifests" in r.getMessage() for r in caplog.records) == 1  # said once
     (ck / "state.json").write_text('{"step": ')
     assert checkpoint_problem(ck) == "state.json is not readable JSON"

@@ -16,6 +16,7 @@ import torch
 from beit import checkpoint as ckpt
 from beit.config import OptimConfig, TrainConfig
 from beit.engine import StepBatchSampler, TrainingError, seed_everything, train
+from beit.loading import read_checkpoint
 from beit.optim import layer_id, lr_at, param_groups
 from tests.helpers.paths import ROOT
 from tests.helpers.toy_train import NoisyPoints, ToyMethod
@@ -131,7 +132,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert out.returncode != 0
     assert "loss is nan at step 8" in out.stderr
     assert ckpt.latest_checkpoint(run).name == "step_00000005"
-    state, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    state, _, _ = read_checkpoint(ckpt.latest_checkpoint(run))
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
@@ -152,7 +153,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 10, {k: v + 1 for k, v in method.state_dict().items()})
     assert calls["n"] == 1
     assert ckpt.latest_checkpoint(tmp_path) == first
-    state, meta, _ = ckpt.load_checkpoint(first)
+    state, meta, _ = read_checkpoint(first)
     assert meta["step"] == 5
     assert all(torch.equal(state[k], v) for k, v in method.state_dict().items())
     assert not (tmp_path / "checkpoints" / "step_00000010").exists()
@@ -169,8 +170,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for s in a:
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
-    wa, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(one))
-    wb, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(two))
+    wa, _, _ = read_checkpoint(ckpt.latest_checkpoint(one))
+    wb, _, _ = read_checkpoint(ckpt.latest_checkpoint(two))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-5)
 

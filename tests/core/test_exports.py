@@ -127,7 +127,7 @@ def test_hf_export_works_with_pipeline_and_auto_classes(runs, tmp_path):
         torch.testing.assert_close(mim(pixel_values=ref, bool_masked_pos=mask).logits[mask],
                                    mim_model(ref, mask), rtol=0, atol=1e-4)
     backbone = beit.load(runs["ft"], num_classes=0)
-    beit.interop.export_hf(backbone, tmp_path / "backbone")
+    beit.exporting.export_hf(backbone, tmp_path / "backbone")
     for folder in (tmp_path / "backbone", out):  # BeitModel of the backbone, and of the classifier's export
         hf = transformers.AutoModel.from_pretrained(folder).eval()
         assert type(hf).__name__ == "BeitModel"

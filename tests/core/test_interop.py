@@ -12,19 +12,17 @@ import torch
 
 from beit.checkpoint_io import CheckpointError, save_weights
 from beit.config import ConfigError, ModelConfig
+from beit.exporting import export_hf, export_model
 from beit.interop import (
-    build_and_load,
-    export,
-    export_hf,
     infer_config,
-    load_any,
     model_metadata,
     ours_to_timm,
-    resize_pos_and_rel_tables,
     timm_model_args,
     timm_to_ours,
 )
+from beit.loading import build_and_load, load_any
 from beit.models import VisionTransformer, create_model
+from beit.models.positions import resize_pos_and_rel_tables
 
 ATOL = 1e-4
 
@@ -83,7 +81,7 @@ def test_hf_cls_pooling_import_export(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert maxdiff(ours(x), theirs(pixel_values=x).logits) <= ATOL
-    export(ours, tmp_path / "out", "hf")
+    export_model(ours, tmp_path / "out", "hf")
     back = transformers.BeitForImageClassification.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert maxdiff(back(pixel_values=x).logits, ours(x)) <= ATOL
@@ -175,7 +173,7 @@ def test_timm_small_config_import_export(tmp_path):
         assert maxdiff(ours(x), theirs(x)) <= ATOL
     # ours with mean pooling + fc_norm, shared table -> timm via its own local-folder loader
     mine = jitter(create_model("beit_tiny_patch4_32", depth=2, num_classes=4))
-    out = export(mine, tmp_path / "export", "timm")
+    out = export_model(mine, tmp_path / "export", "timm")
     back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     y = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -249,7 +247,7 @@ def test_errors_are_clear(tmp_path):
         load_any(tmp_path / "d")
     m = create_model("beit_tiny_patch4_32", depth=1, num_classes=2)
     with pytest.raises(ConfigError, match="format"):
-        export(m, tmp_path / "x", "onnx")
+        export_model(m, tmp_path / "x", "onnx")
     torch.save({"w": torch.ones(1)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="patch_embed"):
         load_any(tmp_path / "x.pth")
@@ -258,19 +256,19 @@ def test_errors_are_clear(tmp_path):
 def test_grid_head_is_not_exported_but_its_backbone_is(tmp_path):
     import yaml
 
-    from beit import api
     from beit.checkpoint import save_weights_dir
     from beit.config import to_dict
+    from beit.loading import load
 
     cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3, head_grid=2)
     model = VisionTransformer(cfg)
     for fmt in ("hf", "timm"):
         with pytest.raises(ConfigError, match="grid-pooled classifier"):
-            export(model, tmp_path / fmt, fmt)
+            export_model(model, tmp_path / fmt, fmt)
     ck = tmp_path / "ck"
     save_weights_dir(ck, {f"model.{k}": v for k, v in model.state_dict().items()}, {"state_prefix": "model."},
                      yaml.safe_dump({"model": to_dict(cfg)}))
-    again = api.load(ck)
+    again = load(ck)
     assert again.cfg.head_grid == 2 and again.head.in_features == 32 * 4
-    backbone = api.load(ck, num_classes=0)  # what the error message suggests
-    assert export(backbone, tmp_path / "hf_backbone", "hf").exists()
+    backbone = load(ck, num_classes=0)  # what the error message suggests
+    assert export_model(backbone, tmp_path / "hf_backbone", "hf").exists()

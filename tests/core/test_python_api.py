@@ -20,7 +20,7 @@ TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads
 
 
 # the public API's modules, as `make docs` builds them (Makefile)
-API_MODULES = ["beit", "beit.workflows", "beit.api", "beit.preprocess", "beit.exporting", "beit.tasks.embed",
+API_MODULES = ["beit", "beit.workflows", "beit.loading", "beit.preprocess", "beit.exporting", "beit.tasks.embed",
                "beit.config", "beit.models.vit"]
 
 

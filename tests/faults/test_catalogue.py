@@ -381,7 +381,8 @@ def test_resume_may_extend_and_anyway_accepts_changes(base, run, tmp_path, cli):
 
 
 def test_resume_compares_the_tokenizer_by_content(base, tmp_path, cli):
-    from beit.models.tokenizer import load_tokenizer, save_tokenizer
+    from beit.loading import load_tokenizer
+    from beit.models.tokenizer import save_tokenizer
 
     tok, same, other = (Path(shutil.copytree(base["tok"], tmp_path / n)) for n in ("tok", "same", "other"))
     t = load_tokenizer(other)

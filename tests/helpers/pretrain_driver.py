@@ -15,6 +15,7 @@ import sys
 
 from beit.config import dump_yaml
 from beit.engine import seed_everything, setup_distributed, train
+from beit.loading import load_tokenizer
 from beit.methods.registry import build_method
 from beit.tasks.pretrain import build_config, build_dataset
 from tests.helpers.kill_driver import kill_after
@@ -32,7 +33,7 @@ def pretrain(run: str, data: str, preset: str, overrides: list[str], resume: boo
     cfg = build_config(preset, None, [f"data.path={data}", *overrides])
     env = setup_distributed(cfg.train.device)
     seed_everything(cfg.train.seed)
-    method, transform, cfg = build_method(cfg)
+    method, transform, cfg = build_method(cfg, load_tokenizer=load_tokenizer)
     if kill_at:
         kill_after(method, kill_at)
     dataset = build_dataset(cfg.data, transform)

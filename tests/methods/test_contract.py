@@ -22,6 +22,7 @@ import beit
 from beit import checkpoint as ckpt
 from beit.cli import main
 from beit.config import replace
+from beit.loading import read_checkpoint
 from beit.methods import registry
 from beit.methods.base import Method, hooks
 from beit.models.presets import preset_dict
@@ -129,7 +130,7 @@ def test_toy_method_trains_checkpoints_resumes_and_loads(tmp_path, make_image_fo
     assert all(full[s] == cut[s] for s in full), [(s, full[s], cut[s]) for s in full]
     assert sum(list(full.values())[-3:]) < sum(list(full.values())[:3])  # it learns
 
-    weights, state, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "cut"))
+    weights, state, _ = read_checkpoint(ckpt.latest_checkpoint(tmp_path / "cut"))
     assert int(weights["steps_seen"]) == 8 and state["state_prefix"] == "backbone."
     model = beit.load(tmp_path / "cut")
     assert isinstance(model, VisionTransformer) and model.cfg.img_size == 16 and model.cfg.depth == 2

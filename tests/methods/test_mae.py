@@ -17,6 +17,7 @@ from PIL import Image
 import beit
 from beit import checkpoint as ckpt
 from beit.config import ModelConfig
+from beit.loading import read_checkpoint
 from beit.methods.mae import MAEConfig, MAEMethod, mae_loss, random_masking, shuffle, unpatchify, unshuffle
 from beit.models.vit import VisionTransformer
 from tests.helpers import pretrain_driver
@@ -137,8 +138,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, make_image_folder):
     a, b = _losses(full), _losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    wa, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(full))
-    wb, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(cut))
+    wa, _, _ = read_checkpoint(ckpt.latest_checkpoint(full))
+    wb, _, _ = read_checkpoint(ckpt.latest_checkpoint(cut))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

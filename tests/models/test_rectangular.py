@@ -15,14 +15,9 @@ from PIL import Image
 
 from beit.checkpoint_io import save_weights
 from beit.config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
-from beit.interop import (
-    build_and_load,
-    load_any,
-    model_metadata,
-    resize_pos_and_rel_tables,
-    resize_pos_embed,
-    resize_rel_table,
-)
+from beit.interop import model_metadata
+from beit.loading import build_and_load, load_any
+from beit.models.positions import resize_pos_and_rel_tables, resize_pos_embed, resize_rel_table
 from beit.models.vit import VisionTransformer, gather_relative_bias, relative_position_index
 from beit.tasks.segment import SegHeadConfig, SegmentationTask, SegTransform
 from tests.core.test_interop import hf_config, jitter, maxdiff
@@ -154,17 +149,18 @@ def test_rectangle_matches_hf_interpolate_pos_encoding(tmp_path, shared):
 
 def test_timm_export_of_a_rectangle(tmp_path):
     timm = pytest.importorskip("timm")
-    from beit.interop import export, timm_model_args
+    from beit.exporting import export_model
+    from beit.interop import timm_model_args
 
     m = jitter(VisionTransformer(ModelConfig(img_size=(24, 40), **{**TINY, "use_abs_pos_emb": False})))
-    export(m, tmp_path / "t", "timm")
+    export_model(m, tmp_path / "t", "timm")
     theirs = timm.create_model("beit_base_patch16_224", pretrained=False, **timm_model_args(m.cfg))
     theirs.load_state_dict(load_any(tmp_path / "t")[1].state_dict(), strict=False)
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         assert maxdiff(theirs.eval().forward_features(x), m.forward_features(x)) <= 1e-4
     with pytest.raises(ConfigError, match="square"):
-        export(m, tmp_path / "h", "hf")
+        export_model(m, tmp_path / "h", "hf")
 
 
 def test_rectangular_transform_keeps_the_aspect_and_alignment():

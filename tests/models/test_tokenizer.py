@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from beit.config import ConfigError, replace
+from beit.loading import is_tokenizer_file, load_tokenizer
 from beit.models.tokenizer import (
     TOKENIZER_PRESETS,
     Tokenizer,
     get_tokenizer_preset,
-    is_tokenizer_file,
-    load_tokenizer,
     map_pixels,
     save_tokenizer,
     unmap_pixels,

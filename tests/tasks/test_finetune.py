@@ -146,9 +146,9 @@ def test_topk_correct_by_hand():
 def test_init_from_pretraining_run_loads_the_backbone(tmp_path):
     data = make_colour_dataset(tmp_path / "data")
     pre = make_pretraining_run(tmp_path / "pre", data)
-    from beit import api
+    from beit.loading import run_backbone_state
 
-    _, sd = api.run_backbone_state(pre)
+    _, sd = run_backbone_state(pre)
     cfg = finetune.build_config("beit_tiny_patch4_32", None, ["model.img_size=16"])
     cfg.init = str(pre)
     task, cfg = finetune.build_task(cfg, num_classes=3)

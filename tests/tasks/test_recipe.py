@@ -27,10 +27,11 @@ from beit.cli.finetune import train_task
 from beit.config import ModelConfig, OptimConfig, TrainConfig, dump_yaml, replace, resolve
 from beit.data.folder import ImageFolder
 from beit.engine import TrainResult, finish_run, start_run, train
+from beit.loading import adopt_architecture, build_backbone, resumed_model_config
 from beit.methods.base import Method
 from beit.models.presets import preset_dict
 from beit.models.vit import VisionTransformer
-from beit.runs import RunDir, adopt_architecture, build_backbone, resumed_model_config
+from beit.runs import RunDir
 from beit.viz.curves import run_curves
 
 # --------------------------------------------------------------------------------------------- beit/tasks/toy.py

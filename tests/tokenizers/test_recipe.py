@@ -12,7 +12,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from beit.models.tokenizer import load_tokenizer, stats_to_images
+from beit.loading import load_tokenizer
+from beit.models.tokenizer import stats_to_images
 from beit.tokenizers import OBJECTIVES, build_objective, train_tokenizer
 from beit.tokenizers.base import TokenizerObjective, batch_images, code_perplexity, psnr, recon_loss
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from beit.config import ConfigError, replace
-from beit.models.tokenizer import Tokenizer, load_tokenizer, map_pixels
+from beit.loading import load_tokenizer
+from beit.models.tokenizer import Tokenizer, map_pixels
 from beit.models.tokenizer import TokenizerConfig as DVAEConfig
 from beit.tokenizers import (
     GumbelObjective as DVAEObjective,

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 import beit
 from beit.cli import main
 from beit.config import ConfigError, ModelConfig, replace
-from beit.interop import export
+from beit.exporting import export_model
+from beit.loading import load_tokenizer
 from beit.methods.beit import BEiTConfig, BEiTMethod
-from beit.models.tokenizer import load_tokenizer, save_tokenizer
+from beit.models.tokenizer import save_tokenizer
 from beit.models.vit import VisionTransformer
 from beit.models.vqkd import VQKDConfig, VQKDTokenizer, get_vqkd_preset
 from beit.tokenizers.beit2 import convert_beit2
@@ -331,7 +332,7 @@ def test_mae_teacher_to_vqkd_to_beit_with_patch_aggregation(tmp_path, make_image
 def test_eval_command_and_errors(tmp_path, make_image_folder, capsys):
     torch.manual_seed(0)
     teacher = VisionTransformer(ModelConfig(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2))
-    tdir = export(teacher, tmp_path / "teacher", "timm")
+    tdir = export_model(teacher, tmp_path / "teacher", "timm")
     save_tokenizer(VQKDTokenizer(VQKDConfig(**TINY)), tmp_path / "tok")
     data = make_image_folder(tmp_path / "imgs", classes=(), per_class=3, size=16)
     assert main(["tokenizer", "eval", "--tokenizer", str(tmp_path / "tok"), "--data", str(data)]) == 2
@@ -351,7 +352,7 @@ def test_eval_command_and_errors(tmp_path, make_image_folder, capsys):
 def test_resume_after_sigkill_is_exact(tmp_path, make_image_folder):
     """The codebook, its EMA counts and the restart RNG are run state: a killed run resumes to the same numbers."""
     torch.manual_seed(0)
-    teacher = export(VisionTransformer(ModelConfig(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)),
+    teacher = export_model(VisionTransformer(ModelConfig(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)),
                      tmp_path / "teacher", "timm")
     data = make_image_folder(tmp_path / "imgs", classes=(), per_class=8, size=16)
     small = [f"model.{k}={v}" for k, v in TINY.items() if k != "target_dim"]
