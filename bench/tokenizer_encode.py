@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from beit import machine  # noqa: E402
 from beit.config import replace  # noqa: E402
 from beit.data.folder import list_images  # noqa: E402
+from beit.loading import load_tokenizer  # noqa: E402
 from beit.methods.beit import BEiTConfig, BEiTMethod  # noqa: E402
 from beit.methods.token_targets import PRECISIONS, agreement, encode_ids  # noqa: E402
 from beit.models.presets import get_preset  # noqa: E402
-from beit.loading import load_tokenizer  # noqa: E402
 from beit.models.tokenizer import Tokenizer, get_tokenizer_preset  # noqa: E402
 
 
