@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, from_dict, image_hw, normalize_img_size, to_dict
+from ..data.segmentation import IGNORE_INDEX
 from ..models.vit import VisionTransformer
 
 # ``task`` below is a :class:`beit.tasks.segment.SegmentationTask` (not imported: that module imports this one)
 SegmentationTask = torch.nn.Module
-
-IGNORE_INDEX = 255
 
 __all__ = ["IGNORE_INDEX", "SegEvalConfig", "backbone_at", "confusion_matrix", "save_confusion", "score",
            "segmentation_metrics", "slide_logits", "window_starts"]

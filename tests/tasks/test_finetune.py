@@ -13,10 +13,12 @@ import yaml
 from PIL import Image
 
 from beit.config import ModelConfig, OptimConfig, TrainConfig, to_dict
+from beit.data.labelled import balanced_subset
 from beit.optim import build_optimizer, set_lr
 from beit.tasks import finetune
 from beit.tasks.augment import AugConfig, Mixup, build_eval_transform, build_train_transform, one_hot_smooth
-from beit.tasks.finetune import ClassificationTask, balanced_subset, topk_correct
+from beit.tasks.finetune import ClassificationTask
+from beit.tasks.metrics import topk_correct
 from tests.helpers.synthetic import COLOURS, make_colour_dataset
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
