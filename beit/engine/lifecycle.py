@@ -10,7 +10,7 @@ is the engine's, the same for every task::
 
     env = start_run(cfg.train)                      # trackers installed?, torchrun, seeds
     training = task.build(cfg, env, out, resume)    # nothing written yet
-    claim_run(env, out, kind_of(cfg), resume)       # once, every rank waits
+    claim_run(env, out, kind, resume)               # once, every rank waits (kind: what the config says)
     task.claimed(training, env, out)                # files kept beside the checkpoints (decode cache, classes)
     result = train(training.method, training.dataset, ...)
     task.save(training, result)                     # rank 0: the product (a tokenizer file); errors count

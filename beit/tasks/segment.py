@@ -28,18 +28,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .. import engine, recipes
 from ..checkpoint import CKPT_DIR
@@ -54,7 +51,7 @@ from ..config import (
     to_dict,
 )
 from ..data.folder import DataError, DropUnreadable
-from ..data.segmentation import IGNORE_INDEX, SegmentationFolder, SegTransform, load_mask
+from ..data.segmentation import IGNORE_INDEX, SegmentationFolder, SegTransform
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation
 from ..engine import DistEnv, Training, TrainingTask, TrainResult, autocast_context
 from ..methods.base import Method
@@ -68,6 +65,7 @@ from .segment_eval import (
     backbone_at,
     confusion_matrix,
     save_confusion,
+    save_predictions,
     score,
     segmentation_metrics,
     slide_logits,
@@ -83,12 +81,9 @@ __all__ = [
     "SegmentationTask",
     "build_config",
     "confusion_matrix",
-    "constant_baseline",
     "evaluate_run",
     "load_segmenter",
-    "palette",
     "run",
-    "save_predictions",
     "segmentation_metrics",
 ]
 
@@ -245,58 +240,6 @@ class SegmentationTask(Method):
         return param_groups(self, optim_cfg.weight_decay, optim_cfg.layer_decay, num_layers=self.model.num_layers)
 
 
-# --------------------------------------------------------------------------------------------- pictures
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """``(256, 3)`` uint8 colours: the PASCAL VOC bit-interleaved palette; 255 (ignore) is white."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for c in range(256):
-        r = g = b = 0
-        lab = c
-        for j in range(8):
-            r |= ((lab >> 0) & 1) << (7 - j)
-            g |= ((lab >> 1) & 1) << (7 - j)
-            b |= ((lab >> 2) & 1) << (7 - j)
-            lab >>= 3
-        pal[c] = (r, g, b)
-    pal[IGNORE_INDEX] = 255  # ignore: white (class 0 is black)
-    return pal
-
-
-def _denorm(x: torch.Tensor) -> np.ndarray:
-    """A normalised ``(3, H, W)`` image -> ``(H, W, 3)`` uint8."""
-    from ..viz.images import unnormalize
-
-    return (unnormalize(x.cpu().float()[None])[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-@torch.no_grad()
-def save_predictions(task: SegmentationTask, dataset: Dataset, out: str | Path, n: int = 4,
-                     scale: int = 0) -> Path:
-    """PNG with one row per image: image | ground truth | prediction (palette colours, ignore = white)."""
-    was_training = task.training
-    task.eval()
-    device = next(task.parameters()).device
-    pal = palette(task.num_classes)
-    rows = []
-    for i in range(min(n, len(dataset))):  # type: ignore[arg-type]
-        item = dataset[i]
-        pred = task.predict(item["images"][None].to(device))[0].cpu().numpy()
-        gt = item["masks"].numpy()
-        rows.append(np.concatenate([_denorm(item["images"]), pal[gt.clip(0, 255)], pal[pred]], axis=1))
-    task.train(was_training)
-    grid = np.concatenate(rows, axis=0)
-    img = Image.fromarray(grid)
-    if not scale:
-        scale = max(1, math.ceil(256 / grid.shape[0]))  # tiny images: enlarge so the picture is readable
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    out = Path(out)
-    img.save(out)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- running
 
 
@@ -319,29 +262,6 @@ def load_segmenter(path: str | Path) -> SegmentationTask:
     ck = run.checkpoint()
     task.load_state_dict(load_weights(ck / "model.safetensors")[0], strict=True)
     return task.eval()
-
-
-def constant_baseline(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict:
-    """Metrics (%) of predicting the training set's most frequent class everywhere, on every split of ``path``
-    that exists: the floor any segmenter must beat. ``{"class": c, split: {"mIoU", "mAcc", "pixel_acc"}}``."""
-    root = Path(path)
-    counts = torch.zeros(256, dtype=torch.long)
-    for _, mp in SegmentationFolder(root, "train").samples:
-        counts += torch.bincount(torch.from_numpy(load_mask(mp)).flatten().long(), minlength=256)
-    counts[IGNORE_INDEX] = 0
-    cls = int(counts.argmax())
-    num_classes = int(torch.nonzero(counts).max()) + 1
-    out: dict = {"class": cls}
-    for split in splits:
-        if not (root / "images" / split).is_dir():
-            continue
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for _, mp in SegmentationFolder(root, split).samples:
-            m = torch.from_numpy(load_mask(mp)).long()
-            conf += confusion_matrix(torch.full_like(m, cls), m, num_classes)
-        met = segmentation_metrics(conf)
-        out[split] = {k: met[k] for k in ("mIoU", "mAcc", "pixel_acc")}
-    return out
 
 
 def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data: str | None = None,

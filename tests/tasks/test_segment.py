@@ -269,7 +269,7 @@ def test_segment_cli_scores_best_checkpoint_on_val_and_test(tmp_path):
 
 def test_constant_baseline_by_hand(tmp_path):
     from beit.data.segmentation import load_mask
-    from beit.tasks.segment import constant_baseline
+    from beit.tasks.segment_eval import constant_baseline
 
     data = make_shapes_dataset(tmp_path / "data", n_train=3, size=16, width=24, splits=("train", "val", "test"))
     res = constant_baseline(data)
