@@ -73,16 +73,21 @@ def build_config(
     if objective == "vqkd" or (objective is None and preset in VQKD_RUN_PRESETS):
         if preset and preset not in VQKD_RUN_PRESETS:
             raise ConfigError(f"preset {preset} is not a VQ-KD preset: give one of {', '.join(sorted(VQKD_RUN_PRESETS))}")
-        cfg = build_vqkd_config(preset, config, overrides)
-        if teacher is not None:
-            cfg.vqkd.teacher = str(teacher)
-        return cfg
-    if teacher is not None:
-        raise ConfigError("a teacher is for the vqkd objective (--objective vqkd)")
+        return with_teacher(build_vqkd_config(preset, config, overrides), teacher)
     if objective is not None:
-        overrides = ([*overrides, f"model.quantizer={objective}"] if isinstance(overrides, list) or overrides is None
+        overrides = ([*(overrides or []), f"model.quantizer={objective}"] if not isinstance(overrides, dict)
                      else {**overrides, "model.quantizer": objective})
-    return resolve(TokenizerTrainConfig, RUN_PRESETS, preset, config, overrides)
+    return with_teacher(resolve(TokenizerTrainConfig, RUN_PRESETS, preset, config, overrides), teacher)
+
+
+def with_teacher(cfg, teacher: str | Path | None):
+    """``cfg`` distilling ``teacher`` (``vqkd.teacher``) if one is given; only a VQ-KD run takes one."""
+    if teacher is None:
+        return cfg
+    if not isinstance(cfg, VQKDTrainConfig):
+        raise ConfigError("a teacher is for the vqkd objective (--objective vqkd)")
+    cfg.vqkd.teacher = str(teacher)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -160,8 +165,8 @@ def train_tokenizer(
     ``RUN/eval.json``. ``data_dir``/``val_dir`` override ``data.path``/``data.val_path``; ``steps`` overrides
     ``train.steps``.
     """
-    if cfg is None:
-        cfg = build_config(preset, config, overrides, objective=objective, teacher=teacher)
+    cfg = build_config(preset, config, overrides, objective=objective) if cfg is None else cfg
+    cfg = with_teacher(cfg, teacher)
     data, val = resolve_data(cfg, data_dir, val_dir, steps)
     task = VQKDTraining(data, val) if isinstance(cfg, VQKDTrainConfig) else PixelTokenizerTraining(data, val)
     res = engine.run(task, cfg, out_dir, resume=resume, max_minutes=max_minutes, resume_anyway=resume_anyway)
