@@ -123,11 +123,13 @@ def segment(data: str | Path, *, out: str | Path, init: str | Path = "none", pre
 
 def train_tokenizer(data, *, out: str | Path, preset: str | None = "dvae_32", config: str | Path | None = None,
                     steps: int | None = None, val_data=None, resume: bool = False, max_minutes: float = 0.0,
-                    **sections: Any) -> RunResult:
-    """Train a visual tokenizer (``beit tokenizer train``) on a folder of images or a Dataset of images;
-    ``sections``: ``model``, ``objective``, ``optim``, ``train``, ``data`` as dicts or dataclasses."""
+                    teacher: str | Path | None = None, **sections: Any) -> RunResult:
+    """Train a visual tokenizer (``beit tokenizer train``) on a folder of images or a Dataset of images. The
+    preset says the objective: ``dvae_32`` (gumbel), ``vq_32`` (vq; or ``model={"quantizer": "vq"}``) or
+    ``vqkd_32`` / ``vqkd_224`` (VQ-KD, distilling ``teacher``: anything :func:`beit.load` reads). ``sections``:
+    ``model``, ``objective`` (gumbel/vq) or ``vqkd``, ``optim``, ``train``, ``data`` as dicts or dataclasses."""
     run_dir = tok_task.train_tokenizer(data, out, preset, steps, _overrides(sections), config=config, val_dir=val_data,
-                                   resume=resume, max_minutes=max_minutes)
+                                       resume=resume, max_minutes=max_minutes, teacher=teacher)
     ev = run_dir / "eval.json"
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] \
         if (run_dir / "metrics.jsonl").is_file() else []

@@ -5,7 +5,7 @@ folder (``DIR/masks/{train,val[,test]}``): the floor a trained segmenter must cl
 
 (``NUM_CLASSES`` is accepted for old command lines; classes absent from truth and prediction never count.)
 Prints the validation metrics at the top level and each other split under its name; see
-:func:`beit.tasks.segment.constant_baseline`.
+:func:`beit.tasks.segment_eval.constant_baseline`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from beit.tasks.segment import constant_baseline
+from beit.tasks.segment_eval import constant_baseline
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import platform
 
 import torch
 
-from beit.tokenizers.train import build_dataset
+from beit.data.tokenizer import build_dataset
 from beit.tokenizers.vqkd import Teacher
 
 

@@ -8,34 +8,26 @@ import shlex
 from pathlib import Path
 
 from .. import recipes
-from ..config import ConfigError
 from .common import add_train_flags, emit, overrides, print_config, run_options
 from .summary import table
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..tokenizers import train_tokenizer, train_vqkd
+    from ..tokenizers import train_tokenizer
     from ..tokenizers.train import build_config
 
     ov = overrides(args, {"limit": "data.limit", "val_data": "data.val_path"})
-    if args.objective == "vqkd":  # a semantic tokenizer distilled from --teacher (BEiT v2)
-        preset = args.preset or (None if args.config else "vqkd_32")
-        run = train_vqkd(args.data, args.out, preset=preset, config=args.config, overrides=ov, teacher=args.teacher,
-                         **run_options(args))
-        emit(args, {"run": str(run)}, f"VQ-KD tokenizer: {run}\nnext: beit pretrain --method beit --data "
-                                      f"{shlex.quote(str(args.data))} --tokenizer {shlex.quote(str(run))} --out runs/beit2")
-        return 0
-    if args.teacher:
-        raise ConfigError("--teacher is for --objective vqkd")
-    if args.objective:
-        ov.append(f"model.quantizer={args.objective}")
-    preset = args.preset or (None if args.config else "vq_32")
-    cfg = build_config(preset, args.config, ov)
+    preset = args.preset or (None if args.config else "vqkd_32" if args.objective == "vqkd" else "vq_32")
+    cfg = build_config(preset, args.config, ov, objective=args.objective, teacher=args.teacher)
     if args.data is not None:
         cfg.data.path = args.data
     if print_config(args, cfg):
         return 0
     run = train_tokenizer(args.data, args.out, cfg=cfg, **run_options(args))
+    if cfg.model.quantizer == "vqkd":  # a semantic tokenizer distilled from --teacher (BEiT v2)
+        emit(args, {"run": str(run)}, f"VQ-KD tokenizer: {run}\nnext: beit pretrain --method beit --data "
+                                      f"{shlex.quote(str(args.data))} --tokenizer {shlex.quote(str(run))} --out runs/beit2")
+        return 0
     data, human = tokenizer_summary(run, cfg, args.data)
     emit(args, data, human)
     return 0

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..data.embedded import CLASS_TITLES
 from ..data.folder import list_images
-from ..tasks.segment import palette
+from ..tasks.segment_eval import palette
 from ..viz.curves import plot_metrics, read_metrics
 from ..viz.report import Figure, Section, Table, format_cell, write_report
 from .plan import DEFAULT_METHOD, FinishedDemo, StageResult

@@ -42,7 +42,7 @@ from ..config import ConfigError
 from ..data.embedded import materialize
 from ..data.folder import list_images
 from ..methods import registry as method_registry
-from ..tasks.segment import constant_baseline
+from ..tasks.segment_eval import constant_baseline
 from .clock import Clock
 from .plan import (
     CALIBRATION_STEPS,

@@ -18,30 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .. import recipes
+from .. import engine, recipes
 from ..config import (
     ConfigError,
     ModelConfig,
     OptimConfig,
     TrainConfig,
     check_fields,
-    dump_yaml,
     from_dict,
     resolve,
     to_dict,
 )
-from ..data.folder import DataError, ImageFolder
-from ..data.shards import open_images
-from ..data.views import to_rgb_pil
-from ..engine import TrainResult, finish_run, start_run, train
+from ..data.labelled import LabelledDataset, labelled_splits
+from ..engine import DistEnv, Training, TrainingTask, TrainResult
 from ..loading import adopt_architecture, build_backbone, resumed_model_config
 from ..methods.base import Method
 from ..models.vit import VisionTransformer
@@ -56,6 +54,7 @@ from .augment import (
     one_hot_smooth,
     soft_cross_entropy,
 )
+from .metrics import topk_correct
 
 log = logging.getLogger("beit")
 
@@ -64,10 +63,8 @@ __all__ = [
     "ClassificationTask",
     "FinetuneConfig",
     "FinetuneDataConfig",
-    "LabelledDataset",
-    "balanced_subset",
+    "Finetuning",
     "build_config",
-    "labelled_splits",
     "run",
 ]
 
@@ -101,73 +98,7 @@ def build_config(preset: str | None = None, config: str | None = None,
     return resolve(FinetuneConfig, PRESETS, preset, config, overrides)
 
 
-# --------------------------------------------------------------------------------------------- data
-
-
-def balanced_subset(targets: list[int], *, labels_per_class: int = 0, label_fraction: float = 0.0,
-                    seed: int = 0) -> list[int]:
-    """Indices of a class-balanced subset: ``labels_per_class`` per class (all of a smaller class) or
-    ``ceil(label_fraction * n_c)`` (at least 1) per class, chosen by a permutation seeded by ``seed``.
-    Sorted; the same seed always gives the same subset."""
-    if labels_per_class and label_fraction:
-        raise ConfigError("give either data.labels_per_class or data.label_fraction, not both")
-    if labels_per_class < 0 or not 0.0 <= label_fraction <= 1.0:
-        raise ConfigError("data.labels_per_class must be >= 0 and data.label_fraction in [0, 1]")
-    if not labels_per_class and not label_fraction:
-        return list(range(len(targets)))
-    by_class: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_class.setdefault(int(t), []).append(i)
-    keep: list[int] = []
-    for c in sorted(by_class):
-        idx = by_class[c]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        perm = torch.randperm(len(idx), generator=g).tolist()
-        n = labels_per_class if labels_per_class else max(1, math.ceil(label_fraction * len(idx)))
-        keep.extend(idx[j] for j in perm[: min(n, len(idx))])
-    return sorted(keep)
-
-
-def labelled_splits(path: str | Path, train_transform, val_transform, *, labels_per_class: int = 0,
-                    label_fraction: float = 0.0, seed: int = 0) -> tuple[ImageFolder, ImageFolder]:
-    """``(train, val)`` ImageFolders of ``path/train/<class>/`` and ``path/val/<class>/`` with the same
-    classes; the training split reduced to a balanced subset if asked."""
-    if not path:
-        raise ConfigError("give the dataset: --data DIR (with train/<class>/ and val/<class>/)")
-    root = Path(path)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root} has no {split}/ folder: expected {root}/train/<class>/ and {root}/val/<class>/")
-    tr = open_images(root / "train", transform=train_transform, with_labels=True)  # class folders, shards or HF
-    va = open_images(root / "val", transform=val_transform, with_labels=True)
-    if tr.classes != va.classes:
-        extra = sorted(set(va.classes) ^ set(tr.classes))
-        raise DataError(f"{root}: train/ and val/ have different class folders (e.g. {extra[:3]})")
-    present = sorted({tr.classes[t] for t in tr.targets})
-    if len(present) < 2:
-        raise DataError(f"{root}/train has only one class with images ({present[0]}): classifying needs at least "
-                        "two class folders (with one, every prediction is right and the accuracy says nothing)")
-    if labels_per_class:
-        counts = [tr.targets.count(tr.class_to_idx[c]) for c in present]
-        if labels_per_class > min(counts):
-            log.warning("--labels-per-class %d: the training data has fewer (%d to %d images per class); classes "
-                        "with fewer use all of theirs", labels_per_class, min(counts), max(counts))
-    keep = balanced_subset(tr.targets, labels_per_class=labels_per_class, label_fraction=label_fraction, seed=seed)
-    if len(keep) < len(tr.samples):
-        tr.samples = [tr.samples[i] for i in keep]
-        log.info("using %d of the training images (balanced over %d classes)", len(keep), len(tr.classes))
-    return tr, va
-
-
 # --------------------------------------------------------------------------------------------- the task
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k (k capped at the classes)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices  # (B, kmax)
-    hit = top == labels.view(-1, 1)  # (B, kmax)
-    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
 class ClassificationTask(Method):
@@ -236,27 +167,41 @@ def build_task(cfg: FinetuneConfig, num_classes: int, init: bool = True) -> tupl
     return ClassificationTask(model, cfg.aug), cfg
 
 
-class LabelledDataset(Dataset):
-    """A user's dataset of ``(image, label)`` items (PIL image or ``(3|1, H, W)`` tensor) through ``transform``;
-    ``classes``: the dataset's own ``classes`` if it has them, else the label values as names."""
+class Finetuning(TrainingTask):
+    """Fine-tuning for :func:`beit.engine.run`: labelled splits (a folder, or ``datasets``), the classifier on
+    the backbone of ``init`` (or, resuming, the architecture the run saved), the class names beside it."""
 
-    def __init__(self, base: Dataset, transform, classes: list[str] | None = None) -> None:
-        self.base, self.transform = base, transform
-        if classes is None:
-            classes = getattr(base, "classes", None)
-        if not classes:
-            targets = getattr(base, "targets", None)
-            if targets is None:
-                targets = [int(base[i][1]) for i in range(len(base))]  # type: ignore[arg-type]
-            classes = [str(i) for i in range(int(max(targets)) + 1)]
-        self.classes = list(classes)
+    def __init__(self, datasets: tuple[Dataset, Dataset | None] | None = None) -> None:
+        self.datasets = datasets
 
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+    def build(self, cfg: FinetuneConfig, env: DistEnv, out: Path, resume: bool) -> Training:
+        size = cfg.model.img_size
+        if self.datasets is None:
+            tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size),
+                                     build_eval_transform(cfg.aug, size), labels_per_class=cfg.data.labels_per_class,
+                                     label_fraction=cfg.data.label_fraction, seed=cfg.train.seed)
+        else:
+            tr = LabelledDataset(self.datasets[0], build_train_transform(cfg.aug, size))
+            va = (LabelledDataset(self.datasets[1], build_eval_transform(cfg.aug, size), tr.classes)
+                  if self.datasets[1] is not None else None)
+        saved = resumed_model_config(out, resume)
+        if saved is not None:
+            cfg = dataclasses.replace(cfg, model=saved)
+        task, cfg = build_task(cfg, len(tr.classes), init=saved is None)
+        if env.is_main:
+            log.info("fine-tuning on %d images, %d classes (val: %d) from %s; init: %s", len(tr), len(tr.classes),
+                     len(va) if va is not None else 0, cfg.data.path, cfg.init or "none")
+        return Training(task, tr, cfg, val_dataset=va, desc="finetune")
 
-    def __getitem__(self, i: int):
-        img, label = self.base[i][:2]
-        return self.transform(to_rgb_pil(img)), int(label)
+    def claimed(self, training: Training, env: DistEnv, out: Path) -> None:
+        if env.is_main:
+            (out / "classes.txt").write_text("".join(c + "\n" for c in training.dataset.classes))
+            RunDir(out).record_files("classes.txt")  # its SHA-256 in run.json, like every file a run writes
+
+    def outputs(self, training: Training, result: TrainResult) -> dict[str, Callable[[], Any]]:
+        out = result.run_dir
+        return {"curves.png": run_curves(out, "curves.png", ("loss", "acc", "val_top1", "val_loss", "lr"),
+                                         "fine-tuning")}
 
 
 def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
@@ -264,29 +209,5 @@ def run(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, max_minut
     """Fine-tune as ``cfg`` says into run directory ``out`` (``resume_anyway``: accept a changed config).
     ``datasets``: ``(train, val)`` datasets of ``(image, label)`` instead of the folder ``cfg.data.path``
     (``val`` may be None: no evaluation; the label subset options apply to folders only)."""
-    env = start_run(cfg.train)
-    size = cfg.model.img_size
-    if datasets is None:
-        tr, va = labelled_splits(cfg.data.path, build_train_transform(cfg.aug, size),
-                                 build_eval_transform(cfg.aug, size), labels_per_class=cfg.data.labels_per_class,
-                                 label_fraction=cfg.data.label_fraction, seed=cfg.train.seed)
-    else:
-        tr = LabelledDataset(datasets[0], build_train_transform(cfg.aug, size))
-        va = (LabelledDataset(datasets[1], build_eval_transform(cfg.aug, size), tr.classes)
-              if datasets[1] is not None else None)
-    saved = resumed_model_config(out, resume)
-    if saved is not None:
-        cfg = dataclasses.replace(cfg, model=saved)
-    task, cfg = build_task(cfg, len(tr.classes), init=saved is None)
-    if env.is_main:
-        log.info("fine-tuning on %d images, %d classes (val: %d) from %s; init: %s", len(tr), len(tr.classes),
-                 len(va) if va is not None else 0, cfg.data.path, cfg.init or "none")
-        RunDir(out).claim("finetune", resume)  # before classes.txt: never written into a folder of the user's
-        (Path(out) / "classes.txt").write_text("".join(c + "\n" for c in tr.classes))
-        RunDir(out).record_files("classes.txt")  # its SHA-256 in run.json, like every file a run writes
-    res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
-                resume=resume, val_dataset=va, desc="finetune", max_minutes=max_minutes, env=env,
-                resume_anyway=resume_anyway)
-    finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "acc", "val_top1", "val_loss", "lr"),
-                                              "fine-tuning")}, res)
-    return res
+    return engine.run(Finetuning(datasets), cfg, out, resume=resume, max_minutes=max_minutes,
+                      resume_anyway=resume_anyway)

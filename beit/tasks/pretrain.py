@@ -16,19 +16,21 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
+from .. import engine
+from ..config import ConfigError, ModelConfig, OptimConfig, TrainConfig, check_fields, resolve
 from ..data import cache as decode_cache
 from ..data.decode import decode_tensor
 from ..data.folder import ImageFolder
 from ..data.shards import open_images
 from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, to_rgb_pil
-from ..engine import TrainResult, claim_run, finish_run, start_run, train
+from ..engine import DistEnv, Training, TrainingTask, TrainResult
 from ..loading import load_tokenizer
 from ..methods import registry
 from ..tokenizers.vqkd import Teacher
 from ..tracking import wanted as trackers_wanted
 from ..viz.curves import run_curves
 from ..viz.masks import save_mask_grid
+from .probe import OnlineKNNProbe
 
 log = logging.getLogger("beit")
 
@@ -143,6 +145,61 @@ def build_dataset(cfg: DataConfig, transform, data: Dataset | None = None) -> Da
     return ds
 
 
+class Pretraining(TrainingTask):
+    """Pretraining for :func:`beit.engine.run`: the registry builds the method and its per-sample transform;
+    the images are decoded once into the run folder; an online kNN probe if ``probe.data`` is set."""
+
+    def __init__(self, dataset: Dataset | None = None,
+                 pictures: Callable[[Path, Path, str], dict[str, Callable[[], Any]]] | None = None) -> None:
+        self.data, self.pictures = dataset, pictures
+        self.transform: Any = None
+
+    def build(self, cfg, env: DistEnv, out: Path, resume: bool) -> Training:
+        method, transform, cfg = registry.build_method(cfg, load_tokenizer=load_tokenizer)
+        request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
+        if request:
+            method.attach_teacher(Teacher.load(*request))
+        dataset = build_dataset(cfg.data, transform, self.data)
+        if cfg.data.decode == "fast":
+            views = getattr(transform, "views", None)
+            if views is None or not hasattr(dataset, "decoder"):
+                raise ConfigError(f"data.decode=fast works with methods that crop views (beit, mae) on --data, "
+                                  f"not {cfg.method}" + (" on a Python dataset" if views is not None else ""))
+            views.resize, dataset.decoder = "tensor", decode_tensor
+        self.transform = transform
+        probe = None
+        if cfg.probe.data and env.is_main:  # rank 0 probes (on labelled images of its own)
+            probe = OnlineKNNProbe(cfg.probe.data, cfg.model.img_size, every=cfg.train.probe_every,
+                                   bank_per_class=cfg.probe.bank_per_class, queries_per_class=cfg.probe.queries_per_class,
+                                   k=cfg.probe.k, temperature=cfg.probe.temperature, seed=cfg.train.seed)
+            log.info("online kNN probe every %d steps: %d bank / %d query images from %s", probe.every,
+                     len(probe.bank_y), len(probe.query_y), cfg.probe.data)
+        batched = getattr(transform, "batched", None)  # per-pixel work once per batch, in the loader workers
+        return Training(method, dataset, cfg, desc=f"pretrain {cfg.method}", probe=probe,
+                        collate_fn=batched(on_device=env.device.type == "cuda") if batched else None,
+                        inputs={"tokenizer": cfg.tokenizer} if cfg.tokenizer else None)
+
+    def claimed(self, training: Training, env: DistEnv, out: Path) -> None:
+        cfg, dataset = training.cfg, training.dataset
+        if isinstance(dataset, ImageFolder):  # shards hold data sets too large to decode once
+            decode_cache.attach(dataset, out / "decode_cache", cfg.data.decode_cache)
+        if env.is_main:
+            log.info("pretraining %s (%s) on %d images from %s", cfg.method,
+                     f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
+
+    def outputs(self, training: Training, result: TrainResult) -> dict[str, Callable[[], Any]]:
+        cfg, dataset, out = training.cfg, training.dataset, Path(result.run_dir)
+        if training.collate_fn is not None:
+            self.transform.deferred = False  # the pictures below take finished samples
+        outputs = {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
+                                          f"{cfg.method} pretraining"),
+                   "masks.png": partial(save_mask_grid, dataset, out / "masks.png")}
+        if (self.pictures is not None and trackers_wanted(cfg.train) and isinstance(dataset, ImageFolder)
+                and len(dataset)):
+            outputs.update(self.pictures(out, dataset.samples[0][0], cfg.method))  # for the trackers (--log)
+        return outputs
+
+
 def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
         resume_anyway: bool = False, dataset: Dataset | None = None,
         pictures: Callable[[Path, Path, str], dict[str, Callable[[], Any]]] | None = None) -> TrainResult:
@@ -150,45 +207,5 @@ def run(cfg, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
     ``dataset``: a dataset of images instead of the folder ``cfg.data.path``. ``pictures(run, image, method)``:
     more outputs of the finished run for the trackers (``--log``), e.g. attention maps; handed in by the caller
     because looking inside a trained model sits above the tasks (:mod:`beit.viz`)."""
-    env = start_run(cfg.train)
-    method, transform, cfg = registry.build_method(cfg, load_tokenizer=load_tokenizer)
-    request = getattr(method, "teacher_request", None)  # (path, block): a frozen backbone's features as targets
-    if request:
-        method.attach_teacher(Teacher.load(*request))
-    dataset = build_dataset(cfg.data, transform, dataset)
-    if cfg.data.decode == "fast":
-        views = getattr(transform, "views", None)
-        if views is None or not hasattr(dataset, "decoder"):
-            raise ConfigError(f"data.decode=fast works with methods that crop views (beit, mae) on --data, "
-                              f"not {cfg.method}" + (" on a Python dataset" if views is not None else ""))
-        views.resize, dataset.decoder = "tensor", decode_tensor
-    claim_run(env, out, f"pretrain-{cfg.method}", resume)  # before the decode cache is written into it
-    if isinstance(dataset, ImageFolder):  # shards hold data sets too large to decode once
-        decode_cache.attach(dataset, Path(out) / "decode_cache", cfg.data.decode_cache)
-    if env.is_main:
-        log.info("pretraining %s (%s) on %d images from %s", cfg.method,
-                 f"{cfg.model.embed_dim}w/{cfg.model.depth}d/{cfg.model.img_size}px", len(dataset), cfg.data.path)
-    probe = None
-    if cfg.probe.data and env.is_main:
-        from .probe import OnlineKNNProbe
-
-        probe = OnlineKNNProbe(cfg.probe.data, cfg.model.img_size, every=cfg.train.probe_every,
-                               bank_per_class=cfg.probe.bank_per_class, queries_per_class=cfg.probe.queries_per_class,
-                               k=cfg.probe.k, temperature=cfg.probe.temperature, seed=cfg.train.seed)
-        log.info("online kNN probe every %d steps: %d bank / %d query images from %s", probe.every,
-                 len(probe.bank_y), len(probe.query_y), cfg.probe.data)
-    batched = getattr(transform, "batched", None)  # per-pixel work once per batch, in the loader workers
-    res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
-                config_yaml=dump_yaml(cfg), resume=resume, desc=f"pretrain {cfg.method}",
-                max_minutes=max_minutes, env=env, probe=probe,
-                collate_fn=batched(on_device=env.device.type == "cuda") if batched else None,
-                resume_anyway=resume_anyway, inputs={"tokenizer": cfg.tokenizer} if cfg.tokenizer else None)
-    if batched:
-        transform.deferred = False  # the pictures below take finished samples
-    outputs = {"loss.png": run_curves(out, "loss.png", ("loss", "mlm_acc", "acc", "knn_top1", "lr"),
-                                      f"{cfg.method} pretraining"),
-               "masks.png": partial(save_mask_grid, dataset, Path(out) / "masks.png")}
-    if pictures is not None and trackers_wanted(cfg.train) and isinstance(dataset, ImageFolder) and len(dataset):
-        outputs.update(pictures(Path(out), dataset.samples[0][0], cfg.method))  # for the trackers (--log)
-    finish_run(env, outputs, res)
-    return res
+    return engine.run(Pretraining(dataset, pictures), cfg, out, resume=resume, max_minutes=max_minutes,
+                      resume_anyway=resume_anyway)

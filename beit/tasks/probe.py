@@ -47,10 +47,12 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, check_fields, resolve
 from ..data.folder import SKIP_LIST, DataError, DropUnreadable, ImageFolder, load_image, write_skip_list
+from ..data.labelled import balanced_subset, labelled_splits
 from ..loading import load
 from ..models.vit import VisionTransformer, grid_pool
 from .augment import AugConfig, build_eval_transform
-from .finetune import FinetuneDataConfig, balanced_subset, labelled_splits, topk_correct
+from .finetune import FinetuneDataConfig
+from .metrics import topk_correct
 
 log = logging.getLogger("beit")
 

@@ -28,21 +28,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import InterpolationMode
+from torch.utils.data import DataLoader
 
-from .. import recipes
+from .. import engine, recipes
 from ..checkpoint import CKPT_DIR
 from ..config import (
     ConfigError,
@@ -50,23 +46,14 @@ from ..config import (
     OptimConfig,
     TrainConfig,
     check_fields,
-    dump_yaml,
     from_dict,
-    image_hw,
     resolve,
     to_dict,
 )
-from ..data.folder import (
-    DataError,
-    DropUnreadable,
-    append_skipped,
-    default_max_pixels,
-    header_problems,
-    list_images,
-    load_image,
-)
-from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation, random_resized_crop_params
-from ..engine import TrainResult, autocast_context, finish_run, start_run, train
+from ..data.folder import DataError, DropUnreadable
+from ..data.segmentation import IGNORE_INDEX, SegmentationFolder, SegTransform
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD, check_fixed_normalisation
+from ..engine import DistEnv, Training, TrainingTask, TrainResult, autocast_context
 from ..loading import adopt_architecture, build_backbone, resumed_model_config, run_weights
 from ..methods.base import Method
 from ..models.vit import VisionTransformer
@@ -75,11 +62,11 @@ from ..runs import RunDir
 from ..viz.curves import run_curves
 from .heads import FCNHead, FeaturePyramid, PUPHead, UperNetHead, tokens_to_map
 from .segment_eval import (
-    IGNORE_INDEX,
     SegEvalConfig,
     backbone_at,
     confusion_matrix,
     save_confusion,
+    save_predictions,
     score,
     segmentation_metrics,
     slide_logits,
@@ -88,20 +75,16 @@ from .segment_eval import (
 log = logging.getLogger("beit")
 
 __all__ = [
-    "IGNORE_INDEX",
     "PRESETS",
     "SegEvalConfig",
     "SegmentConfig",
-    "SegmentationFolder",
+    "Segmentation",
     "SegmentationTask",
     "build_config",
     "confusion_matrix",
-    "constant_baseline",
     "evaluate_run",
     "load_segmenter",
-    "palette",
     "run",
-    "save_predictions",
     "segmentation_metrics",
 ]
 
@@ -164,134 +147,6 @@ def build_config(preset: str | None = None, config: str | None = None,
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def load_mask(path: str | Path) -> np.ndarray:
-    """A PNG label map as ``(H, W)`` uint8 class indices (mode L or P; P gives the palette indices)."""
-    try:
-        with Image.open(path) as m:
-            m.load()
-            if m.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(f"{path}: a mask must be a single-channel label map (mode L or P), got mode {m.mode}")
-            a = np.asarray(m)
-    except (OSError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: unreadable mask ({e})") from None
-    if a.max(initial=0) > 255:
-        raise DataError(f"{path}: labels above 255")
-    return a.astype(np.uint8)
-
-
-class SegTransform:
-    """``(PIL image, (H, W) uint8 mask) -> {"images": (3, h, w) normalised, "masks": (h, w) int64}``.
-
-    ``size``: ``(h, w)``, or one side for squares. ``train=True``: one random resized crop (aspect ratio
-    within 3/4..4/3 of ``w / h``) and flip for both (bicubic image, nearest mask); else a plain resize to
-    ``h x w``. Draws from torch's global RNG (seeded per sample by the engine).
-    """
-
-    def __init__(self, size: int | tuple[int, int], train: bool, scale: Sequence[float] = (0.25, 1.0),
-                 hflip: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        self.size, self.train = image_hw(size), train
-        self.scale, self.hflip = (float(scale[0]), float(scale[1])), hflip
-        self.mean, self.std = list(mean), list(std)
-
-    def __call__(self, img: Image.Image, mask: np.ndarray) -> dict[str, torch.Tensor]:
-        m = torch.from_numpy(np.ascontiguousarray(mask))[None]  # (1, H, W) uint8
-        x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-        S = list(self.size)
-        if self.train:
-            aspect = S[1] / S[0]
-            top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale,
-                                                         (3 / 4 * aspect, 4 / 3 * aspect))
-            x = TF.resized_crop(x, top, left, h, w, S, interpolation=InterpolationMode.BICUBIC, antialias=True)
-            m = TF.resized_crop(m, top, left, h, w, S, interpolation=InterpolationMode.NEAREST)
-            if float(torch.rand(())) < self.hflip:
-                x, m = x.flip(-1), m.flip(-1)
-        else:
-            x = TF.resize(x, S, interpolation=InterpolationMode.BICUBIC, antialias=True)
-            m = TF.resize(m, S, interpolation=InterpolationMode.NEAREST)
-        x = TF.normalize(x.float() / 255.0, self.mean, self.std)
-        return {"images": x, "masks": m[0].long()}
-
-
-class SegmentationFolder(Dataset):
-    """``root/images/<split>/**/name.ext`` with ``root/masks/<split>/**/name.png`` -> transformed dicts.
-
-    An unreadable image is left out when the folder is read (:func:`beit.data.folder.header_problem`, listed in
-    ``skipped``), never replaced by another; one that fails only when drawn gives ``None`` (dropped from its
-    batch by :class:`~beit.data.folder.DropUnreadable`)."""
-
-    def __init__(self, root: str | Path, split: str, transform: SegTransform | None = None) -> None:
-        root = Path(root)
-        img_dir, mask_dir = root / "images" / split, root / "masks" / split
-        for d in (img_dir, mask_dir):
-            if not d.is_dir():
-                raise DataError(f"{d} does not exist: segmentation data needs {root}/images/{{train,val}}/ "
-                                f"and {root}/masks/{{train,val}}/")
-        self.samples: list[tuple[Path, Path]] = []
-        for p in list_images(img_dir):
-            m = (mask_dir / p.relative_to(img_dir)).with_suffix(".png")
-            if not m.is_file():
-                raise DataError(f"no mask for {p} (expected {m})")
-            self.samples.append((p, m))
-        if not self.samples:
-            raise DataError(f"no images under {img_dir}")
-        problems = header_problems([ip for ip, _ in self.samples])
-        self.skipped = [(ip, r) for (ip, _), r in zip(self.samples, problems) if r]
-        self.samples = [s for s, r in zip(self.samples, problems) if not r]
-        shown = "; ".join(f"{p.relative_to(img_dir)}: {r}" for p, r in self.skipped[:3])
-        if not self.samples:
-            raise DataError(f"none of the {len(self.skipped)} images under {img_dir} could be read ({shown})")
-        if self.skipped:
-            log.warning("skipping unreadable image(s) under %s: %d of %d files are left out (%s)", img_dir,
-                        len(self.skipped), len(self.skipped) + len(self.samples), shown)
-        self.transform = transform
-        self.skip_log: Path | None = None  # beit.data.folder.write_skip_list sets it: later finds go there
-        self._bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray] | None:
-        """The image and mask at ``index``, or None if the image cannot be decoded now (never another one)."""
-        ip, mp = self.samples[index]
-        if index in self._bad:
-            return None
-        img = load_image(ip)
-        if img is None:
-            self._bad.add(index)
-            if self.skip_log is not None:
-                append_skipped(self.skip_log, [(ip, "could not be decoded when drawn")])
-            return None
-        mask = load_mask(mp)
-        if mask.shape != (img.height, img.width) and mask.size > default_max_pixels():
-            # a huge image was decoded downscaled (beit.data.folder.load_image): its mask follows it
-            mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
-        if mask.shape != (img.height, img.width):
-            raise DataError(f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]}, image {ip} is {img.width}x{img.height}")
-        return img, mask
-
-    def __getitem__(self, index: int):
-        loaded = self.load(index)
-        if loaded is None:
-            return None
-        img, mask = loaded
-        if self.transform is None:
-            return img, mask
-        return self.transform(img, mask)
-
-    def max_label(self) -> int:
-        """Largest label (ignoring 255) over all masks."""
-        top = -1
-        for _, mp in self.samples:
-            u = np.unique(load_mask(mp))
-            u = u[u != IGNORE_INDEX]
-            if len(u):
-                top = max(top, int(u.max()))
-        return top
 
 
 # --------------------------------------------------------------------------------------------- the task
@@ -386,58 +241,6 @@ class SegmentationTask(Method):
         return param_groups(self, optim_cfg.weight_decay, optim_cfg.layer_decay, num_layers=self.model.num_layers)
 
 
-# --------------------------------------------------------------------------------------------- pictures
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """``(256, 3)`` uint8 colours: the PASCAL VOC bit-interleaved palette; 255 (ignore) is white."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for c in range(256):
-        r = g = b = 0
-        lab = c
-        for j in range(8):
-            r |= ((lab >> 0) & 1) << (7 - j)
-            g |= ((lab >> 1) & 1) << (7 - j)
-            b |= ((lab >> 2) & 1) << (7 - j)
-            lab >>= 3
-        pal[c] = (r, g, b)
-    pal[IGNORE_INDEX] = 255  # ignore: white (class 0 is black)
-    return pal
-
-
-def _denorm(x: torch.Tensor) -> np.ndarray:
-    """A normalised ``(3, H, W)`` image -> ``(H, W, 3)`` uint8."""
-    from ..viz.images import unnormalize
-
-    return (unnormalize(x.cpu().float()[None])[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-@torch.no_grad()
-def save_predictions(task: SegmentationTask, dataset: Dataset, out: str | Path, n: int = 4,
-                     scale: int = 0) -> Path:
-    """PNG with one row per image: image | ground truth | prediction (palette colours, ignore = white)."""
-    was_training = task.training
-    task.eval()
-    device = next(task.parameters()).device
-    pal = palette(task.num_classes)
-    rows = []
-    for i in range(min(n, len(dataset))):  # type: ignore[arg-type]
-        item = dataset[i]
-        pred = task.predict(item["images"][None].to(device))[0].cpu().numpy()
-        gt = item["masks"].numpy()
-        rows.append(np.concatenate([_denorm(item["images"]), pal[gt.clip(0, 255)], pal[pred]], axis=1))
-    task.train(was_training)
-    grid = np.concatenate(rows, axis=0)
-    img = Image.fromarray(grid)
-    if not scale:
-        scale = max(1, math.ceil(256 / grid.shape[0]))  # tiny images: enlarge so the picture is readable
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    out = Path(out)
-    img.save(out)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- running
 
 
@@ -457,29 +260,6 @@ def load_segmenter(path: str | Path) -> SegmentationTask:
     task, _ = build_task(cfg, cfg.data.num_classes, init=False)
     task.load_state_dict(weights, strict=True)
     return task.eval()
-
-
-def constant_baseline(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict:
-    """Metrics (%) of predicting the training set's most frequent class everywhere, on every split of ``path``
-    that exists: the floor any segmenter must beat. ``{"class": c, split: {"mIoU", "mAcc", "pixel_acc"}}``."""
-    root = Path(path)
-    counts = torch.zeros(256, dtype=torch.long)
-    for _, mp in SegmentationFolder(root, "train").samples:
-        counts += torch.bincount(torch.from_numpy(load_mask(mp)).flatten().long(), minlength=256)
-    counts[IGNORE_INDEX] = 0
-    cls = int(counts.argmax())
-    num_classes = int(torch.nonzero(counts).max()) + 1
-    out: dict = {"class": cls}
-    for split in splits:
-        if not (root / "images" / split).is_dir():
-            continue
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for _, mp in SegmentationFolder(root, split).samples:
-            m = torch.from_numpy(load_mask(mp)).long()
-            conf += confusion_matrix(torch.full_like(m, cls), m, num_classes)
-        met = segmentation_metrics(conf)
-        out[split] = {k: met[k] for k in ("mIoU", "mAcc", "pixel_acc")}
-    return out
 
 
 def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data: str | None = None,
@@ -517,31 +297,40 @@ def evaluate_run(path: str | Path, splits: Sequence[str] = ("val", "test"), data
     return results
 
 
+class Segmentation(TrainingTask):
+    """Segmentation for :func:`beit.engine.run`: the folder's train/val splits, the segmenter on the backbone
+    of ``init`` (or, resuming, the architecture the run saved); at the end its predictions and the best
+    checkpoint scored (:func:`evaluate_run`)."""
+
+    def build(self, cfg: SegmentConfig, env: DistEnv, out: Path, resume: bool) -> Training:
+        if not cfg.data.path:
+            raise ConfigError("give the dataset: --data DIR (with images/{train,val}/ and masks/{train,val}/)")
+        size = cfg.model.img_size
+        tr = SegmentationFolder(cfg.data.path, "train", SegTransform(size, True, cfg.data.crop_scale, cfg.data.hflip))
+        va = SegmentationFolder(cfg.data.path, "val", SegTransform(cfg.eval.image_size(cfg.model.img_hw), False))
+        num_classes = cfg.data.num_classes or tr.max_label() + 1
+        if num_classes < 1:
+            raise DataError(f"{cfg.data.path}: the training masks hold no label other than {IGNORE_INDEX} (ignore)")
+        saved = resumed_model_config(out, resume)
+        if saved is not None:
+            cfg = dataclasses.replace(cfg, model=saved)
+        task, cfg = build_task(cfg, num_classes, init=saved is None)
+        if env.is_main:
+            log.info("segmentation (%s head) on %d images, %d classes (val: %d), blocks %s; init: %s", cfg.head.kind,
+                     len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")
+        return Training(task, tr, cfg, val_dataset=va, desc="segment")
+
+    def outputs(self, training: Training, result: TrainResult) -> dict[str, Callable[[], Any]]:
+        out = Path(result.run_dir)
+        return {"predictions.png": partial(save_predictions, training.method, training.val_dataset,
+                                           out / "predictions.png"),
+                "curves.png": run_curves(out, "curves.png", ("loss", "pixel_acc", "val_mIoU", "val_pixel_acc", "lr"),
+                                         "segmentation"),
+                "eval.json (the best checkpoint scored)": partial(evaluate_run, out)}
+
+
 def run(cfg: SegmentConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
         resume_anyway: bool = False) -> TrainResult:
     """Train a segmenter as ``cfg`` says into run directory ``out``; then score its best checkpoint on the
     validation and (if the data has one) test split (:func:`evaluate_run`)."""
-    env = start_run(cfg.train)
-    if not cfg.data.path:
-        raise ConfigError("give the dataset: --data DIR (with images/{train,val}/ and masks/{train,val}/)")
-    size = cfg.model.img_size
-    tr = SegmentationFolder(cfg.data.path, "train", SegTransform(size, True, cfg.data.crop_scale, cfg.data.hflip))
-    va = SegmentationFolder(cfg.data.path, "val", SegTransform(cfg.eval.image_size(cfg.model.img_hw), False))
-    num_classes = cfg.data.num_classes or tr.max_label() + 1
-    if num_classes < 1:
-        raise DataError(f"{cfg.data.path}: the training masks hold no label other than {IGNORE_INDEX} (ignore)")
-    saved = resumed_model_config(out, resume)
-    if saved is not None:
-        cfg = dataclasses.replace(cfg, model=saved)
-    task, cfg = build_task(cfg, num_classes, init=saved is None)
-    if env.is_main:
-        log.info("segmentation (%s head) on %d images, %d classes (val: %d), blocks %s; init: %s", cfg.head.kind,
-                 len(tr), num_classes, len(va), task.out_indices, cfg.init or "none")
-    res = train(task, tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out, config_yaml=dump_yaml(cfg),
-                resume=resume, val_dataset=va, desc="segment", max_minutes=max_minutes, env=env,
-                resume_anyway=resume_anyway)
-    finish_run(env, {"predictions.png": partial(save_predictions, task, va, Path(out) / "predictions.png"),
-                     "curves.png": run_curves(out, "curves.png", ("loss", "pixel_acc", "val_mIoU", "val_pixel_acc",
-                                                                  "lr"), "segmentation"),
-                     "eval.json (the best checkpoint scored)": partial(evaluate_run, out)}, res)
-    return res
+    return engine.run(Segmentation(), cfg, out, resume=resume, max_minutes=max_minutes, resume_anyway=resume_anyway)

@@ -1,4 +1,5 @@
-"""Segmentation evaluation: metrics, whole-image and sliding-window inference, the confusion picture.
+"""Segmentation evaluation: metrics, whole-image and sliding-window inference, the pictures (confusion,
+predictions), the constant baseline.
 
 - :func:`confusion_matrix` / :func:`segmentation_metrics`: mIoU (mmseg's nan-mean over classes with
   union > 0), mAcc, pixel accuracy, per-class IoU, from one ``(C, C)`` count matrix.
@@ -9,28 +10,33 @@
   training input size at ``eval.stride`` (default 2/3 of the window: 341 for 512) over the resized image,
   the last window of a row/column flush with the border; logits of overlapping windows averaged.
   With window = image both modes are the same computation.
+- :func:`save_predictions`: image | ground truth | prediction rows (:func:`palette` colours);
+  :func:`constant_baseline`: the training set's most frequent class everywhere, the floor a segmenter must beat.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
 
 from ..config import ConfigError, ModelConfig, from_dict, image_hw, normalize_img_size, to_dict
+from ..data.segmentation import IGNORE_INDEX, SegmentationFolder, load_mask
 from ..loading import adapt_state_dict
 from ..models.vit import VisionTransformer
 
 # ``task`` below is a :class:`beit.tasks.segment.SegmentationTask` (not imported: that module imports this one)
 SegmentationTask = torch.nn.Module
 
-IGNORE_INDEX = 255
-
-__all__ = ["IGNORE_INDEX", "SegEvalConfig", "backbone_at", "confusion_matrix", "save_confusion", "score",
-           "segmentation_metrics", "slide_logits", "window_starts"]
+__all__ = ["SegEvalConfig", "backbone_at", "confusion_matrix", "constant_baseline", "palette", "save_confusion",
+           "save_predictions", "score", "segmentation_metrics", "slide_logits", "window_starts"]
 
 
 @dataclass
@@ -177,4 +183,82 @@ def save_confusion(conf: torch.Tensor, out: str | Path, names: list[str] | None 
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """``(256, 3)`` uint8 colours: the PASCAL VOC bit-interleaved palette; 255 (ignore) is white."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for c in range(256):
+        r = g = b = 0
+        lab = c
+        for j in range(8):
+            r |= ((lab >> 0) & 1) << (7 - j)
+            g |= ((lab >> 1) & 1) << (7 - j)
+            b |= ((lab >> 2) & 1) << (7 - j)
+            lab >>= 3
+        pal[c] = (r, g, b)
+    pal[IGNORE_INDEX] = 255  # ignore: white (class 0 is black)
+    return pal
+
+
+def _denorm(x: torch.Tensor) -> np.ndarray:
+    """A normalised ``(3, H, W)`` image -> ``(H, W, 3)`` uint8."""
+    from ..viz.images import unnormalize
+
+    return (unnormalize(x.cpu().float()[None])[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+@torch.no_grad()
+def save_predictions(task: SegmentationTask, dataset: Dataset, out: str | Path, n: int = 4,
+                     scale: int = 0) -> Path:
+    """PNG with one row per image: image | ground truth | prediction (palette colours, ignore = white)."""
+    was_training = task.training
+    task.eval()
+    device = next(task.parameters()).device
+    pal = palette(task.num_classes)
+    rows = []
+    for i in range(min(n, len(dataset))):  # type: ignore[arg-type]
+        item = dataset[i]
+        pred = task.predict(item["images"][None].to(device))[0].cpu().numpy()
+        gt = item["masks"].numpy()
+        rows.append(np.concatenate([_denorm(item["images"]), pal[gt.clip(0, 255)], pal[pred]], axis=1))
+    task.train(was_training)
+    grid = np.concatenate(rows, axis=0)
+    img = Image.fromarray(grid)
+    if not scale:
+        scale = max(1, math.ceil(256 / grid.shape[0]))  # tiny images: enlarge so the picture is readable
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    out = Path(out)
+    img.save(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+
+def constant_baseline(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict:
+    """Metrics (%) of predicting the training set's most frequent class everywhere, on every split of ``path``
+    that exists: the floor any segmenter must beat. ``{"class": c, split: {"mIoU", "mAcc", "pixel_acc"}}``."""
+    root = Path(path)
+    counts = torch.zeros(256, dtype=torch.long)
+    for _, mp in SegmentationFolder(root, "train").samples:
+        counts += torch.bincount(torch.from_numpy(load_mask(mp)).flatten().long(), minlength=256)
+    counts[IGNORE_INDEX] = 0
+    cls = int(counts.argmax())
+    num_classes = int(torch.nonzero(counts).max()) + 1
+    out: dict = {"class": cls}
+    for split in splits:
+        if not (root / "images" / split).is_dir():
+            continue
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for _, mp in SegmentationFolder(root, split).samples:
+            m = torch.from_numpy(load_mask(mp)).long()
+            conf += confusion_matrix(torch.full_like(m, cls), m, num_classes)
+        met = segmentation_metrics(conf)
+        out[split] = {k: met[k] for k in ("mIoU", "mAcc", "pixel_acc")}
     return out

@@ -4,10 +4,10 @@ DALL-E and BEiT v2 weights.
 The model itself (:class:`Tokenizer`: ``encode`` images in [0, 1] -> ids, ``decode`` ids -> images) lives in
 :mod:`beit.models.tokenizer`; this package holds what is done with it: :mod:`.base` (what every objective
 shares), :mod:`.gumbel`, :mod:`.vq` (one objective each), :mod:`.metrics` (PSNR, codebook use),
-:mod:`.train` (the run), :mod:`.evaluate` (a saved tokenizer on a folder), :mod:`.dalle`; the dataset is
+:mod:`.train` (the one entry of every objective's run), :mod:`.evaluate` (a saved tokenizer on a folder), :mod:`.dalle`; the dataset is
 :mod:`beit.data.tokenizer`. The semantic tokenizer of BEiT v2: :mod:`.vqkd` (objective, teacher),
-:mod:`.vqkd_train` (the run), :mod:`.beit2` (official checkpoints). A saved tokenizer is read back through
-the one way in for weights: :func:`beit.load` / :func:`beit.loading.load_tokenizer`.
+:mod:`.vqkd_train` (its config and run), :mod:`.beit2` (official checkpoints). A saved tokenizer is read back
+through the one way in for weights: :func:`beit.load` / :func:`beit.loading.load_tokenizer`.
 """
 
 from ..models.tokenizer import (
@@ -33,7 +33,7 @@ from .train import (
 )
 from .vq import VQObjective
 from .vqkd import Teacher, VQKDObjective, VQKDObjectiveConfig, evaluate_vqkd
-from .vqkd_train import VQKD_RUN_PRESETS, VQKDTrainConfig, build_vqkd_config, evaluate_vqkd_cmd, train_vqkd
+from .vqkd_train import VQKD_RUN_PRESETS, VQKDTrainConfig, build_vqkd_config, evaluate_vqkd_cmd
 
 __all__ = [
     "OBJECTIVES",
@@ -65,5 +65,4 @@ __all__ = [
     "reconstruction_grid",
     "save_tokenizer",
     "train_tokenizer",
-    "train_vqkd",
 ]

@@ -1,5 +1,6 @@
-"""What every tokenizer objective shares: the objective config, reconstruction losses and metrics, and
-:class:`TokenizerObjective`, the engine method they subclass (:mod:`.gumbel`, :mod:`.vq`).
+"""What every tokenizer objective shares: the objective config, reconstruction losses and metrics,
+:class:`TokenizerObjective`, the engine method they subclass (:mod:`.gumbel`, :mod:`.vq`, :mod:`.vqkd`), and
+:class:`TokenizerTraining`, the part of the lifecycle task every tokenizer run shares (:mod:`.train`).
 
 Reconstruction (DALL-E, arXiv 2102.12092, Sec. A.3): the logit-Laplace negative log-likelihood of the pixels
 mapped into ``[eps, 1 - eps]`` (:func:`beit.models.tokenizer.map_pixels`), or plain MSE (``objective.recon=mse``).
@@ -7,20 +8,25 @@ mapped into ``[eps, 1 - eps]`` (:func:`beit.models.tokenizer.map_pixels`), or pl
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..config import ConfigError, check_fields
+from ..engine import Training, TrainingTask, TrainResult
 from ..methods.base import Method
-from ..models.tokenizer import LOGIT_LAPLACE_EPS, Tokenizer, map_pixels
+from ..models.tokenizer import LOGIT_LAPLACE_EPS, Tokenizer, map_pixels, save_tokenizer
 from .metrics import batch_images, code_perplexity, evaluate_tokenizer, psnr
 
 __all__ = [
     "ObjectiveConfig",
     "TokenizerObjective",
+    "TokenizerTraining",
     "batch_images",
     "code_perplexity",
     "logit_laplace_nll",
@@ -123,3 +129,21 @@ class TokenizerObjective(Method):
     @torch.no_grad()
     def evaluate(self, loader) -> dict[str, float]:
         return evaluate_tokenizer(self.tokenizer, loader)
+
+
+class TokenizerTraining(TrainingTask):
+    """The lifecycle task of a tokenizer run (:func:`beit.engine.run`), the part every objective shares: its
+    images (``data``/``val``: folders or datasets, :func:`beit.data.tokenizer.resolve_data`) and its product,
+    the trained tokenizer saved as ``tokenizer.safetensors`` (``beit.load`` and ``--tokenizer`` read it) with,
+    given held-out images, ``eval.json``. ``build`` (the objective and its model) is each objective's."""
+
+    def __init__(self, data: str | Path | Dataset, val: str | Path | Dataset | None) -> None:
+        self.data, self.val = data, val
+
+    def save(self, training: Training, result: TrainResult) -> None:
+        run_dir, method = Path(result.run_dir), training.method
+        method.tokenizer.eval()
+        save_tokenizer(method.tokenizer, run_dir)
+        if training.val_dataset is not None:
+            ev = result.last_eval or method.evaluate(training.val_dataset)
+            (run_dir / "eval.json").write_text(json.dumps({"step": result.step, **ev}, indent=2) + "\n")

@@ -1,51 +1,42 @@
-"""Training a visual tokenizer: the run config, presets, data, and the run on the shared engine.
+"""Training a visual tokenizer, every objective through one entry: :func:`train_tokenizer` (``beit tokenizer
+train``, ``beit.train_tokenizer``) builds the run config of the objective (:func:`build_config`: ``gumbel``,
+``vq`` or ``vqkd``) and runs its lifecycle task on the shared engine (:func:`beit.engine.run`).
 
-The objectives are engine methods: :class:`beit.tokenizers.gumbel.GumbelObjective` (DALL-E dVAE,
+The pixel objectives are engine methods: :class:`beit.tokenizers.gumbel.GumbelObjective` (DALL-E dVAE,
 ``model.quantizer=gumbel``) and :class:`beit.tokenizers.vq.VQObjective` (VQ-VAE, ``model.quantizer=vq``),
-both subclasses of :class:`beit.tokenizers.base.TokenizerObjective`; :data:`OBJECTIVES` maps one to the other.
-
-Plain functions for the CLI: :func:`train_tokenizer`, :func:`build_config`, and
-:func:`beit.tokenizers.evaluate.evaluate_cmd`.
+both subclasses of :class:`beit.tokenizers.base.TokenizerObjective`; :data:`OBJECTIVES` maps one to the other,
+and :class:`PixelTokenizerTraining` is their run. VQ-KD (``vqkd``: a teacher's features, not pixels) has its
+config and run in :mod:`.vqkd_train`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from .. import recipes
-from ..config import ConfigError, OptimConfig, TrainConfig, check_fields, dump_yaml, resolve
-from ..data.tokenizer import build_dataset, image_transform
-from ..engine import finish_run, start_run, train
-from ..models.tokenizer import Tokenizer, TokenizerConfig, save_tokenizer
+from .. import engine, recipes
+from ..config import ConfigError, OptimConfig, TrainConfig, resolve
+from ..data.tokenizer import TokenizerDataConfig, build_dataset, resolve_data, training_datasets
+from ..engine import DistEnv, Training, TrainResult
+from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..viz.curves import run_curves
-from .base import ObjectiveConfig, TokenizerObjective
+from .base import ObjectiveConfig, TokenizerObjective, TokenizerTraining
 from .gumbel import GumbelObjective
-from .metrics import evaluate_tokenizer, reconstruction_grid
+from .metrics import reconstruction_grid
 from .vq import VQObjective
+from .vqkd_train import VQKD_RUN_PRESETS, VQKDTrainConfig, VQKDTraining, build_vqkd_config
 
 log = logging.getLogger("beit")
 
 
 # --------------------------------------------------------------------------------------------- configs
-
-
-@dataclass
-class TokenizerDataConfig:
-    path: str = ""  # a folder tree of images (labels, if any, are ignored)
-    val_path: str = ""  # optional held-out folder: evaluated (psnr, codebook usage) each epoch and at the end
-    limit: int = 0  # use only the first N images in sorted order (0: all)
-    val_limit: int = 0
-    hflip: bool = True
-
-    def __post_init__(self) -> None:
-        check_fields(self, "data", {"limit val_limit": "count"})
 
 
 @dataclass
@@ -62,14 +53,41 @@ class TokenizerTrainConfig:
 
 
 RUN_PRESETS: dict[str, dict] = recipes.TOKENIZER_RUNS  # the recipes live in beit.recipes (no torch)
+OBJECTIVE_NAMES = ("gumbel", "vq", "vqkd")  # --objective: the quantizer trained (vqkd: distilled from a teacher)
+
 
 def build_config(
     preset: str | None = "dvae_32",
     config: str | Path | None = None,
     overrides: list[str] | dict | None = None,
-) -> TokenizerTrainConfig:
-    """defaults <- run preset <- YAML file <- ``key=value`` overrides (e.g. ``model.vocab_size=1024``)."""
-    return resolve(TokenizerTrainConfig, RUN_PRESETS, preset, config, overrides)
+    *,
+    objective: str | None = None,
+    teacher: str | Path | None = None,
+) -> TokenizerTrainConfig | VQKDTrainConfig:
+    """The run config of ``objective`` (gumbel | vq | vqkd; None: the preset's): defaults <- run preset <- YAML
+    file <- ``key=value`` overrides (e.g. ``model.vocab_size=1024``). A VQ-KD preset (``vqkd_32``) or
+    ``objective="vqkd"`` gives a :class:`~beit.tokenizers.vqkd_train.VQKDTrainConfig`, whose ``vqkd.teacher`` is
+    ``teacher`` if given; gumbel/vq set ``model.quantizer``."""
+    if objective is not None and objective not in OBJECTIVE_NAMES:
+        raise ConfigError(f"unknown tokenizer objective {objective!r}: choose one of {', '.join(OBJECTIVE_NAMES)}")
+    if objective == "vqkd" or (objective is None and preset in VQKD_RUN_PRESETS):
+        if preset and preset not in VQKD_RUN_PRESETS:
+            raise ConfigError(f"preset {preset} is not a VQ-KD preset: give one of {', '.join(sorted(VQKD_RUN_PRESETS))}")
+        return with_teacher(build_vqkd_config(preset, config, overrides), teacher)
+    if objective is not None:
+        overrides = ([*(overrides or []), f"model.quantizer={objective}"] if not isinstance(overrides, dict)
+                     else {**overrides, "model.quantizer": objective})
+    return with_teacher(resolve(TokenizerTrainConfig, RUN_PRESETS, preset, config, overrides), teacher)
+
+
+def with_teacher(cfg, teacher: str | Path | None):
+    """``cfg`` distilling ``teacher`` (``vqkd.teacher``) if one is given; only a VQ-KD run takes one."""
+    if teacher is None:
+        return cfg
+    if not isinstance(cfg, VQKDTrainConfig):
+        raise ConfigError("a teacher is for the vqkd objective (--objective vqkd)")
+    cfg.vqkd.teacher = str(teacher)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -93,43 +111,30 @@ def _reconstructions(tok: Tokenizer, show: Dataset, path: Path) -> None:
     reconstruction_grid(tok, images.to(next(tok.parameters()).device), path)
 
 
-def resolve_data(cfg, data_dir: str | Path | Dataset | None, val_dir: str | Path | Dataset | None,
-                 steps: int | None) -> tuple[str | Path | Dataset, str | Path | Dataset | None]:
-    """The run's training and held-out images (every tokenizer objective's run): ``data_dir``/``val_dir``
-    (folders or datasets) over ``data.path``/``data.val_path``, ``steps`` over ``train.steps``; folder paths are
-    written back into ``cfg`` so that its ``config.yaml`` says what ran."""
-    if steps is not None:
-        cfg.train.steps = int(steps)
-    data: str | Path | Dataset = data_dir if data_dir is not None else cfg.data.path
-    if isinstance(data, (str, Path)):
-        if not str(data):
-            raise ConfigError("tokenizer training needs data: a folder of images (data.path / --data)")
-        cfg.data.path = str(data)
-    val: str | Path | Dataset | None = val_dir if val_dir is not None else (cfg.data.val_path or None)
-    if isinstance(val, (str, Path)):
-        cfg.data.val_path = str(val)
-    return data, val
+class PixelTokenizerTraining(TokenizerTraining):
+    """A dVAE / VQ-VAE tokenizer run for :func:`beit.engine.run`: the tokenizer of ``model``, its objective
+    (:data:`OBJECTIVES`), its reconstructions drawn at the end."""
 
+    def build(self, cfg: TokenizerTrainConfig, env: DistEnv, out: Path, resume: bool) -> Training:
+        mc = cfg.model
+        dataset, val_ds = training_datasets(cfg, self.data, self.val)
+        tok = Tokenizer(mc)
+        if env.is_main:
+            n_params = sum(p.numel() for p in tok.parameters())
+            log.info("training a %s tokenizer (%.2fM parameters, %dpx -> %dx%d tokens, vocab %d) on %d images",
+                     mc.quantizer, n_params / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size, len(dataset))  # type: ignore[arg-type]
+        return Training(build_objective(tok, cfg.objective), dataset, cfg, val_dataset=val_ds,
+                        desc=f"tokenizer {mc.quantizer}")
 
-def training_datasets(cfg, data, val) -> tuple[Dataset, Dataset | None]:
-    """The augmented training set and the plain held-out set at the tokenizer's input size."""
-    size = cfg.model.img_size
-    dataset = build_dataset(data, size, train=True, hflip=cfg.data.hflip, limit=cfg.data.limit)
-    val_ds = build_dataset(val, size, train=False, limit=cfg.data.val_limit) if val is not None else None
-    return dataset, val_ds
-
-
-def save_run(env, tok, res, val_ds: Dataset | None, evaluate) -> Path:
-    """Rank 0 writes the trained tokenizer and, with held-out data, ``eval.json`` (the last evaluation, or
-    ``evaluate(val_ds)``); returns the run folder."""
-    run_dir = Path(res.run_dir)
-    if env.is_main:
-        tok.eval()
-        save_tokenizer(tok, run_dir)
-        if val_ds is not None:
-            ev = res.last_eval or evaluate(val_ds)
-            (run_dir / "eval.json").write_text(json.dumps({"step": res.step, **ev}, indent=2) + "\n")
-    return run_dir
+    def outputs(self, training: Training, result: TrainResult) -> dict[str, Callable[[], Any]]:
+        cfg, run_dir = training.cfg, Path(result.run_dir)
+        show = training.val_dataset
+        if show is None:
+            show = build_dataset(self.data, cfg.model.img_size, train=False, limit=cfg.data.limit)
+        return {"reconstructions.png": partial(_reconstructions, training.method.tokenizer, show,
+                                               run_dir / "reconstructions.png"),
+                "loss.png": run_curves(run_dir, "loss.png", ("loss", "recon", "psnr", "perplexity"),
+                                       "tokenizer training")}
 
 
 def train_tokenizer(
@@ -139,54 +144,42 @@ def train_tokenizer(
     steps: int | None = None,
     overrides: list[str] | dict | None = None,
     *,
+    objective: str | None = None,
+    teacher: str | Path | None = None,
     config: str | Path | None = None,
     val_dir: str | Path | Dataset | None = None,
     resume: bool = False,
     max_minutes: float = 0.0,
-    cfg: TokenizerTrainConfig | None = None,
+    cfg: TokenizerTrainConfig | VQKDTrainConfig | None = None,
     resume_anyway: bool = False,
 ) -> Path:
-    """Train a tokenizer with the shared engine; returns the run directory.
+    """Train a tokenizer of any objective with the shared engine; returns the run directory. The one entry of
+    ``beit tokenizer train`` and ``beit.train_tokenizer``.
 
-    Writes ``RUN/tokenizer.safetensors`` (load with :func:`beit.loading.load_tokenizer`),
-    ``RUN/config.yaml``, ``RUN/metrics.jsonl``, ``RUN/reconstructions.png`` (originals above their
-    reconstructions), ``RUN/checkpoints/`` (resume) and, with validation data, ``RUN/eval.json``.
-    ``data_dir``/``val_dir`` override ``data.path``/``data.val_path``; ``steps`` overrides ``train.steps``.
+    ``cfg``, or the config :func:`build_config` makes of ``preset``/``config``/``overrides``/``objective``/
+    ``teacher``, says which objective: gumbel / vq (:class:`PixelTokenizerTraining`) or vqkd
+    (:class:`~beit.tokenizers.vqkd_train.VQKDTraining`, distilling ``vqkd.teacher``). Writes
+    ``RUN/tokenizer.safetensors`` (load with :func:`beit.loading.load_tokenizer`), ``RUN/config.yaml``,
+    ``RUN/metrics.jsonl``, ``RUN/loss.png``, ``RUN/checkpoints/`` (resume), for gumbel / vq
+    ``RUN/reconstructions.png`` (originals above their reconstructions) and, with validation data,
+    ``RUN/eval.json``. ``data_dir``/``val_dir`` override ``data.path``/``data.val_path``; ``steps`` overrides
+    ``train.steps``.
     """
-    if cfg is None:
-        cfg = build_config(preset, config, overrides)
+    cfg = build_config(preset, config, overrides, objective=objective) if cfg is None else cfg
+    cfg = with_teacher(cfg, teacher)
     data, val = resolve_data(cfg, data_dir, val_dir, steps)
-    env = start_run(cfg.train)
-    mc = cfg.model
-    dataset, val_ds = training_datasets(cfg, data, val)
-    tok = Tokenizer(mc)
-    method = build_objective(tok, cfg.objective)
-    if env.is_main:
-        n_params = sum(p.numel() for p in tok.parameters())
-        log.info("training a %s tokenizer (%.2fM parameters, %dpx -> %dx%d tokens, vocab %d) on %d images",
-                 mc.quantizer, n_params / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size, len(dataset))  # type: ignore[arg-type]
-    res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
-                config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc=f"tokenizer {mc.quantizer}",
-                max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
-    run_dir = save_run(env, tok, res, val_ds, partial(evaluate_tokenizer, tok))
-    show = val_ds if val_ds is not None else build_dataset(data, mc.img_size, train=False, limit=cfg.data.limit)
-    finish_run(env, {"reconstructions.png": partial(_reconstructions, tok, show, run_dir / "reconstructions.png"),
-                     "loss.png": run_curves(run_dir, "loss.png", ("loss", "recon", "psnr", "perplexity"),
-                                            "tokenizer training")}, res)
-    return run_dir
+    task = VQKDTraining(data, val) if isinstance(cfg, VQKDTrainConfig) else PixelTokenizerTraining(data, val)
+    res = engine.run(task, cfg, out_dir, resume=resume, max_minutes=max_minutes, resume_anyway=resume_anyway)
+    return Path(res.run_dir)
 
 
 __all__ = [
     "OBJECTIVES",
+    "OBJECTIVE_NAMES",
     "RUN_PRESETS",
-    "TokenizerDataConfig",
+    "PixelTokenizerTraining",
     "TokenizerTrainConfig",
     "build_config",
-    "build_dataset",
-    "resolve_data",
-    "save_run",
-    "training_datasets",
     "build_objective",
-    "image_transform",
     "train_tokenizer",
 ]

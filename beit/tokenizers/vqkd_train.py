@@ -1,4 +1,5 @@
-"""Training a VQ-KD tokenizer (``beit tokenizer train --objective vqkd --teacher PATH``) on the shared engine.
+"""Training a VQ-KD tokenizer (``beit tokenizer train --objective vqkd --teacher PATH``, through the one entry
+:func:`beit.tokenizers.train.train_tokenizer`) on the shared engine.
 
 The run config (:class:`VQKDTrainConfig`) has the sections of every tokenizer run (``model``, ``data``,
 ``optim``, ``train``) with a VQ-KD ``model`` (:class:`beit.models.vqkd.VQKDConfig`) and a ``vqkd`` section
@@ -11,23 +12,24 @@ teacher cosine).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Any
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .. import recipes
-from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml, replace, resolve
-from ..data.tokenizer import build_dataset
-from ..engine import finish_run, start_run, train
+from ..config import ConfigError, OptimConfig, TrainConfig, replace, resolve
+from ..data.tokenizer import TokenizerDataConfig, build_dataset, training_datasets
+from ..engine import DistEnv, Training, TrainResult
 from ..loading import load_tokenizer
 from ..models.vqkd import VQKDConfig, VQKDTokenizer
 from ..viz.curves import run_curves
-from .train import TokenizerDataConfig, resolve_data, save_run, training_datasets
+from .base import TokenizerTraining
 from .vqkd import Teacher, VQKDObjective, VQKDObjectiveConfig, evaluate_vqkd
 
-__all__ = ["VQKD_RUN_PRESETS", "VQKDTrainConfig", "build_vqkd_config", "evaluate_vqkd_cmd", "train_vqkd"]
+__all__ = ["VQKD_RUN_PRESETS", "VQKDTrainConfig", "VQKDTraining", "build_vqkd_config", "evaluate_vqkd_cmd"]
 
 log = logging.getLogger("beit")
 
@@ -57,49 +59,29 @@ def build_vqkd_config(preset: str | None = "vqkd_32", config: str | Path | None 
     return resolve(VQKDTrainConfig, VQKD_RUN_PRESETS, preset, config, overrides)
 
 
-def train_vqkd(
-    data_dir: str | Path | Dataset | None = None,
-    out_dir: str | Path = "runs/vqkd",
-    preset: str | None = "vqkd_32",
-    steps: int | None = None,
-    overrides: list[str] | dict | None = None,
-    *,
-    teacher: str | Path | None = None,
-    config: str | Path | None = None,
-    val_dir: str | Path | Dataset | None = None,
-    resume: bool = False,
-    max_minutes: float = 0.0,
-    cfg: VQKDTrainConfig | None = None,
-    resume_anyway: bool = False,
-) -> Path:
-    """Distil ``teacher`` (``vqkd.teacher``) into a VQ-KD tokenizer on the images of ``data_dir``; returns the run."""
-    if cfg is None:
-        cfg = build_vqkd_config(preset, config, overrides)
-    if teacher is not None:
-        cfg.vqkd.teacher = str(teacher)
-    data, val = resolve_data(cfg, data_dir, val_dir, steps)
-    env = start_run(cfg.train)
-    vq = cfg.vqkd
-    tch = Teacher.load(vq.teacher, vq.teacher_block, vq.teacher_precision, vq.teacher_mean, vq.teacher_std)
-    if cfg.model.target_dim == 0:  # the decoder reconstructs the teacher's feature width
-        cfg.model = replace(cfg.model, target_dim=tch.dim)
-    mc = cfg.model
-    dataset, val_ds = training_datasets(cfg, data, val)
-    tok = VQKDTokenizer(mc)
-    method = VQKDObjective(tok, tch, vq)
-    if env.is_main:
-        log.info("training a VQ-KD tokenizer (%.2fM parameters, %dpx -> %dx%d tokens, vocab %d x %d) from a "
-                 "%d-block teacher (block %d, %s, %dpx) on %d images",
-                 sum(p.numel() for p in tok.parameters()) / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size,
-                 mc.embed_dim, len(tch.model.blocks), tch.block, vq.teacher_precision,
-                 tch.model.patch_embed.img_hw[0], len(dataset))  # type: ignore[arg-type]
-    res = train(method, dataset, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out_dir,
-                config_yaml=dump_yaml(cfg), resume=resume, val_dataset=val_ds, desc="tokenizer vqkd",
-                max_minutes=max_minutes, env=env, resume_anyway=resume_anyway)
-    run_dir = save_run(env, tok, res, val_ds, partial(evaluate_vqkd, tok, tch))
-    finish_run(env, {"loss.png": run_curves(run_dir, "loss.png", ("loss", "rec", "teacher_cos", "perplexity"),
-                                            "VQ-KD tokenizer training")}, res)
-    return run_dir
+class VQKDTraining(TokenizerTraining):
+    """A VQ-KD tokenizer run for :func:`beit.engine.run` (through :func:`beit.tokenizers.train.train_tokenizer`):
+    the frozen teacher, the tokenizer sized to its features, the objective."""
+
+    def build(self, cfg: VQKDTrainConfig, env: DistEnv, out: Path, resume: bool) -> Training:
+        vq = cfg.vqkd
+        tch = Teacher.load(vq.teacher, vq.teacher_block, vq.teacher_precision, vq.teacher_mean, vq.teacher_std)
+        if cfg.model.target_dim == 0:  # the decoder reconstructs the teacher's feature width
+            cfg.model = replace(cfg.model, target_dim=tch.dim)
+        mc = cfg.model
+        dataset, val_ds = training_datasets(cfg, self.data, self.val)
+        tok = VQKDTokenizer(mc)
+        if env.is_main:
+            log.info("training a VQ-KD tokenizer (%.2fM parameters, %dpx -> %dx%d tokens, vocab %d x %d) from a "
+                     "%d-block teacher (block %d, %s, %dpx) on %d images",
+                     sum(p.numel() for p in tok.parameters()) / 1e6, mc.img_size, *mc.grid_size, mc.vocab_size,
+                     mc.embed_dim, len(tch.model.blocks), tch.block, vq.teacher_precision,
+                     tch.model.patch_embed.img_hw[0], len(dataset))  # type: ignore[arg-type]
+        return Training(VQKDObjective(tok, tch, vq), dataset, cfg, val_dataset=val_ds, desc="tokenizer vqkd")
+
+    def outputs(self, training: Training, result: TrainResult) -> dict[str, Callable[[], Any]]:
+        return {"loss.png": run_curves(result.run_dir, "loss.png", ("loss", "rec", "teacher_cos", "perplexity"),
+                                       "VQ-KD tokenizer training")}
 
 
 def evaluate_vqkd_cmd(tokenizer: str | Path, data_dir: str | Path, *, teacher: str | None = None, limit: int = 0,

@@ -49,7 +49,7 @@ def test_engine_auto_compiles_after_timing_the_first_steps(tmp_path, monkeypatch
         return compiling.CompileChoice(steps_left > 100, "stub")
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(engine, "decide", fake_decide)
+    monkeypatch.setattr(engine.loop, "decide", fake_decide)
     res = engine.train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=TrainConfig(steps=steps, batch_size=8,
                                                                                    num_workers=0),
                        optim_cfg=OptimConfig(), run_dir=tmp_path / "run")
@@ -67,7 +67,7 @@ def test_engine_explicit_setting_wins_without_asking(tmp_path, monkeypatch, sett
     is never consulted."""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or module)
-    monkeypatch.setattr(engine, "decide", lambda *a: pytest.fail(f"decide called with train.compile={setting}"))
+    monkeypatch.setattr(engine.loop, "decide", lambda *a: pytest.fail(f"decide called with train.compile={setting}"))
     engine.train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=TrainConfig(steps=10, batch_size=8, num_workers=0,
                                                                             compile=setting),
                  optim_cfg=OptimConfig(), run_dir=tmp_path / "run")
@@ -122,7 +122,7 @@ def test_engine_records_the_first_compiled_step_and_the_next_run_weighs_it(tmp_p
 
     def run(name, compile_, batch, decide_fn=None):
         if decide_fn is not None:
-            monkeypatch.setattr(engine, "decide", decide_fn)
+            monkeypatch.setattr(engine.loop, "decide", decide_fn)
         engine.train(ToyMethod(0.0, 0, 0), NoisyPoints(), train_cfg=TrainConfig(steps=8, batch_size=batch, num_workers=0,
                                                                                 compile=compile_),
                      optim_cfg=OptimConfig(), run_dir=tmp_path / name)

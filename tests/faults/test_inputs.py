@@ -253,14 +253,12 @@ def _pretrain_cfg(kv: list[str], method: str = "beit", preset: str | None = None
 def _builders():
     """Every command's config builder (key=value list -> config); pretraining once per method."""
     from beit.methods import registry
-    from beit.tokenizers.vqkd_train import build_vqkd_config
-
     out = {f"pretrain --method {m}": (lambda kv, m=m: _pretrain_cfg(kv, m)) for m in registry.methods()}
     out.update({"finetune": lambda kv: finetune.build_config(None, None, kv),
                 "segment": lambda kv: segment.build_config(None, None, kv),
                 "probe": lambda kv: probe.build_config(None, kv),
                 "tokenizer train": lambda kv: tok_train.build_config(None, None, kv),
-                "tokenizer train --objective vqkd": lambda kv: build_vqkd_config("vqkd_32", None, kv)})
+                "tokenizer train --objective vqkd": lambda kv: tok_train.build_config("vqkd_32", None, kv)})
     # with each preset too: model.img_size=[120,160] needs the patch size of a preset that fits it
     out.update({f"pretrain --preset {p}": (lambda kv, p=p: pretrain_task.build_config(p, None, kv))
                 for p in registry.presets()})
@@ -303,8 +301,7 @@ def capture_configs(monkeypatch):
 
     for task in (pretrain_task, finetune, segment, probe):
         monkeypatch.setattr(task, "run", stop)
-    monkeypatch.setattr(beit.tokenizers, "train_tokenizer", lambda data, out, preset=None, config=None,
-                        overrides=None, **k: stop(tok_train.build_config(preset, config, overrides)))
+    monkeypatch.setattr(beit.tokenizers, "train_tokenizer", lambda data, out, cfg=None, **k: stop(cfg))
 
 
 def test_every_command_line_in_the_docs_parses_its_overrides(capture_configs):
@@ -369,7 +366,7 @@ def test_decode_cache_off_as_written_in_the_readme(tmp_path, cli):
 def test_segmentation_folder_leaves_unreadable_images_out(tmp_path):
     """The segmentation folder follows the same rule: an unreadable image (with its mask) is left out, not
     replaced by the next image and mask; one that fails only when drawn gives None, never another sample."""
-    from beit.tasks.segment import SegmentationFolder
+    from beit.data.segmentation import SegmentationFolder
     from tests.tasks.test_segment import make_shapes_dataset
 
     root = make_shapes_dataset(tmp_path / "seg", n_train=4, n_val=2)

@@ -2,8 +2,8 @@
 ``sys.path`` (shared modules are imported as ``tests.helpers.*``, benchmarks as ``bench.*``).
 
 Where a test goes:
-  tests/<pkg>/    a test of beit/<pkg>/ (models, data, methods, tasks, tokenizers, viz, demo, cli)
-  tests/core/     a test of a top-level module beit/<module>.py (engine, checkpoint*, masking, precision, ...)
+  tests/<pkg>/    a test of beit/<pkg>/ (models, data, engine, methods, tasks, tokenizers, viz, demo, cli)
+  tests/core/     a test of a top-level module beit/<module>.py (checkpoint*, masking, precision, ...)
   tests/faults/   the fault catalogue: a user's mistakes driven through the CLI
   tests/docs/     README and docs/ checked against the code
   tests/meta/     the code base's structure (imports, function length, this layout)
@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.helpers.paths import ROOT
 
 TESTS = ROOT / "tests"
-FOLDERS = {"bench", "models", "data", "methods", "tasks", "tokenizers", "viz", "demo", "cli", "core", "faults", "docs",
+FOLDERS = {"bench", "models", "data", "engine", "methods", "tasks", "tokenizers", "viz", "demo", "cli", "core", "faults", "docs",
            "meta", "gpu", "helpers"}
 
 

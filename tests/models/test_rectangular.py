@@ -15,11 +15,12 @@ from PIL import Image
 
 from beit.checkpoint_io import save_weights
 from beit.config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from beit.data.segmentation import SegTransform
 from beit.interop import model_metadata
 from beit.loading import build_and_load, load_any
 from beit.models.positions import resize_pos_and_rel_tables, resize_pos_embed, resize_rel_table
 from beit.models.vit import VisionTransformer, gather_relative_bias, relative_position_index
-from beit.tasks.segment import SegHeadConfig, SegmentationTask, SegTransform
+from beit.tasks.segment import SegHeadConfig, SegmentationTask
 from tests.core.test_interop import hf_config, jitter, maxdiff
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, use_shared_rel_pos_bias=False,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +15,8 @@ from beit.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from beit.optim import build_optimizer, set_lr
 from beit.tasks import finetune
 from beit.tasks.augment import AugConfig, Mixup, build_eval_transform, build_train_transform, one_hot_smooth
-from beit.tasks.finetune import ClassificationTask, balanced_subset, topk_correct
+from beit.tasks.finetune import ClassificationTask
+from beit.tasks.metrics import topk_correct
 from tests.helpers.synthetic import COLOURS, make_colour_dataset
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -121,17 +121,6 @@ def test_layer_decay_gives_each_parameter_its_lr():
         assert wd_of[n] == 0.0, n
     for n in ("model.head.weight", "model.blocks.0.attn.qkv.weight", "model.patch_embed.proj.weight"):
         assert wd_of[n] == 0.05, n
-
-
-def test_balanced_subset_is_balanced_and_seeded():
-    targets = [0] * 10 + [1] * 7 + [2] * 3
-    a = balanced_subset(targets, labels_per_class=4, seed=3)
-    counts = np.bincount([targets[i] for i in a])
-    assert counts.tolist() == [4, 4, 3]
-    assert a == balanced_subset(targets, labels_per_class=4, seed=3)
-    assert a != balanced_subset(targets, labels_per_class=4, seed=4)
-    f = balanced_subset(targets, label_fraction=0.5, seed=0)
-    assert np.bincount([targets[i] for i in f]).tolist() == [5, 4, 2]
 
 
 def test_topk_correct_by_hand():

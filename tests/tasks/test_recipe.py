@@ -1,5 +1,6 @@
 """docs/architecture.md's recipe "add a downstream task", followed in this file alone: a toy task (is the
-image brighter than mid-grey?) with its config, presets, ``Method`` subclass and ``run``, and its command
+image brighter than mid-grey?) with its config, presets, ``Method`` subclass, ``TrainingTask`` and ``run``
+(one call of ``beit.engine.run``), and its command
 group, which trains through ``beit toy``, keeps a best checkpoint, draws its curves, starts a second run from
 the first one's backbone and loads through ``beit.load``. The one edit outside a task's own files, adding
 the command group to ``beit.cli.COMMAND_GROUPS``, is done here by passing ``groups=`` to ``main``.
@@ -21,12 +22,13 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 import beit
+from beit import engine
 from beit.cli import COMMAND_GROUPS, build_parser, main
 from beit.cli.common import add_train_flags
 from beit.cli.finetune import train_task
-from beit.config import ModelConfig, OptimConfig, TrainConfig, dump_yaml, replace, resolve
+from beit.config import ModelConfig, OptimConfig, TrainConfig, replace, resolve
 from beit.data.folder import ImageFolder
-from beit.engine import TrainResult, finish_run, start_run, train
+from beit.engine import DistEnv, Training, TrainingTask, TrainResult
 from beit.loading import adopt_architecture, build_backbone, resumed_model_config
 from beit.methods.base import Method
 from beit.models.presets import preset_dict
@@ -92,22 +94,25 @@ class BrightnessTask(Method):
         return {"acc": 100.0 * hit / max(n, 1)}
 
 
+class ToyTraining(TrainingTask):
+    def build(self, cfg: ToyTaskConfig, env: DistEnv, out: Path, resume: bool) -> Training:
+        size = cfg.model.img_size
+        tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+        tr = ImageFolder(Path(cfg.data.path) / "train", transform=tf, with_labels=True)
+        va = ImageFolder(Path(cfg.data.path) / "val", transform=tf, with_labels=True)
+        saved = resumed_model_config(out, resume)
+        mcfg = saved if saved is not None else adopt_architecture(cfg.model, cfg.init)
+        model = build_backbone(cfg.init if saved is None else "", replace(mcfg, num_classes=0, vocab_size=0))
+        cfg = dataclasses.replace(cfg, model=model.cfg)
+        return Training(BrightnessTask(model), tr, cfg, val_dataset=va, desc="toy")
+
+    def outputs(self, training: Training, result: TrainResult) -> dict:
+        return {"curves.png": run_curves(result.run_dir, "curves.png", ("loss", "val_acc"), "toy task")}
+
+
 def run(cfg: ToyTaskConfig, out: str | Path, *, resume: bool = False, max_minutes: float = 0.0,
         resume_anyway: bool = False) -> TrainResult:
-    env = start_run(cfg.train)
-    size = cfg.model.img_size
-    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
-    tr = ImageFolder(Path(cfg.data.path) / "train", transform=tf, with_labels=True)
-    va = ImageFolder(Path(cfg.data.path) / "val", transform=tf, with_labels=True)
-    saved = resumed_model_config(out, resume)
-    mcfg = saved if saved is not None else adopt_architecture(cfg.model, cfg.init)
-    model = build_backbone(cfg.init if saved is None else "", replace(mcfg, num_classes=0, vocab_size=0))
-    cfg = dataclasses.replace(cfg, model=model.cfg)
-    res = train(BrightnessTask(model), tr, train_cfg=cfg.train, optim_cfg=cfg.optim, run_dir=out,
-                config_yaml=dump_yaml(cfg), resume=resume, val_dataset=va, desc="toy", max_minutes=max_minutes,
-                env=env, resume_anyway=resume_anyway)
-    finish_run(env, {"curves.png": run_curves(out, "curves.png", ("loss", "val_acc"), "toy task")})
-    return res
+    return engine.run(ToyTraining(), cfg, out, resume=resume, max_minutes=max_minutes, resume_anyway=resume_anyway)
 
 
 # --------------------------------------------------------------------------------------------- beit/cli/toy.py

@@ -13,12 +13,12 @@ import yaml
 from PIL import Image
 
 from beit.config import ModelConfig
+from beit.data.segmentation import SegTransform
 from beit.models.vit import VisionTransformer
 from beit.tasks.heads import FeaturePyramid, PUPHead, UperNetHead
 from beit.tasks.segment import (
     SegHeadConfig,
     SegmentationTask,
-    SegTransform,
     confusion_matrix,
     default_out_indices,
     segmentation_metrics,
@@ -268,7 +268,8 @@ def test_segment_cli_scores_best_checkpoint_on_val_and_test(tmp_path):
 
 
 def test_constant_baseline_by_hand(tmp_path):
-    from beit.tasks.segment import constant_baseline, load_mask
+    from beit.data.segmentation import load_mask
+    from beit.tasks.segment_eval import constant_baseline
 
     data = make_shapes_dataset(tmp_path / "data", n_train=3, size=16, width=24, splits=("train", "val", "test"))
     res = constant_baseline(data)

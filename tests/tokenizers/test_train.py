@@ -176,3 +176,33 @@ def test_reconstruction_grid(tmp_path, synthetic_images):
     tok = Tokenizer(TINY)
     path = reconstruction_grid(tok, synthetic_images(3, size=16), tmp_path / "sub" / "g.png")
     assert Image.open(path).size == (2 + 3 * 18, 2 + 2 * 18)
+
+
+def test_one_entry_picks_the_objective_from_the_config(tmp_path, monkeypatch):
+    """``train_tokenizer`` (``beit tokenizer train``, ``beit.train_tokenizer``) is the one entry of every objective:
+    ``objective`` / a ``vqkd_*`` preset choose the run config and its lifecycle task; a teacher only fits VQ-KD."""
+    from beit import engine
+    from beit.tokenizers.train import PixelTokenizerTraining
+    from beit.tokenizers.vqkd_train import VQKDTrainConfig, VQKDTraining
+
+    assert build_config(None, None, None, objective="vq").model.quantizer == "vq"
+    assert build_config("dvae_32", None, {"train.steps": 3}, objective="vq").model.quantizer == "vq"
+    assert build_config("dvae_32").model.quantizer == "gumbel"
+    vqkd = build_config("vqkd_32", None, ["vqkd.teacher_block=1"], teacher="runs/mae")
+    assert isinstance(vqkd, VQKDTrainConfig) and (vqkd.vqkd.teacher, vqkd.vqkd.teacher_block) == ("runs/mae", 1)
+    assert isinstance(build_config(None, None, None, objective="vqkd"), VQKDTrainConfig)
+    with pytest.raises(ConfigError, match="not a VQ-KD preset"):
+        build_config("dvae_32", objective="vqkd")
+    with pytest.raises(ConfigError, match="teacher is for the vqkd objective"):
+        build_config("vq_32", teacher="runs/mae")
+    with pytest.raises(ConfigError, match="unknown tokenizer objective"):
+        build_config(objective="pixels")
+
+    ran = []  # which lifecycle task each config runs (the engine itself is tested elsewhere)
+    monkeypatch.setattr(engine, "run", lambda task, cfg, out, **k: ran.append((type(task), cfg)) or
+                        engine.TrainResult(run_dir=out, step=0, status="done"))
+    train_tokenizer(tmp_path / "images", tmp_path / "a", preset="vq_32")
+    train_tokenizer(tmp_path / "images", tmp_path / "b", preset="vqkd_32", teacher="runs/mae", steps=7)
+    assert [t for t, _ in ran] == [PixelTokenizerTraining, VQKDTraining]
+    assert ran[1][1].vqkd.teacher == "runs/mae" and ran[1][1].train.steps == 7
+    assert ran[1][1].data.path == str(tmp_path / "images")
