@@ -4,6 +4,9 @@ Every sentence that names a model, a method or a number is derived from the runs
 tokenizer's quantizer, vocabulary and patch size from its ``config.yaml``, the pretraining method and its
 masking from the pretraining run's config, the curves from the keys its ``metrics.jsonl`` holds.
 :mod:`.run` runs the stages; this module only reads their folders and results (:class:`.plan.FinishedDemo`).
+
+Why one file of ~510 lines: it is the one page a demo writes (its verdict, tables, pictures and commands,
+in the order the page shows them).
 """
 
 from __future__ import annotations

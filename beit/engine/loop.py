@@ -7,6 +7,9 @@ clipping, bf16/fp16 autocast, checkpoints (atomic, safetensors), exact resume, S
 DDP under ``torchrun``, a progress bar and ``metrics.jsonl``. It never knows which method it trains.
 
 The hooks it calls on the method, with their defaults, are the contract :class:`beit.methods.base.Method`.
+Why one file of ~520 lines: :class:`Trainer` is one object whose named steps share its state; the parts
+that stand alone (data order, distributed set-up, signals, metrics, the run folder, the lifecycle) are the
+package's other modules.
 
 :func:`train` reads as the algorithm; each named step is a method of :class:`Trainer`, around a
 :class:`RunState` (step, best value, status, last metrics)::
