@@ -38,6 +38,8 @@ from ..config import (
     resolve,
     to_dict,
 )
+from ..data import cache as decode_cache
+from ..data.folder import ImageFolder
 from ..data.labelled import LabelledDataset, labelled_splits
 from ..engine import DistEnv, Training, TrainingTask, TrainResult
 from ..loading import adopt_architecture, build_backbone, resumed_model_config
@@ -74,9 +76,15 @@ class FinetuneDataConfig:
     path: str = ""  # DIR with train/<class>/ and val/<class>/
     labels_per_class: int = 0  # keep N training images per class (balanced, seeded); 0: all
     label_fraction: float = 0.0  # or keep this fraction of each class (0: all)
+    # decode the train and val images once into OUT/decode_cache (uint8, memory-mapped; rebuilt when a file
+    # changes): auto = when they fit in 4 GB | on | off. Few labels mean many epochs: without it each step
+    # decoded its PNGs again (a third of a small fine-tuning step's data time)
+    decode_cache: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, "data", {"labels_per_class": "count", "label_fraction": "prob"})
+        if self.decode_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"data.decode_cache must be auto, on or off, got {self.decode_cache!r}")
 
 
 @dataclass
@@ -194,6 +202,9 @@ class Finetuning(TrainingTask):
         return Training(task, tr, cfg, val_dataset=va, desc="finetune")
 
     def claimed(self, training: Training, env: DistEnv, out: Path) -> None:
+        for split, ds in (("train", training.dataset), ("val", training.val_dataset)):
+            if isinstance(ds, ImageFolder):  # a folder (shards and Python datasets are read as they are)
+                decode_cache.attach(ds, out / "decode_cache" / split, training.cfg.data.decode_cache)
         if env.is_main:
             (out / "classes.txt").write_text("".join(c + "\n" for c in training.dataset.classes))
             RunDir(out).record_files("classes.txt")  # its SHA-256 in run.json, like every file a run writes

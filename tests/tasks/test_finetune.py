@@ -218,3 +218,26 @@ def test_finetune_from_runs_without_relative_bias(tmp_path, method):
     assert not model.cfg.use_rel_pos_bias and not model.cfg.use_shared_rel_pos_bias
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, beit.load(pre).blocks[0].attn.qkv.weight,
                                rtol=0.1, atol=0.05)  # two fine-tuning steps move it only a little
+
+
+def test_finetune_decodes_each_image_once_and_learns_the_same(tmp_path, capsys):
+    """``data.decode_cache`` (auto: on for small folders) decodes the train and val images once into the run;
+    the fine-tuning sees the same pixels, so its losses and evaluation equal those of a run without it."""
+    from beit.cli import main
+
+    data = make_colour_dataset(tmp_path / "data")
+    pre = make_pretraining_run(tmp_path / "pre", data)
+    runs = {}
+    for mode in ("on", "off"):
+        run = runs[mode] = tmp_path / f"ft_{mode}"
+        rc = main(["-q", "finetune", "--json", "--data", str(data), "--init", str(pre), "--out", str(run),
+                   "--labels-per-class", "4", "--steps", "4", "--batch-size", "6", "--workers", "0",
+                   "--device", "cpu", "model.img_size=16", "train.log_every=1", f"data.decode_cache={mode}"])
+        assert rc == 0
+        capsys.readouterr()
+    for split in ("train", "val"):
+        assert list((runs["on"] / "decode_cache" / split).glob("decoded-*.u8"))
+    assert not (runs["off"] / "decode_cache").exists()
+    rows = {m: [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines()] for m, r in runs.items()}
+    assert [r.get("loss") for r in rows["on"]] == [r.get("loss") for r in rows["off"]]
+    assert [r.get("val_top1") for r in rows["on"]] == [r.get("val_top1") for r in rows["off"]]
