@@ -227,7 +227,33 @@ class Codebook(nn.Module):
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
-class Tokenizer(nn.Module):
+class ImageTokenizer(nn.Module):
+    """What every tokenizer model shares (pixel: :class:`Tokenizer`; semantic: :class:`~beit.models.vqkd.VQKDTokenizer`):
+    a ``cfg`` with ``vocab_size``, ``img_size`` and a token grid, and the check of the images it is given."""
+
+    cfg: TokenGrid  # a TokenizerConfig or VQKDConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.cfg.grid_size
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        c, s = getattr(self.cfg, "in_chans", 3), self.cfg.img_size
+        if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"tokenizer expects a float tensor (B, {c}, {s}, {s}) in [0, 1], got {got}")
+        if x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(
+                f"tokenizer was built for (B, {c}, {s}, {s}) images, got {tuple(x.shape)}: resize/crop the "
+                f"images to {s}x{s} or use a tokenizer trained for that size"
+            )
+
+
+class Tokenizer(ImageTokenizer):
     """Images in [0, 1] <-> discrete token ids, for a dVAE (Gumbel) or VQ-VAE code.
 
     ``encode``: (B, C, H, W) float in [0, 1] -> (B, h, w) long ids; ``decode``: ids -> (B, C, H, W) in [0, 1].
@@ -240,25 +266,6 @@ class Tokenizer(nn.Module):
         self.encoder = Encoder(cfg.n_groups, cfg.n_hid, cfg.n_blk_per_group, cfg.in_chans, code_dim)
         self.decoder = Decoder(cfg.n_groups, cfg.n_init, cfg.n_hid, cfg.n_blk_per_group, cfg.in_chans, code_dim)
         self.codebook = Codebook(cfg.vocab_size, cfg.embed_dim) if cfg.quantizer == "vq" else None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.cfg.grid_size
-
-    def _check_images(self, x: torch.Tensor) -> None:
-        c, s = self.cfg.in_chans, self.cfg.img_size
-        if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point():
-            got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"tokenizer expects a float tensor (B, {c}, {s}, {s}) in [0, 1], got {got}")
-        if x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
-            raise ValueError(
-                f"tokenizer was built for (B, {c}, {s}, {s}) images, got {tuple(x.shape)}: resize/crop the "
-                f"images to {s}x{s} or use a tokenizer trained for that size"
-            )
 
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, vocab_size, h, w) code logits (VQ: negative squared distances)."""

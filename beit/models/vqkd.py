@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import recipes
 from ..config import ConfigError, ModelConfig, TokenGrid, check_fields, replace
+from .tokenizer import ImageTokenizer
 from .vit import VisionTransformer
 
 __all__ = ["VQKD_PRESETS", "VQKDConfig", "VQKDTokenizer", "get_vqkd_preset", "l2norm"]
@@ -111,7 +112,7 @@ def _task_layer(d_in: int, d_out: int) -> nn.Sequential:
     return layer
 
 
-class VQKDTokenizer(nn.Module):
+class VQKDTokenizer(ImageTokenizer):
     """Images in [0, 1] -> semantic token ids; codes -> teacher features (training only).
 
     ``codebook`` (vocab_size, embed_dim) is a buffer of unit rows, updated by EMA during training.
@@ -130,20 +131,6 @@ class VQKDTokenizer(nn.Module):
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.input_norm == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.cfg.grid_size
-
-    def _check_images(self, x: torch.Tensor) -> None:
-        s = self.cfg.img_size
-        if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point() or tuple(x.shape[1:]) != (3, s, s):
-            got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"VQ-KD tokenizer expects float images (B, 3, {s}, {s}) in [0, 1], got {got}")
 
     def encode_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, h, w, embed_dim) l2-normalised code-space vectors (with gradients)."""
