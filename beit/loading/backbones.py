@@ -21,7 +21,7 @@ from ..runs import RunDir
 from .checkpoints import BACKBONE_HINT, run_backbone_state
 from .foreign import load_any
 from .tokenizers import is_tokenizer_file
-from .weights import adapt_state_dict
+from .weights import fit_weights
 
 log = logging.getLogger("beit")
 
@@ -64,11 +64,7 @@ def init_from(path: str | Path, cfg: ModelConfig, which: str | None = None) -> V
     sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "head.", "mask_token"))
           and not (k.startswith("norm.") and cfg.use_mean_pooling and cfg.num_classes > 0)}
     model = VisionTransformer(cfg)
-    sd = adapt_state_dict(sd, model, grid)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model ({e.args[0].splitlines()[-1].strip()})") from None
+    missing, unexpected = fit_weights(model, sd, grid, f"the weights of {path}")
     body = [k for k in missing if k.startswith(("blocks.", "patch_embed."))]
     if body:
         raise CheckpointError(f"{path}: missing backbone weights {body[:4]} (a different architecture?)")

@@ -18,7 +18,7 @@ from ..models.vit import VisionTransformer, uses_fc_norm
 
 log = logging.getLogger("beit")
 
-__all__ = ["adapt_state_dict", "build_and_load", "without_head"]
+__all__ = ["adapt_state_dict", "build_and_load", "fit_weights", "without_head"]
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer,
@@ -45,6 +45,19 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
     return sd
 
 
+def fit_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], old_grid: tuple[int, int] | None,
+                what: str) -> tuple[list[str], list[str]]:
+    """Load ``state_dict`` (made for patch grid ``old_grid``) into ``model`` after :func:`adapt_state_dict`,
+    leniently: ``(missing, unexpected)`` keys for the caller to judge; a shape that cannot fit is a
+    :class:`CheckpointError` naming ``what`` was loaded."""
+    sd = adapt_state_dict(state_dict, model, old_grid)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what} do not fit the model ({e.args[0].splitlines()[-1].strip()})") from None
+    return list(missing), list(unexpected)
+
+
 def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict: bool = True,
                    old_grid: tuple[int, int] | None = None) -> VisionTransformer:
     """``VisionTransformer(cfg)`` with ``state_dict`` (made for patch grid ``old_grid``, square by default)
@@ -52,11 +65,7 @@ def build_and_load(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], strict
 
     ``strict``: every weight must be used and every parameter provided; otherwise mismatches are logged."""
     model = VisionTransformer(cfg)
-    sd = adapt_state_dict(state_dict, model, old_grid)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit the model: {e}") from None
+    missing, unexpected = fit_weights(model, state_dict, old_grid, "weights")
     if missing or unexpected:
         msg = f"missing: {sorted(missing)}; unexpected: {sorted(unexpected)}"
         if strict:

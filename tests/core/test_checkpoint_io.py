@@ -18,6 +18,7 @@ from beit.checkpoint_io import (
     read_torch_file,
     save_weights,
 )
+from tests.helpers.checkpoints import as_written_before_manifests
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
@@ -110,29 +111,12 @@ def test_manifest_catches_corruption_that_stays_finite(tmp_path):
         read_checkpoint(ck)
 
 
-def _as_written_before_manifests(ck: Path) -> None:
-    """Turn a checkpoint into one of a version before manifests: no manifest, no ``format`` in state.json, no
-    SHA-256 in the safetensors headers."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from beit.checkpoint import MANIFEST
-
-    (ck / MANIFEST).unlink()
-    for name in ("model.safetensors", "state.safetensors"):
-        save_file(load_file(ck / name), ck / name)
-    state = json.loads((ck / "state.json").read_text())
-    del state["format"]
-    (ck / "state.json").write_text(json.dumps(state))
-
-
 def test_checkpoint_without_manifest_is_checked_by_parsing(tmp_path, caplog):
     from beit.checkpoint import checkpoint_problem
     from beit.loading import read_checkpoint
 
     ck = _checkpoint(tmp_path)
-    _as_written_before_manifests(ck)
+    as_written_before_manifests(ck)
     assert checkpoint_problem(ck) is None
     assert torch.equal(read_checkpoint(ck)[0]["w"], torch.linspace(-1, 1, 4096))
     assert sum("predates manifests" in r.getMessage() for r in caplog.records) == 1  # said once

@@ -31,6 +31,7 @@ from beit.checkpoint import (
 from beit.checkpoint_io import NonFiniteError, save_weights, write_safetensors
 from tests.faults import test_catalogue as test_faults
 from tests.faults.test_catalogue import assert_user_error, damage, pretrain, rows, step_dir
+from tests.helpers.checkpoints import as_written_before_manifests
 from tests.helpers.synthetic import make_colour_dataset
 
 ENC = "encoder.blocks.1.mlp.fc2.weight"  # a weight of the tiny MAE's backbone
@@ -226,12 +227,7 @@ def test_checkpoint_older_than_manifests_loads_with_one_warning(run, caplog):
     """Written before manifests (no manifest, no ``format`` in state.json, no SHA-256 in the weights):
     loaded, with one warning; NaN in such a checkpoint is still refused."""
     ck = step_dir(run, 4)
-    (ck / MANIFEST).unlink()
-    for name in ("model.safetensors", "state.safetensors"):
-        save_file(load_file(ck / name), ck / name)
-    state = json.loads((ck / "state.json").read_text())
-    del state["format"]
-    (ck / "state.json").write_text(json.dumps(state))
+    as_written_before_manifests(ck)
     want = load_file(ck / "model.safetensors")[ENC]
     assert torch.equal(beit.load(ck).state_dict()["blocks.1.mlp.fc2.weight"], want)
     beit.load(ck)
