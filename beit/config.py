@@ -200,6 +200,9 @@ class TrainConfig:
     # torch.compile: true | false | auto (compile when the rest of the run wins the compile time back,
     # decided after the first steps: beit/compiling.py); a failing compile falls back to eager
     compile: bool | str = "auto"
+    # with --max-minutes: after the first steady steps, shorten the run to the steps that fit its minutes, so
+    # that warmup and decay complete instead of being cut by the clock (beit/engine/timefit.py)
+    fit_to_time: bool = False
     # experiment trackers that also get the run (beit/tracking.py): any of TRACKERS; metrics.jsonl is always written
     log: list[str] = field(default_factory=list)
     tensorboard: bool = False  # the former switch: the same as "tensorboard" in ``log``

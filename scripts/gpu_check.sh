@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of beit: CUDA tests, pretraining (BEiT/MAE/iBOT, bf16 and fp16), fine-tuning, segmentation,
-# torchrun (nccl), resume after SIGKILL and the step benchmark against HF, in one run (< 8 min on one H100).
+# torchrun (nccl), resume after SIGKILL and the step benchmark against HF, in one run (no new step after
+# 360 s: CUDA tests and the benchmarks first, then the commands; --budget-s S to change it).
 #
 #   scripts/gpu_check.sh RESULTS.json            # on a CUDA machine, from the repository root
 #   scripts/gpu_check.sh RESULTS.json --dry-run  # the same steps on CPU; CUDA-only steps skipped

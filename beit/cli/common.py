@@ -55,7 +55,9 @@ def add_train_flags(p: argparse.ArgumentParser, presets: list[str] | None = None
     g.add_argument("--resume-anyway", action="store_true",
                    help="with --resume: accept changes to what is trained (each is logged) instead of refusing")
     g.add_argument("--max-minutes", type=float, default=0.0,
-                   help="stop (with a checkpoint) after this many minutes of training; 0 = no limit")
+                   help="stop (with a checkpoint) after this many minutes of training; 0 = no limit; with "
+                        "train.fit_to_time=true the run is first shortened to the steps that fit, so its "
+                        "schedule completes")
     g.add_argument("--log", action="append", choices=TRACKERS, metavar="TRACKER",
                    help="also log to an experiment tracker (repeatable): tensorboard (RUN/tensorboard), wandb (offline "
                         "in RUN/wandb unless WANDB_MODE is set), mlflow (file store RUN/mlruns unless "

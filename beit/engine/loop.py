@@ -50,6 +50,7 @@ from ..optim import build_optimizer, lr_at, set_lr
 from ..precision import for_run as precision_for_run
 from ..precision import rank0_value
 from ..runs import RunDir
+from . import timefit
 from .batches import (
     SeededDataset,
     StepBatchSampler,
@@ -136,6 +137,9 @@ class Trainer:
         self.step_times: list[float] = []
         self.compile_key: str | None = None  # set while the first compiled step's time is still to be recorded
         self.eager_step_s = 0.0  # median eager step (train.compile=auto), subtracted from that first step
+        # train.fit_to_time with --max-minutes: steady step times until the run's length is fitted (timefit)
+        self.fit_times: list[float] | None = [] if train_cfg.fit_to_time and max_minutes > 0 else None
+        self.fit_last = 0.0  # when the last loop iteration ended
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
         self.metrics: MetricsWriter | None = None
@@ -193,6 +197,9 @@ class Trainer:
         self.state.step = self.state.start_step = int(state["step"])
         self.state.best_value = state.get("best_value")
         self.state.best_eval = state.get("best_eval") or {}  # the summary of a resumed run still names its best
+        fitted = int(state.get("total_steps") or 0)
+        if self.fit_times is not None and 0 < fitted < self.state.total_steps:  # keeps its fitted length
+            self.state.total_steps, self.fit_times = fitted, None
         if self.env.is_main:
             log.info("resumed from %s at step %d", existing, self.state.step)
         if self.state.finished:
@@ -236,12 +243,44 @@ class Trainer:
         step_s = rank0_value(later[len(later) // 2], self.env.device)
         self.eager_step_s = step_s
         cached = compiling.cached_compile_seconds(compiling.compile_key(self.eager, self.cfg.precision, self._micro_batch()))
-        choice = decide(self.env.device.type, step_s, self.state.total_steps - self.state.step,
+        steps_left = self.state.total_steps - self.state.step
+        if self.max_minutes > 0:  # a time-limited run has only the steps its minutes allow
+            steps_left = min(steps_left, int(self.seconds_left() / max(step_s, 1e-9)))
+        choice = decide(self.env.device.type, step_s, steps_left,
                         **({} if cached is None else {"compile_seconds": cached}))
         if choice.compile and not self.state.finished:
             self.compile_now(choice.reason)
         elif self.env.is_main:
             log.info("torch.compile: %s", choice.reason)
+
+    def seconds_left(self) -> float:
+        return self.max_minutes * 60.0 - (time.perf_counter() - self.state.t_start)
+
+    def fit_to_time(self) -> None:
+        """``train.fit_to_time``, at the end of each loop iteration: once the steady pace (whole iterations:
+        step, logging, saves) is known, shorten the run to the steps its minutes allow, so that its schedule
+        completes (:mod:`beit.engine.timefit`); rank 0's length for every process."""
+        st, times, now = self.state, self.fit_times, time.perf_counter()
+        last, self.fit_last = self.fit_last, now
+        if times is None or (self.cfg.compile == "auto" and not self.compile_decided) or st.finished:
+            return
+        if st.step <= st.start_step + 1 or (self.model is not self.eager and st.step <= self.compiled_at + 1):
+            return  # the first iteration holds the start-up, the first compiled one the compile time
+        times.append(now - last)
+        if not timefit.ready(times):
+            return
+        self.fit_times = None
+        elapsed = self.max_minutes * 60.0 - self.seconds_left()
+        total = int(rank0_value(timefit.fitted_total(st.step, st.total_steps, times, elapsed, self.max_minutes),
+                                self.env.device))
+        if total < st.total_steps and self.env.is_main:
+            log.info("run fitted to --max-minutes %g: %d steps instead of %d (%.3f s per step)", self.max_minutes,
+                     total, st.total_steps, sum(times) / len(times))
+            self.metrics.write({"step": st.step, "fitted_total_steps": total, "pace_s": sum(times) / len(times)})
+            if self.bar is not None:
+                self.bar.total = total
+                self.bar.refresh()
+        st.total_steps = min(st.total_steps, total)
 
     def _micro_batch(self) -> int:
         return self.cfg.batch_size // self.env.world_size // self.cfg.accum_steps
@@ -515,6 +554,7 @@ def train(
                     if run.env.is_main:
                         log.warning("stopped at step %d (%s); resume with --resume", st.step, st.status)
                     break
+                run.fit_to_time()
         except BaseException:
             if run.trackers is not None:
                 run.trackers.close(failed=True)

@@ -115,9 +115,24 @@ class TokenizerObjective(Method):
         self.cfg = cfg
         # (step, total_steps) of the schedules: a buffer, so a resumed run continues them exactly
         self.register_buffer("schedule", torch.zeros(2, dtype=torch.long))
+        # codebook updates (EMA, dead-code restarts) queued by forward and applied after the optimiser step:
+        # an update inside forward would change a buffer that a compiled graph saved for its backward
+        # (torch.compile's partitioner may keep the codebook and recompute the looked-up codes from it)
+        self._pending: list[tuple[torch.Tensor, ...]] = []
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.schedule.copy_(torch.tensor([step, total_steps]))
+        pending, self._pending = self._pending, []
+        for args in pending:  # one per micro-batch, in order
+            self.update_codebook(*args)
+
+    def defer_codebook_update(self, *args: torch.Tensor) -> None:
+        """Queue ``update_codebook(*args)`` for the end of this optimiser step (training mode only)."""
+        if self.training:
+            self._pending.append(args)
+
+    def update_codebook(self, *args: torch.Tensor) -> None:
+        """The objective's codebook update from one micro-batch (objectives without a codebook have none)."""
 
     def progress(self, fraction: float) -> float:
         """Share (0..1) of a schedule that runs over ``fraction`` of the run, at the current step."""

@@ -54,7 +54,7 @@ class VQObjective(TokenizerObjective):
         return out
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, ids: torch.Tensor) -> None:
+    def update_codebook(self, flat: torch.Tensor, ids: torch.Tensor) -> None:
         embed = self.tokenizer.codebook.embed  # type: ignore[union-attr]
         k = embed.shape[0]
         if not bool(self.initialized):
@@ -93,7 +93,7 @@ class VQObjective(TokenizerObjective):
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
         if self.training and not bool(self.initialized):
-            self._ema_update(flat.detach(), torch.zeros(0, dtype=torch.long, device=z.device))
+            self.update_codebook(flat.detach(), torch.zeros(0, dtype=torch.long, device=z.device))
         ids = tok.codebook.neg_distances(flat.detach()).argmax(1)  # type: ignore[union-attr]  # (B*h*w,)
         z_q = tok.codebook.embed[ids].reshape(b, h, w, d).permute(0, 3, 1, 2)  # type: ignore[union-attr]
         commit = F.mse_loss(z, z_q.detach())
@@ -101,8 +101,7 @@ class VQObjective(TokenizerObjective):
         stats = tok.decoder(z_st)  # (B, 2C, H, W)
         recon = recon_loss(stats, x, self.cfg)
         loss = recon + self.cfg.commitment * commit
-        if self.training:
-            self._ema_update(flat.detach(), ids)
+        self.defer_codebook_update(flat.detach(), ids)  # applied after the optimiser step
         with torch.no_grad():
             metrics = {
                 "recon": float(recon),

@@ -182,7 +182,7 @@ class VQKDObjective(TokenizerObjective):
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _update_codebook(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+    def update_codebook(self, z: torch.Tensor, ids: torch.Tensor) -> None:
         cb = self.tokenizer.codebook
         ema_codebook_update(cb, self.cluster_size, z, ids, self.cfg.ema_decay)
         dead = self.cluster_size < self.cfg.dead_code_threshold  # (K,) bool
@@ -212,8 +212,7 @@ class VQKDObjective(TokenizerObjective):
         pred = tok.decode_features(z_st)  # (B, N, C)
         rec = cosine_loss(pred, target)
         loss = rec + self.cfg.commitment * commit
-        if self.training:
-            self._update_codebook(flat.detach(), ids)
+        self.defer_codebook_update(flat.detach(), ids)  # applied after the optimiser step
         with torch.no_grad():
             metrics = {"rec": float(rec), "commit": float(commit), "teacher_cos": 1.0 - float(rec),
                        "perplexity": code_perplexity(ids, tok.vocab_size),

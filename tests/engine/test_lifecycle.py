@@ -177,3 +177,35 @@ def test_build_errors_leave_the_folder_unclaimed(tmp_path):
     with pytest.raises(ConfigError):
         run(Broken(), ToyConfig(), tmp_path / "never")
     assert not (tmp_path / "never").exists()  # nothing is written before the task is built
+
+
+def test_a_run_fitted_to_its_minutes_completes_its_schedule_and_resumes_at_that_length(tmp_path):
+    """``train.fit_to_time`` with ``--max-minutes``: 100,000 steps asked, 6 seconds given; after 20 timed steps
+    the run is shortened to what fits, so its learning rate decays to the end instead of being cut at the peak;
+    a resumed run keeps the fitted length."""
+    def cfg(**kw):
+        return ToyConfig(train=TrainConfig(steps=100_000, batch_size=4, num_workers=0, device="cpu", precision="fp32",
+                                           log_every=1, ckpt_every=10**9, eval_every=10**9, compile=False,
+                                           fit_to_time=True, **kw))
+
+    res = run(ToyTask(), cfg(), tmp_path / "fitted", max_minutes=0.1)
+    rows = [json.loads(ln) for ln in (tmp_path / "fitted" / "metrics.jsonl").read_text().splitlines()]
+    fit = [r for r in rows if "fitted_total_steps" in r]
+    assert len(fit) == 1 and fit[0]["step"] == 21  # the first iteration (start-up) is not timed, then 20 are
+    total = fit[0]["fitted_total_steps"]
+    assert 21 < total < 100_000
+    assert res.status == "done" or res.step >= 0.9 * total  # the clock may still win by a hair on a busy machine
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    if res.status == "done":
+        assert res.step == total and lrs[-1] == pytest.approx(cfg().optim.min_lr, rel=0.01)  # the cosine ended
+
+    stopped = run(ToyTask(stop_at=30), cfg(), tmp_path / "again", max_minutes=0.1)
+    assert stopped.status == "interrupted" and take_stop_signal() == signal.SIGTERM
+    again = [json.loads(ln) for ln in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    kept = next(r["fitted_total_steps"] for r in again if "fitted_total_steps" in r)
+    resumed = run(ToyTask(), cfg(), tmp_path / "again", resume=True, max_minutes=10)
+    assert (resumed.status, resumed.step) == ("done", kept)  # not refitted to its 10 minutes, nor back to 100,000
+
+    unfitted = run(ToyTask(stop_at=0), ToyConfig(train=TrainConfig(steps=40, batch_size=4, num_workers=0, device="cpu",
+                   precision="fp32", compile=False, fit_to_time=True)), tmp_path / "no_clock")
+    assert unfitted.step == 40  # without --max-minutes there is nothing to fit to

@@ -106,16 +106,16 @@ def test_vq_ema_and_dead_code_restart():
     tok = Tokenizer(replace(TINY, quantizer="vq", embed_dim=4, vocab_size=8))
     m = VQObjective(tok, ObjectiveConfig(ema_decay=0.5, dead_code_threshold=0.5))
     flat = torch.randn(64, 4)
-    m._ema_update(flat, torch.zeros(0, dtype=torch.long))  # first call: codebook from data
+    m.update_codebook(flat, torch.zeros(0, dtype=torch.long))  # first call: codebook from data
     assert bool(m.initialized)
     assert all(any(torch.equal(e, f) for f in flat) for e in tok.codebook.embed)
     # all vectors go to code 0: it moves to their mean, the unused codes decay and get restarted
     ids = torch.zeros(64, dtype=torch.long)
-    m._ema_update(flat, ids)  # unused codes have no EMA mass yet: restarted at once, count 1
+    m.update_codebook(flat, ids)  # unused codes have no EMA mass yet: restarted at once, count 1
     assert m.cluster_size[0] == 32 and (m.cluster_size[1:] == 1.0).all()
-    m._ema_update(flat, ids)  # unused counts 1 -> 0.5: not below the threshold
+    m.update_codebook(flat, ids)  # unused counts 1 -> 0.5: not below the threshold
     assert (m.cluster_size[1:] == 0.5).all()
-    m._ema_update(flat, ids)  # 0.5 -> 0.25 < 0.5: restarted again
+    m.update_codebook(flat, ids)  # 0.5 -> 0.25 < 0.5: restarted again
     assert m.cluster_size[0] > 50
     assert torch.allclose(tok.codebook.embed[0], flat.mean(0), atol=0.2)
     restarted = (m.cluster_size == 1.0).nonzero().flatten().tolist()
