@@ -270,9 +270,8 @@ class Trainer:
         if not timefit.ready(times):
             return
         self.fit_times = None
-        elapsed = self.max_minutes * 60.0 - self.seconds_left()
-        total = int(rank0_value(timefit.fitted_total(st.step, st.total_steps, times, elapsed, self.max_minutes),
-                                self.env.device))
+        fitted = timefit.fitted_total(st.step, st.total_steps, times, now - st.t_start, self.max_minutes)
+        total = int(rank0_value(fitted, self.env.device))
         if total < st.total_steps and self.env.is_main:
             log.info("run fitted to --max-minutes %g: %d steps instead of %d (%.3f s per step)", self.max_minutes,
                      total, st.total_steps, sum(times) / len(times))
