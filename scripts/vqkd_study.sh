@@ -46,7 +46,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUNS"
 if [ "$SMOKE" = 1 ]; then  # a synthetic CIFAR-shaped folder: 10 classes x 6 train / 3 test images, 32 px
   CIFAR="$RUNS/smoke_data"; LPC=4; SCALE=0.0004; BUDGET=${BUDGET_SMOKE:-30}; EXTRA="$EXTRA --batch-size 4"
-  python3 - "$CIFAR" <<'EOF'
+  "$PY" - "$CIFAR" <<'EOF' || { echo "could not write the smoke data with $PY (numpy, PIL)"; exit 1; }
 import sys, numpy as np
 from pathlib import Path
 from PIL import Image
