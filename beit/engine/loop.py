@@ -254,6 +254,7 @@ class Trainer:
             log.info("torch.compile: %s", choice.reason)
 
     def seconds_left(self) -> float:
+        """Of ``--max-minutes``, counted from this process's start."""
         return self.max_minutes * 60.0 - (time.perf_counter() - self.state.t_start)
 
     def fit_to_time(self) -> None:
@@ -270,8 +271,8 @@ class Trainer:
         if not timefit.ready(times):
             return
         self.fit_times = None
-        fitted = timefit.fitted_total(st.step, st.total_steps, times, now - st.t_start, self.max_minutes)
-        total = int(rank0_value(fitted, self.env.device))
+        total = int(rank0_value(timefit.fitted_total(st.step, st.total_steps, times, self.seconds_left()),
+                                self.env.device))
         if total < st.total_steps and self.env.is_main:
             log.info("run fitted to --max-minutes %g: %d steps instead of %d (%.3f s per step)", self.max_minutes,
                      total, st.total_steps, sum(times) / len(times))
@@ -459,7 +460,7 @@ class Trainer:
 
     def should_stop(self, stop: StopFlag) -> bool:
         """A signal or the time limit, agreed by every process; sets the run's status."""
-        out_of_time = self.max_minutes > 0 and (time.perf_counter() - self.state.t_start) / 60 >= self.max_minutes
+        out_of_time = self.max_minutes > 0 and self.seconds_left() <= 0
         stop_now = stop.signal is not None or out_of_time
         if self.env.enabled:
             flag = torch.tensor([1.0 if stop_now else 0.0], device=self.env.device)

@@ -18,15 +18,13 @@ PACE_STEPS = 20  # steady steps timed before the fit
 MARGIN = 0.05  # share of the minutes left kept for what is not an optimiser step (probes, evals, saves)
 
 
-def fitted_total(step: int, total: int, step_times: list[float], elapsed_s: float, max_minutes: float,
-                 margin: float = MARGIN) -> int:
-    """The run's new length: ``step`` plus the steps of the mean timed pace that fit ``max_minutes`` less
-    ``elapsed_s`` less ``margin`` of it, at most ``total`` and at least ``step + 1``."""
-    if not step_times or max_minutes <= 0:
+def fitted_total(step: int, total: int, step_times: list[float], left_s: float, margin: float = MARGIN) -> int:
+    """The run's new length: ``step`` plus the steps of the mean timed pace that fit ``left_s`` seconds less
+    ``margin`` of them, at most ``total`` and at least ``step + 1``."""
+    if not step_times:
         return total
     pace = sum(step_times) / len(step_times)
-    left_s = max(0.0, max_minutes * 60.0 - elapsed_s) * (1.0 - margin)
-    return max(step + 1, min(total, step + math.floor(left_s / max(pace, 1e-9))))
+    return max(step + 1, min(total, step + math.floor(max(0.0, left_s) * (1.0 - margin) / max(pace, 1e-9))))
 
 
 def ready(step_times: list[float]) -> bool:
