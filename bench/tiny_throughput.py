@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain_step import hf_model, matmul_peak, timed  # noqa: E402 - the peer BEiT, the ceiling, the clock
 
 from beit import machine  # noqa: E402
-from beit.demo.plan import DEMO_ARCH, make_plan  # noqa: E402
+from beit.demo.plan import DEMO_ARCH, DEMO_PRETRAIN, make_plan  # noqa: E402
 from beit.engine import autocast_context  # noqa: E402
 from beit.masking import MaskGenerator  # noqa: E402
 from beit.methods.base import hooks  # noqa: E402
@@ -63,7 +63,7 @@ from beit.tasks.pretrain import build_config  # noqa: E402
 DEMO_MINUTES = 10.0  # ``beit demo``'s default --minutes: its plan's batch
 # name -> (preset, overrides, batch: None = the preset's)
 MODELS: dict[str, tuple[str, list[str], int | None]] = {
-    "demo_mae": ("mae_tiny_patch4_32", list(DEMO_ARCH), make_plan(DEMO_MINUTES).batch),
+    "demo_mae": ("mae_tiny_patch4_32", [*DEMO_ARCH, *DEMO_PRETRAIN["mae"]], make_plan(DEMO_MINUTES).batch),
     "mae_tiny": ("mae_tiny_patch4_32", [], None),
     "beit_tiny": ("beit_tiny_patch4_32", [], None),
 }

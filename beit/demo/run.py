@@ -48,6 +48,7 @@ from .plan import (
     CALIBRATION_STEPS,
     DEFAULT_METHOD,
     DEMO_ARCH,
+    DEMO_PRETRAIN,
     FINETUNE_MAX_SHARE,
     FINETUNE_RECIPE,
     FINETUNE_STEPS_WANTED,
@@ -98,6 +99,7 @@ class Demo:
         self.clock = Clock(self.t0 + minutes * 60, method, self.plan, self.p.calib, self.run_command)
         self.stages: list[StageResult] = []
         self.arch = [] if full_model else list(DEMO_ARCH)
+        self.pre_recipe = [] if full_model else list(DEMO_PRETRAIN.get(method, ()))
         self.common = ["--workers", "0", "--seed", str(seed)]
 
     def _stage(self, name: str, title: str) -> StageResult:
@@ -189,7 +191,7 @@ class Demo:
         def argv(out: Path, data: Path, steps: int, extra=()) -> list[str]:
             return ["pretrain", "--method", self.method, "--data", str(data), *tok, "--out", str(out),
                     "--preset", preset, "--steps", str(steps), "--batch-size", str(self.plan.batch),
-                    *self.common, *self.arch, *extra]
+                    *self.common, *self.arch, *self.pre_recipe, *extra]
 
         steps = self.clock.steps_for(st, self.clock.budget("pretrain"),
                                lambda d: argv(d, self.p.calib / "data" / "images", CALIBRATION_STEPS,

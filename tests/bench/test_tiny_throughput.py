@@ -32,9 +32,10 @@ def test_dry_run_profile_splits_the_step_into_phases(capsys):
 
 
 def test_models_are_the_demos_mae_and_the_tiny_presets():
-    from beit.demo.plan import DEMO_ARCH
+    from beit.demo.plan import DEMO_ARCH, DEMO_PRETRAIN
 
-    assert tt.MODELS["demo_mae"][1] == list(DEMO_ARCH)
+    assert tt.MODELS["demo_mae"][1] == [*DEMO_ARCH, *DEMO_PRETRAIN["mae"]]
     setup = tt.build_setup("demo_mae")
     assert (setup.cfg.model.embed_dim, setup.cfg.model.depth, setup.cfg.train.batch_size) == (96, 4, 32)
+    assert setup.cfg.mae.decoder_depth == 1
     assert tt.build_setup("beit_tiny").cfg.train.batch_size == 64

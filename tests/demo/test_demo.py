@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shlex
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from beit.data import embedded
@@ -67,7 +69,6 @@ def test_compose_canvas_masks_follow_pixels():
 
 
 def html_text(page: str) -> str:
-    import html
 
     return html.unescape(page)
 
@@ -117,7 +118,6 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert "Ankle boot" in report and "#000000" in report  # the class legend, background black
 
     # every reproduce command parses with the real parser
-    import html
     import re
 
     parser = cli.build_parser()
@@ -164,6 +164,9 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
     assert "Visual tokenizer" not in report and "MAE pretraining" in report
     assert "reconstruction + visible patches" in report and "picture not available" not in report
     assert len(list((out / "runs" / "pictures").glob("masked-*.png"))) == 3
+    # the small model's MAE recipe: a one-block decoder, shown in the reproduce command and in the checkpoint
+    assert "mae.decoder_depth=1" in html.unescape(report)
+    assert yaml.safe_load((out / "runs" / "pretrain" / "config.yaml").read_text())["mae"]["decoder_depth"] == 1
 
     shares = Demo(tmp_path / "x", minutes=10, method="mae").clock.shares
     assert "tokenizer" not in shares and abs(sum(shares.values()) - 1.0) < 1e-9
