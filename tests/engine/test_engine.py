@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,13 +161,24 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "step_00000010").exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_toy(one, "--steps", "12", "--dropout", "0", "--batch-size", "8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), "-m", "tests.helpers.toy_train", str(two), "--steps", "12",
-                    "--dropout", "0", "--batch-size", "8"], env=env, check=True, capture_output=True, timeout=300)
+    for _attempt in range(2):  # a port the OS says is free can be taken before torchrun binds it (tests run in parallel)
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(_free_port()), "-m", "tests.helpers.toy_train", str(two), "--steps", "12",
+                              "--dropout", "0", "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=300)
+        if res.returncode == 0 or "address already in use" not in (res.stderr + res.stdout).lower():
+            break
+        shutil.rmtree(two, ignore_errors=True)
+    assert res.returncode == 0, res.stderr[-4000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for s in a:
