@@ -69,7 +69,6 @@ def test_compose_canvas_masks_follow_pixels():
 
 
 def html_text(page: str) -> str:
-
     return html.unescape(page)
 
 
@@ -165,7 +164,7 @@ def test_demo_mae_runs_without_a_tokenizer(tmp_path, capsys):
     assert "reconstruction + visible patches" in report and "picture not available" not in report
     assert len(list((out / "runs" / "pictures").glob("masked-*.png"))) == 3
     # the small model's MAE recipe: a one-block decoder, shown in the reproduce command and in the checkpoint
-    assert "mae.decoder_depth=1" in html.unescape(report)
+    assert "mae.decoder_depth=1" in html_text(report)
     assert yaml.safe_load((out / "runs" / "pretrain" / "config.yaml").read_text())["mae"]["decoder_depth"] == 1
 
     shares = Demo(tmp_path / "x", minutes=10, method="mae").clock.shares
